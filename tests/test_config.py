@@ -1,0 +1,31 @@
+import pytest
+
+import vnm_compile as vnm
+
+
+def test_defaults_are_valid():
+    config = vnm.VNMConfig()
+    assert (config.v, config.m, config.criterion) == (64, 8, "ria")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("v", 48), ("v", 8), ("v", -64), ("v", "64"), ("m", 3), ("m", 1000), ("m", 8.0),
+    ("criterion", "magnitude"), ("a", -1.0), ("a", "half"), ("column_select", "greedy"),
+    ("permute", "yes"), ("sparsify", 1), ("verify", None), ("permute_rounds", -1), ("skip", [3]),
+])
+def test_every_bad_field_raises_naming_it(field, value):
+    with pytest.raises(ValueError, match=f"^{field} "):
+        vnm.VNMConfig(**{field: value})
+
+
+def test_small_v_needs_explicit_flag():
+    with pytest.raises(ValueError, match="allow_small_v"):
+        vnm.VNMConfig(v=4)
+    assert vnm.VNMConfig(v=4, allow_small_v=True).v == 4
+
+
+def test_from_options():
+    config = vnm.VNMConfig.from_options({"v": 32, "m": 6, "skip": "lm_head"})
+    assert (config.v, config.m, config.skip) == (32, 6, ("lm_head",))
+    with pytest.raises(ValueError, match="unknown vnm option.*'vv'"):
+        vnm.VNMConfig.from_options({"vv": 32})

@@ -1,0 +1,73 @@
+"""VNMConfig: every knob of the V:N:M pipeline, validated once, on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+CRITERIA = ("abs", "wanda", "ria")
+COLUMN_RULES = ("optimal", "l1")
+SMALLEST_V = 16
+LARGEST_M = 256  # column indices inside a group are stored as uint8
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_pattern(v: Any, m: Any, allow_small_v: bool = False) -> None:
+    """Raise ValueError, naming the parameter, unless (v, m) is a usable V:N:M pattern."""
+    smallest = 1 if allow_small_v else SMALLEST_V
+    if not isinstance(v, int) or isinstance(v, bool) or not _is_power_of_two(v) or v < smallest:
+        raise ValueError(
+            f"v must be a power of two >= {smallest} (the kernel's tile rows), got {v!r}"
+            + ("" if allow_small_v else "; pass allow_small_v=True for smaller blocks in tests")
+        )
+    if not isinstance(m, int) or isinstance(m, bool) or not 4 <= m <= LARGEST_M:
+        raise ValueError(f"m must be an integer in [4, {LARGEST_M}] (4 kept columns of m), got {m!r}")
+
+
+@dataclass(frozen=True)
+class VNMConfig:
+    """What to sparsify and how. Field names are the `options=` keys of the "vnm" backend."""
+
+    v: int = 64
+    m: int = 8
+    criterion: str = "ria"
+    a: float = 0.5
+    column_select: str = "optimal"
+    permute: bool = True
+    permute_rounds: int = 2
+    sparsify: bool = True
+    verify: bool = False
+    skip: tuple[str, ...] = field(default_factory=tuple)
+    allow_small_v: bool = False
+
+    def __post_init__(self) -> None:
+        check_pattern(self.v, self.m, self.allow_small_v)
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if not isinstance(self.a, (int, float)) or isinstance(self.a, bool) or not 0.0 <= self.a <= 4.0:
+            raise ValueError(f"a (RIA activation exponent) must be a number in [0, 4], got {self.a!r}")
+        if self.column_select not in COLUMN_RULES:
+            raise ValueError(f"column_select must be one of {COLUMN_RULES}, got {self.column_select!r}")
+        for name in ("permute", "sparsify", "verify", "allow_small_v"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.permute_rounds, int) or isinstance(self.permute_rounds, bool) or not 0 <= self.permute_rounds <= 100:
+            raise ValueError(f"permute_rounds must be an integer in [0, 100], got {self.permute_rounds!r}")
+        skip = (self.skip,) if isinstance(self.skip, str) else self.skip
+        if not all(isinstance(pattern, str) for pattern in skip):
+            raise ValueError(f"skip must be a list of glob patterns (strings), got {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(skip))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "VNMConfig":
+        """Build from a `torch.compile(..., options=...)` dict; unknown keys are errors, not ignored."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown vnm option(s) {unknown}; known options are {sorted(known)}")
+        return cls(**options)
