@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 CRITERIA = ("abs", "wanda", "ria")
+METHODS = ("mask", "sparsegpt")
 COLUMN_RULES = ("optimal", "l1")
 SMALLEST_V = 16
 LARGEST_M = 256  # column indices inside a group are stored as uint8
@@ -30,12 +31,17 @@ def check_pattern(v: Any, m: Any, allow_small_v: bool = False) -> None:
 
 @dataclass(frozen=True)
 class VNMConfig:
-    """What to sparsify and how. Field names are the `options=` keys of the "vnm" backend."""
+    """What to sparsify and how. Field names are the `options=` keys of the "vnm" backend.
+
+    method: "mask" prunes by the criterion's scores; "sparsegpt" also updates the kept weights from
+    calibration statistics (one-shot reconstruction).
+    """
 
     v: int = 64
     m: int = 8
     criterion: str = "ria"
     a: float = 0.5
+    method: str = "mask"
     column_select: str = "optimal"
     permute: bool = True
     permute_rounds: int = 2
@@ -48,6 +54,9 @@ class VNMConfig:
         check_pattern(self.v, self.m, self.allow_small_v)
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS} (plain masking or one-shot reconstruction), "
+                             f"got {self.method!r}")
         if not isinstance(self.a, (int, float)) or isinstance(self.a, bool) or not 0.0 <= self.a <= 4.0:
             raise ValueError(f"a (RIA activation exponent) must be a number in [0, 4], got {self.a!r}")
         if self.column_select not in COLUMN_RULES:
