@@ -29,3 +29,20 @@ def test_from_options():
     assert (config.v, config.m, config.skip) == (32, 6, ("lm_head",))
     with pytest.raises(ValueError, match="unknown vnm option.*'vv'"):
         vnm.VNMConfig.from_options({"vv": 32})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("min_features", -1), ("min_features", 1.5), ("dtypes", ["float64"]), ("dtypes", []), ("dtypes", ["int8"]),
+    ("permute_budget_s", 0), ("permute_budget_s", "1h"), ("max_layer_error", 0.0), ("max_layer_error", float("inf")),
+    ("inductor", "yes"),
+])
+def test_backend_fields_are_validated(field, value):
+    with pytest.raises(ValueError, match=f"^{field} "):
+        vnm.VNMConfig(**{field: value})
+
+
+def test_backend_field_defaults_and_normalisation():
+    config = vnm.VNMConfig(dtypes="bfloat16", max_layer_error=0.5)
+    assert config.dtypes == ("bfloat16",) and config.max_layer_error == 0.5
+    assert vnm.VNMConfig().dtypes == ("float32", "float16", "bfloat16")
+    assert vnm.VNMConfig.from_options({"min_features": 0, "permute_budget_s": 5}).min_features == 0

@@ -29,6 +29,13 @@ def formats(args: argparse.Namespace) -> None:
                       f"{ratio * m / 2:8.4f} {log_mask_diversity(args.v, m):8.4f}")
 
 
+def demo(args: argparse.Namespace) -> None:
+    """Compile a small GPT (and SmolLM2-135M if installed) with backend="vnm": per-layer table, output difference."""
+    from .demo import demo as run_demo
+
+    run_demo(args.v, args.m, args.device, pretrained=not args.builtin_only)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vnm", description="V:N:M structured sparsity for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     formats_parser.add_argument("--v", type=int, default=64)
     formats_parser.add_argument("--m", type=int, nargs="+", default=[5, 8, 16])
     formats_parser.set_defaults(run=formats)
+    demo_parser = commands.add_parser("demo", help=demo.__doc__)
+    demo_parser.add_argument("--v", type=int, default=64)
+    demo_parser.add_argument("--m", type=int, default=8)
+    demo_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    demo_parser.add_argument("--builtin-only", action="store_true", help="skip the pretrained model")
+    demo_parser.set_defaults(run=demo)
     args = parser.parse_args(argv)
     args.run(args)
 

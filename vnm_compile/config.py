@@ -9,12 +9,17 @@ from typing import Any, Mapping
 CRITERIA = ("abs", "wanda", "ria")
 METHODS = ("mask", "sparsegpt")
 COLUMN_RULES = ("optimal", "l1")
+WEIGHT_DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what the kernels take
 SMALLEST_V = 16
 LARGEST_M = 256  # column indices inside a group are stored as uint8
 
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def _is_positive_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf")
 
 
 def check_pattern(v: Any, m: Any, allow_small_v: bool = False) -> None:
@@ -35,6 +40,13 @@ class VNMConfig:
 
     method: "mask" prunes by the criterion's scores; "sparsegpt" also updates the kept weights from
     calibration statistics (one-shot reconstruction).
+    skip: glob patterns of module names (`lm_head`, `*.attn.*`) that stay dense.
+    min_features: a linear with fewer input or output features than this stays dense.
+    dtypes: weight dtypes that are sparsified; others stay dense.
+    permute_budget_s: wall-clock seconds the permutation search may take in all.
+    max_layer_error: a layer whose estimated relative output error (from the activation norms)
+    exceeds this stays dense; None keeps every eligible layer sparse.
+    inductor: lower the rewritten graph with Inductor (False runs it as a plain FX graph).
     """
 
     v: int = 64
@@ -49,6 +61,11 @@ class VNMConfig:
     verify: bool = False
     skip: tuple[str, ...] = field(default_factory=tuple)
     allow_small_v: bool = False
+    min_features: int = 64
+    dtypes: tuple[str, ...] = WEIGHT_DTYPE_NAMES
+    permute_budget_s: float = 600.0
+    max_layer_error: float | None = None
+    inductor: bool = True
 
     def __post_init__(self) -> None:
         check_pattern(self.v, self.m, self.allow_small_v)
@@ -61,7 +78,7 @@ class VNMConfig:
             raise ValueError(f"a (RIA activation exponent) must be a number in [0, 4], got {self.a!r}")
         if self.column_select not in COLUMN_RULES:
             raise ValueError(f"column_select must be one of {COLUMN_RULES}, got {self.column_select!r}")
-        for name in ("permute", "sparsify", "verify", "allow_small_v"):
+        for name in ("permute", "sparsify", "verify", "allow_small_v", "inductor"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.permute_rounds, int) or isinstance(self.permute_rounds, bool) or not 0 <= self.permute_rounds <= 100:
@@ -70,6 +87,16 @@ class VNMConfig:
         if not all(isinstance(pattern, str) for pattern in skip):
             raise ValueError(f"skip must be a list of glob patterns (strings), got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(skip))
+        if not isinstance(self.min_features, int) or isinstance(self.min_features, bool) or self.min_features < 0:
+            raise ValueError(f"min_features must be a non-negative integer, got {self.min_features!r}")
+        dtypes = (self.dtypes,) if isinstance(self.dtypes, str) else self.dtypes
+        if not isinstance(dtypes, (tuple, list)) or not dtypes or any(d not in WEIGHT_DTYPE_NAMES for d in dtypes):
+            raise ValueError(f"dtypes must be a non-empty list drawn from {WEIGHT_DTYPE_NAMES}, got {self.dtypes!r}")
+        object.__setattr__(self, "dtypes", tuple(dtypes))
+        if not _is_positive_number(self.permute_budget_s):
+            raise ValueError(f"permute_budget_s must be a positive number of seconds, got {self.permute_budget_s!r}")
+        if self.max_layer_error is not None and not _is_positive_number(self.max_layer_error):
+            raise ValueError(f"max_layer_error must be None or a positive number, got {self.max_layer_error!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "VNMConfig":

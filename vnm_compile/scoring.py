@@ -82,10 +82,12 @@ class ActivationNorms:
         return {name: squares.sqrt().float() for name, squares in self._squares.items()}
 
 
-def activation_norms(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
+def activation_norms(
+    model: nn.Module, batches: Iterable, module_types: tuple[type, ...] = (nn.Linear,)
+) -> dict[str, torch.Tensor]:
     """Run `batches` (tensors, tuples of args, or dicts of kwargs) through `model` without grad and
-    return each nn.Linear's per-input-channel activation L2 norm, keyed by module name."""
-    with torch.no_grad(), ActivationNorms(model) as stats:
+    return each nn.Linear's (or `module_types`') per-input-channel activation L2 norm, keyed by module name."""
+    with torch.no_grad(), ActivationNorms(model, module_types) as stats:
         for batch in batches:
             if isinstance(batch, dict):
                 model(**batch)

@@ -1,0 +1,119 @@
+"""The eager entry: `sparsify(model, example_inputs, config)` runs the backend's passes once and
+writes the result back into the model as modules."""
+
+from __future__ import annotations
+
+import collections
+import copy
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .backend import Transformed, transform
+from .calibration import Calibration, linear_module_types
+from .config import VNMConfig
+from .modules import VNMLinear
+from .passes.common import graph_parameters
+
+
+def sparsify(
+    model: nn.Module,
+    example_inputs: Any,
+    config: VNMConfig | None = None,
+    *,
+    calibration: Calibration | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """The model with its permutations folded into its parameters and its eligible linears replaced
+    by VNMLinear modules (the dense weights are dropped). Returns a copy unless inplace=True.
+
+    example_inputs: a tuple of positional arguments, a dict of keyword arguments, or one tensor;
+    the model's forward must trace into one graph on them (torch.compile fullgraph=True).
+    The per-layer report is `vnm_compile.reports()[-1]`.
+    """
+    config = VNMConfig() if config is None else config
+    if not isinstance(config, VNMConfig):
+        raise ValueError(f"config must be a VNMConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise ValueError(f"calibration must come from vnm_compile.calibrate, got {type(calibration).__name__}")
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    elif isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    else:
+        raise ValueError("example_inputs must be a tuple of arguments, a dict of keyword arguments or a tensor, "
+                         f"got {type(example_inputs).__name__}")
+    target = model if inplace else copy.deepcopy(model)
+    gm, graph_inputs, parameters = _capture(target, args, kwargs)
+    transformed = transform(gm, graph_inputs, parameters, config, calibration)
+    unreplaceable = _unreplaceable(target, transformed)
+    if unreplaceable:  # decide again with those layers dense, so that graph and modules agree
+        transformed = transform(gm, graph_inputs, parameters, config, calibration, extra_skips=unreplaceable)
+    _write_back(target, transformed)
+    return target
+
+
+def _call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return model(*args, **kwargs)
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list[Any], dict]:
+    """The model's forward as one Dynamo graph, the example inputs Dynamo passes to a backend, and
+    the graph's parameters (read while Dynamo's metadata is still attached)."""
+    captured = []
+
+    def keep(gm: fx.GraphModule, example_inputs: list[Any]):
+        captured.append((gm, list(example_inputs), graph_parameters(gm, example_inputs)))
+        return gm.forward
+
+    compiled = torch.compile(_call, backend=keep, fullgraph=True, dynamic=False)
+    try:
+        with torch.no_grad():
+            compiled(model, *args, **kwargs)
+    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as error:
+        raise ValueError("sparsify needs the model's forward to trace into one graph on example_inputs "
+                         f"(torch.compile fullgraph=True failed: {error}); torch.compile(model, backend='vnm') "
+                         "handles graph breaks") from error
+    finally:
+        torch._dynamo.reset_code(_call.__code__)  # leave no cache entry behind
+    return captured[0]
+
+
+def _unreplaceable(model: nn.Module, transformed: Transformed) -> dict[str, str]:
+    """Sparse layers that cannot become a module of their own, and why."""
+    calls = collections.Counter(layer.name for layer in transformed.report.layers)
+    reasons = {}
+    for layer in transformed.report.sparse_layers:
+        if calls[layer.name] > 1:
+            reasons[layer.name] = f"runs {calls[layer.name]} times per forward; one module holds one weight"
+            continue
+        try:
+            module = model.get_submodule(layer.name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, linear_module_types()):
+            reasons[layer.name] = "not an nn.Linear or Conv1D module, which sparsify replaces"
+    return reasons
+
+
+def _write_back(model: nn.Module, transformed: Transformed) -> None:
+    for name in transformed.folded.permuted:
+        tensor = transformed.folded.tensors[name]
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf].data = tensor  # shared by every module the parameter is tied to
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = tensor
+        else:
+            raise ValueError(f"{name} was permuted but is neither a parameter nor a buffer of the model")
+    for layer in transformed.report.sparse_layers:
+        parent_name, _, leaf = layer.name.rpartition(".")
+        module = model.get_submodule(layer.name)
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        setattr(model.get_submodule(parent_name), leaf, VNMLinear(layer.weight, bias))

@@ -1,0 +1,146 @@
+"""The "vnm" torch.compile backend: the passes on Dynamo's graph, then Inductor.
+
+    model = torch.compile(model, backend="vnm", options={"v": 64, "m": 8})
+
+Dynamo hands over the graph and, as example inputs, the real parameters. They are snapshotted
+(inference only, like Inductor's freezing): the compiled graph reads permuted, compressed copies and
+ignores the live parameters, which are never written to. `options` are VNMConfig's fields, plus
+"calibration": the result of `vnm_compile.calibrate(model, batches)`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from .calibration import Calibration
+from .config import VNMConfig
+from .passes import discover, fold, permute, score, sparsify, verify
+from .passes.common import concrete_inputs, graph_parameters
+from .passes.fold import Folded
+from .passes.sparsify import compressor
+from .report import Report, build_report
+
+log = logging.getLogger("vnm_compile")
+
+_REPORTS: collections.deque[Report] = collections.deque(maxlen=16)
+
+
+def reports() -> list[Report]:
+    """Reports of the graphs the vnm backend (or `sparsify`) handled last in this process, oldest first."""
+    return list(_REPORTS)
+
+
+@dataclass
+class Transformed:
+    gm: fx.GraphModule   # the rewritten graph: sparse, or permuted dense with sparsify=False
+    report: Report
+    folded: Folded       # the permuted parameters
+
+
+def transform(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    found: dict[str, tuple[str, torch.Tensor]],
+    config: VNMConfig,
+    calibration: Calibration | None = None,
+    extra_skips: dict[str, str] | None = None,
+) -> Transformed:
+    """Run discover, score, permute, fold, sparsify (and verify) on a Dynamo graph whose parameters
+    are `found` (`graph_parameters`, taken while Dynamo's metadata is still on the graph)."""
+    compressor(config.method)  # an unavailable method fails here, before any work
+    names = {node: name for node, (name, _) in found.items()}
+    snapshots = {name: tensor.detach().clone() for name, tensor in found.values()}
+    placeholders = {node: snapshots[name] for node, name in names.items()}
+    inputs: Callable[[], list[Any]] = lambda: concrete_inputs(gm, example_inputs, placeholders)
+    seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        start = time.perf_counter()
+        yield
+        seconds[name] = time.perf_counter() - start
+
+    with timed("discover"):
+        discovery = discover(gm, names, config, extra_skips)
+    with timed("score"):
+        scores = score(gm, discovery, snapshots, inputs(), config, calibration)
+    with timed("permute"):
+        permutations = permute(discovery, scores, config)
+    with timed("fold"):
+        folded = fold(gm, discovery, names, snapshots, permutations)
+    sparse = None
+    if config.sparsify:
+        with timed("sparsify"):
+            sparse = sparsify(folded, discovery, scores, permutations, config)
+    verification = None
+    if config.verify:
+        with timed("verify"):
+            verification = verify(gm, folded.gm, sparse, discovery, permutations, inputs)
+    report = build_report(config, discovery, scores, permutations, sparse, verification, seconds)
+    _REPORTS.append(report)
+    log.info("%s", report)
+    return Transformed(sparse.gm if sparse is not None else folded.gm, report, folded)
+
+
+def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None) -> Callable:
+    """torch.compile backend "vnm" (registered through the `torch_dynamo_backends` entry point)."""
+    options = dict(options or {})
+    calibration = options.pop("calibration", None)
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise ValueError(f"calibration must come from vnm_compile.calibrate(model, batches), "
+                         f"got {type(calibration).__name__}")
+    config = VNMConfig.from_options(options)
+    if any(node.op == "call_module" for node in gm.graph.nodes):
+        raise ValueError("the vnm backend needs modules inlined into the graph; leave "
+                         "torch._dynamo.config.inline_inbuilt_nn_modules at its default (True)")
+    rewritten = transform(gm, example_inputs, graph_parameters(gm, example_inputs), config, calibration).gm
+    if config.inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        with torch.no_grad():  # an inference graph: gradients are refused below
+            compiled = compile_fx(rewritten, example_inputs)
+    else:
+        compiled = rewritten
+    return _inference_only(compiled)
+
+
+_FROZEN_MESSAGE = (
+    "the vnm backend compiles for inference: the compiled model computes with frozen, permuted and "
+    "compressed snapshots of the weights taken at compile time, so no gradient flows back to the "
+    "live parameters. Run it under torch.no_grad() (or torch.inference_mode()), or train the dense "
+    "model and compile again."
+)
+
+
+class _FrozenSnapshot(torch.autograd.Function):
+    """Identity on the outputs whose backward refuses: training on stale weights never happens silently."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, *outputs: Any) -> tuple:
+        return tuple(out.view_as(out) if isinstance(out, torch.Tensor) else out for out in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Any) -> tuple:
+        raise RuntimeError(_FROZEN_MESSAGE)
+
+
+def _inference_only(compiled: Callable) -> Callable:
+    def run(*args: Any) -> Any:
+        anchor = next((arg for arg in args if isinstance(arg, torch.Tensor) and arg.requires_grad), None)
+        if anchor is None or not torch.is_grad_enabled():
+            return compiled(*args)
+        with torch.no_grad():
+            outputs = compiled(*args)
+        differentiable = [isinstance(out, torch.Tensor) and out.is_floating_point() for out in outputs]
+        wrapped = iter(_FrozenSnapshot.apply(anchor, *[out for out, d in zip(outputs, differentiable) if d]))
+        return type(outputs)(next(wrapped) if d else out for out, d in zip(outputs, differentiable))
+
+    return run

@@ -1,0 +1,156 @@
+"""What every pass shares: the graph's parameters by module name, and running the graph on real inputs."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator
+
+import torch
+from torch import fx
+
+_SOURCE_ATTRIBUTES = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]")
+_SUBSCRIPTS = re.compile(r"\['([^']*)'\]|\[(\d+)\]")
+
+
+def module_path(source: str) -> str:
+    """`L['self']._modules['model']._modules['layers']._modules['3']` or `L['self'].model.layers[3]`
+    -> `model.layers.3`: the dotted name relative to the root module the graph was traced from."""
+    path = _SOURCE_ATTRIBUTES.sub(lambda match: "." + match.group(1), source)
+    path = _SUBSCRIPTS.sub(lambda match: "." + (match.group(1) or match.group(2)), path)
+    parts = path.split(".")
+    if parts[0] in ("L", "G"):  # a frame local or global: the root module itself
+        parts = parts[2:]
+    return ".".join(parts)
+
+
+def attribute_name(name: str, taken) -> str:
+    """A valid, unused attribute name for `name` (`model.layers.0.mlp.up_proj.weight` -> `model_layers_0_...`)."""
+    attribute = re.sub(r"\W", "_", name)
+    if not attribute or attribute[0].isdigit():
+        attribute = "p_" + attribute
+    base, index = attribute, 1
+    while attribute in taken:
+        attribute, index = f"{base}_{index}", index + 1
+    return attribute
+
+
+def copied_graph(gm: fx.GraphModule) -> fx.Graph:
+    """A copy of gm's graph (same node names), to build a new GraphModule around."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return graph
+
+
+def _source_name(source: Any) -> str:
+    name = source.name
+    return name() if callable(name) else name
+
+
+def graph_parameters(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[str, tuple[str, torch.Tensor]]:
+    """FX node name -> (parameter name, live tensor) for every parameter or buffer the graph reads.
+
+    Dynamo passes parameters either as placeholders (the default, with the source they came from)
+    or as get_attr nodes of the graph module (export, or inline_inbuilt_nn_modules=False).
+    """
+    found: dict[str, tuple[str, torch.Tensor]] = {}
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        grapharg = node.meta.get("grapharg")
+        source = _source_name(grapharg.source) if grapharg is not None and grapharg.source is not None else ""
+        from_module = "._parameters[" in source or "._buffers[" in source
+        if isinstance(value, torch.Tensor) and (from_module or isinstance(value, torch.nn.Parameter)):
+            found[node.name] = (module_path(source) if source else node.name, value)
+    original_names = gm.meta.get("dynamo_flat_name_to_original_fqn", {})
+    sources = getattr(gm, "_param_name_to_source", None) or {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = _fetch_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                if node.target in original_names:
+                    name = original_names[node.target]
+                elif node.target in sources:
+                    name = module_path(_source_name(sources[node.target]))
+                else:
+                    name = node.target
+                found[node.name] = (name, value)
+    return found
+
+
+def _fetch_attr(module: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def concrete_inputs(gm: fx.GraphModule, example_inputs: list[Any], snapshots: dict[str, torch.Tensor]) -> list[Any]:
+    """Inputs to run a Dynamo graph eagerly: symbolic sizes become their example values, parameter
+    placeholders get `snapshots` (by FX node name), other tensors are copied, so that a graph that
+    writes to an input cannot touch the caller's."""
+    placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    concrete = []
+    for name, value in zip(placeholders, example_inputs):
+        if name in snapshots:
+            value = snapshots[name]
+        elif isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            value = value.node.hint
+        elif isinstance(value, torch.Tensor):
+            value = value.detach().clone()
+        concrete.append(value)
+    return concrete
+
+
+def node_outputs(gm: fx.GraphModule, inputs: list[Any], dtype: torch.dtype | None = None) -> Iterator[tuple[fx.Node, Any]]:
+    """Run `gm` node by node on `inputs` without grad, yielding each node with its value.
+
+    With `dtype`, every floating-point tensor the graph reads (inputs, attributes) and every
+    floating-point dtype it names (`.to(torch.float32)`, `.float()`) becomes `dtype`: a float32
+    graph runs in float64 as it is written.
+    """
+    interpreter = _Interpreter(gm, dtype)
+    with torch.no_grad():
+        yield from interpreter.iterate(inputs)
+
+
+class _Interpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype | None):
+        super().__init__(gm, garbage_collect_values=True)
+        self._dtype = dtype
+
+    def iterate(self, inputs: list[Any]) -> Iterator[tuple[fx.Node, Any]]:
+        self.args_iter = iter(inputs)
+        self.env = {}
+        for node in self.graph.nodes:
+            value = self.run_node(node)
+            if node.op == "output":
+                return
+            self.env[node] = value
+            yield node, value
+            for dead in self.user_to_last_uses.get(node, []):
+                del self.env[dead]
+
+    def _cast(self, value: Any) -> Any:
+        if self._dtype is None:
+            return value
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(self._dtype)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return self._dtype
+        return value
+
+    def placeholder(self, target, args, kwargs):
+        return self._cast(next(self.args_iter))
+
+    def fetch_attr(self, target: str):
+        return self._cast(super().fetch_attr(target))
+
+    def call_function(self, target, args, kwargs):
+        return super().call_function(target, *self._cast_dtypes(args, kwargs))
+
+    def call_method(self, target, args, kwargs):
+        if self._dtype is not None and target in ("float", "half", "bfloat16", "double"):
+            target, args = "to", (args[0], self._dtype)
+        return super().call_method(target, *self._cast_dtypes(args, kwargs))
+
+    def _cast_dtypes(self, args, kwargs):
+        cast = lambda value: self._cast(value) if isinstance(value, torch.dtype) else value
+        return fx.node.map_aggregate(args, cast), fx.node.map_aggregate(kwargs, cast)

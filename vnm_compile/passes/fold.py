@@ -1,0 +1,67 @@
+"""fold: apply the permutations to the parameters, so that nothing is permuted at run time.
+
+Every parameter dimension of a permuted group is reordered once, here; the rewritten graph reads the
+reordered snapshots as attributes and ignores the live parameters that Dynamo still passes in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .common import attribute_name, copied_graph
+from .discover import Discovery
+from .permute import Permutations
+
+
+@dataclass
+class Folded:
+    gm: fx.GraphModule
+    tensors: dict[str, torch.Tensor]   # parameter name -> snapshot with the permutations applied
+    attributes: dict[str, str]         # parameter name -> the gm attribute that holds it
+    permuted: set[str]                 # the parameters a permutation reordered
+
+
+def fold(
+    gm: fx.GraphModule,
+    discovery: Discovery,
+    parameters: dict[str, str],
+    snapshots: dict[str, torch.Tensor],
+    permutations: Permutations,
+) -> Folded:
+    """A copy of `gm` that reads every parameter from a permuted snapshot held as a buffer.
+
+    parameters maps FX nodes to parameter names, snapshots the parameter names to their tensors.
+    """
+    tensors, permuted = {}, set()
+    for name, tensor in snapshots.items():
+        for dim in range(tensor.dim()):
+            perm = permutations.of(discovery.parameter_groups.get((name, dim)))
+            if perm is not None:
+                tensor = tensor.index_select(dim, perm.to(tensor.device))
+                permuted.add(name)
+        tensors[name] = tensor
+    holder = torch.nn.Module()
+    attributes = {}
+    for name, tensor in tensors.items():
+        attribute = attribute_name(name, attributes.values())
+        holder.register_buffer(attribute, tensor)
+        attributes[name] = attribute
+    graph = copied_graph(gm)
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    after = placeholders[-1] if placeholders else None
+    for node in list(graph.nodes):
+        if node.name not in parameters:
+            continue
+        attribute = attributes[parameters[node.name]]
+        if node.op == "get_attr":
+            node.target = attribute
+            continue
+        with graph.inserting_after(after):
+            read = graph.get_attr(attribute)
+        read.meta = dict(node.meta)
+        node.replace_all_uses_with(read)
+        after = read
+    return Folded(fx.GraphModule(holder, graph), tensors, attributes, permuted)

@@ -1,0 +1,77 @@
+"""score: importance of every weight of the linears to sparsify, from their inputs' statistics.
+
+The statistics come from `calibrate(model, batches)` when given (by module name), otherwise from
+running the graph once on the example inputs and measuring each linear's input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..calibration import Calibration, LayerStats
+from ..config import VNMConfig
+from ..scoring import importance
+from .common import node_outputs
+from .discover import Discovery
+
+
+@dataclass
+class Scores:
+    importance: dict[str, torch.Tensor]  # linear node -> [out_features, in_features] float32, graph order
+    stats: dict[str, LayerStats]         # linear node -> statistics of its input
+    source: dict[str, str]               # linear node -> "calibration" or "example inputs"
+
+
+def oriented_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The weight as out_features x in_features, whichever way the graph stores it."""
+    return weight.t() if transposed else weight
+
+
+def score(
+    gm: fx.GraphModule,
+    discovery: Discovery,
+    weights: dict[str, torch.Tensor],
+    inputs: list[Any],
+    config: VNMConfig,
+    calibration: Calibration | None = None,
+) -> Scores:
+    """Importance per weight of every eligible linear (config.criterion), and the statistics behind it.
+
+    weights holds the parameters by name; inputs are concrete inputs for one run of `gm`.
+    """
+    eligible = [site for site in discovery.linears.values() if site.skip_reason is None]
+    stats: dict[str, LayerStats] = {}
+    source: dict[str, str] = {}
+    if calibration is not None:
+        for site in eligible:
+            layer = calibration.layers.get(site.name)
+            if layer is not None and layer.act_norm.shape == (site.in_features,):
+                stats[site.node], source[site.node] = layer, "calibration"
+    missing = [site for site in eligible if site.node not in stats]
+    if missing:
+        for node, layer in _input_stats(gm, missing, inputs).items():
+            stats[node], source[node] = layer, "example inputs"
+    scores = {}
+    for site in eligible:
+        weight = oriented_weight(weights[site.weight], site.transposed)
+        act_norm = stats[site.node].act_norm.to(weight.device)
+        scores[site.node] = importance(weight, config.criterion, act_norm, config.a)
+    return Scores(scores, stats, source)
+
+
+def _input_stats(gm: fx.GraphModule, sites: list, inputs: list[Any]) -> dict[str, LayerStats]:
+    """Run the graph once and take the L2 norm of each input channel of each site's input."""
+    readers: dict[str, list[str]] = {}
+    for site in sites:
+        readers.setdefault(site.input, []).append(site.node)
+    squares: dict[str, torch.Tensor] = {}
+    for node, value in node_outputs(gm, inputs):
+        if node.name in readers:
+            per_channel = value.detach().reshape(-1, value.shape[-1]).double().square().sum(0)
+            for linear in readers[node.name]:
+                squares[linear] = per_channel
+    return {linear: LayerStats(square.sqrt().float()) for linear, square in squares.items()}
