@@ -34,7 +34,8 @@ _REPORTS: collections.deque[Report] = collections.deque(maxlen=16)
 
 
 def reports() -> list[Report]:
-    """Reports of the graphs the vnm backend (or `sparsify`) handled last in this process, oldest first."""
+    """Reports of the last 16 graphs the vnm backend (or `sparsify`) handled in this process, oldest
+    first. They hold the compressed weights (shared with the compiled graphs while those live)."""
     return list(_REPORTS)
 
 
