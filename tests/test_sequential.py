@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+import vnm_compile as vnm
+from vnm_compile.reconstruct import HessianAccumulator, reconstruct
+from vnm_compile.sequential import compress_sequential
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama() -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_bert() -> torch.nn.Module:
+    config = transformers.BertConfig(vocab_size=101, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def token_batches(count: int = 3, length: int = 19) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 101, (1, length), generator=generator) for _ in range(count)]
+
+
+def test_first_llama_block_matches_one_shot_reconstruction():
+    model, batches = tiny_llama(), token_batches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = vnm.VNMConfig(v=16, m=6, method="sparsegpt", allow_small_v=True)
+    compressed = compress_sequential(model, batches, config, progress=False)
+
+    block_linears = {f"model.layers.{i}.{name}" for i in range(2) for name in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert set(compressed) == block_linears  # not the lm_head, nothing outside the blocks
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # model untouched
+
+    # The first block sees the dense model's activations, so its result is the one-shot result.
+    with torch.no_grad(), HessianAccumulator(model) as stats:
+        for batch in batches:
+            model(batch)
+    hessians = stats.hessians()
+    for name in sorted(block_linears):
+        weight = model.get_submodule(name).weight
+        expected, mask = reconstruct(weight, hessians[name], 16, 6)
+        got = compressed[name]
+        assert vnm.is_vnm(got.mask(), 16, 6)
+        if name.startswith("model.layers.0."):
+            assert torch.equal(got.mask(), mask)
+            torch.testing.assert_close(got.to_dense(), expected, rtol=1e-5, atol=1e-6)
+        elif name.endswith("q_proj"):
+            # Later blocks see the compressed blocks' outputs instead.
+            assert not torch.allclose(got.to_dense(), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_bert_mask_criterion_uses_norms_of_the_compressed_prefix():
+    model = tiny_bert()
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in token_batches()]
+    config = vnm.VNMConfig(v=16, m=5, criterion="wanda", allow_small_v=True, skip=("*.attention.output.dense",))
+    compressed = compress_sequential(model, batches, config, progress=False)
+    assert len(compressed) == 2 * 5 and not any(name.endswith("attention.output.dense") for name in compressed)
+
+    dense_norms = vnm.activation_norms(model, batches)
+    for name in ("encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense"):
+        weight = model.get_submodule(name).weight
+        scores = vnm.importance(weight, "wanda", dense_norms[name])
+        assert torch.equal(compressed[name].mask(), vnm.vnm_mask(scores, 16, 5))
+        assert torch.equal(compressed[name].to_dense(), weight * compressed[name].mask())
+
+
+def test_compressed_prefix_feeds_the_next_block():
+    # Compressing block 0 by hand and taking block 1's input norms from that model must reproduce
+    # the sequential result for block 1.
+    model, batches = tiny_llama(), token_batches()
+    config = vnm.VNMConfig(v=16, m=8, criterion="ria", allow_small_v=True)
+    compressed = compress_sequential(model, batches, config, progress=False)
+    for name, weight in compressed.items():
+        if name.startswith("model.layers.0."):
+            model.get_submodule(name).weight.data = weight.to_dense()
+    norms = vnm.activation_norms(model, batches)
+    name = "model.layers.1.mlp.down_proj"
+    scores = vnm.importance(model.get_submodule(name).weight, "ria", norms[name])
+    assert torch.equal(compressed[name].mask(), vnm.vnm_mask(scores, 16, 8))
+
+
+def test_rejects_bad_input():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="config"):
+        compress_sequential(model, token_batches(), {"v": 16}, progress=False)
+    with pytest.raises(ValueError, match="batches is empty"):
+        compress_sequential(model, [], vnm.VNMConfig(v=16, m=4, allow_small_v=True), progress=False)
+    with pytest.raises(ValueError, match="repeated blocks"):
+        compress_sequential(torch.nn.Linear(4, 4), token_batches(), vnm.VNMConfig(), progress=False)

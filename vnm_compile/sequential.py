@@ -1,0 +1,176 @@
+"""Sequential (block by block) calibration and compression of a transformer's linears.
+
+The calibration batches run through the model only up to its first block; from there on, one block
+at a time: its linears' input statistics are gathered, its linears compressed, and the compressed
+block is run again to produce the next block's inputs. Each block is thus calibrated on what the
+already-compressed blocks before it really produce, and only one block's activations and statistics
+are alive at any time, so a 7B model's calibration fits one GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import VNMConfig
+from .format import VNMWeight
+from .reconstruct import HessianAccumulator, reconstruct
+from .scoring import ActivationNorms, importance
+
+log = logging.getLogger(__name__)
+
+# A block replayed on stored inputs must not read or extend a key/value cache.
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "use_cache")
+
+
+class _FirstBlockReached(Exception):
+    pass
+
+
+def compress_sequential(
+    model: nn.Module,
+    batches: Iterable,
+    config: VNMConfig,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, VNMWeight]:
+    """Compress every nn.Linear inside the model's repeated blocks, block by block.
+
+    batches are calibration inputs (tensors, tuples of args, or dicts of kwargs for the model).
+    The blocks are the largest nn.ModuleList of same-type modules (Llama's `model.layers`, BERT's
+    `encoder.layer`, GPT-2's `h`); linears outside them (embeddings, lm_head) are left alone, as
+    are those matching `config.skip`. config.method "mask" prunes by `config.criterion` on the
+    activation norms of the block's inputs; "sparsegpt" reconstructs from their Hessians. Each
+    block is processed on `device` (default: where it lives), on a copy: the model is not modified
+    and may stay on the CPU. The model is compressed as it is (no channel permutation).
+    Returns the compressed weights by module name, in the linears' dtype.
+    """
+    if not isinstance(config, VNMConfig):
+        raise ValueError(f"config must be a VNMConfig, got {type(config).__name__}")
+    prefix, blocks = _find_blocks(model)
+    needs_inputs = config.method == "sparsegpt" or config.criterion != "abs"
+    inputs = _first_block_inputs(model, blocks[0], batches, device) if needs_inputs else []
+    compressed: dict[str, VNMWeight] = {}
+    for index, original in enumerate(tqdm(blocks, desc="compress blocks", disable=not progress)):
+        block = copy.deepcopy(original)
+        if device is not None:
+            block.to(device)
+        linears = _eligible_linears(block, f"{prefix}.{index}", config)
+        statistics = _block_statistics(block, inputs, config)
+        for name, linear in linears.items():
+            weight = _compress(linear, statistics.get(name), config)
+            linear.weight.data = weight.to_dense()
+            compressed[f"{prefix}.{index}.{name}"] = weight
+        if index + 1 < len(blocks) and inputs:
+            _advance(block, inputs)
+        del block
+    return compressed
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    candidates = [
+        (sum(p.numel() for p in modules.parameters()), name, modules)
+        for name, modules in model.named_modules()
+        if isinstance(modules, nn.ModuleList) and len(modules) and len({type(b) for b in modules}) == 1
+    ]
+    if not candidates:
+        raise ValueError("model has no nn.ModuleList of repeated blocks (e.g. model.layers) to calibrate")
+    _, name, blocks = max(candidates, key=lambda c: c[0])
+    return name, blocks
+
+
+def _first_block_inputs(model: nn.Module, first: nn.Module, batches: Iterable, device) -> list[list]:
+    """The (args, kwargs) the first block receives for each calibration batch."""
+    inputs: list[list] = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = {k: value for k, value in kwargs.items() if k not in _CACHE_ARGUMENTS}
+        inputs.append([_to(list(args), device), _to(kwargs, device)])
+        raise _FirstBlockReached
+
+    handle = first.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    _call(model, batch)
+                except _FirstBlockReached:
+                    pass
+    finally:
+        handle.remove()
+    if not inputs:
+        raise ValueError("batches is empty: calibration needs at least one batch")
+    return inputs
+
+
+def _eligible_linears(block: nn.Module, block_name: str, config: VNMConfig) -> dict[str, nn.Linear]:
+    linears = {}
+    for name, module in block.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        full_name = f"{block_name}.{name}"
+        if any(fnmatch.fnmatchcase(full_name, pattern) for pattern in config.skip):
+            log.info("%s stays dense: matches config.skip", full_name)
+        elif module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            log.info("%s stays dense: weight dtype %s is not supported", full_name, module.weight.dtype)
+        else:
+            linears[name] = module
+    return linears
+
+
+def _block_statistics(block: nn.Module, inputs: list[list], config: VNMConfig) -> dict[str, Any]:
+    """Per linear of the block: its input Hessian (sparsegpt), activation norms, or nothing (abs)."""
+    if not inputs:
+        return {}
+    collector = HessianAccumulator(block) if config.method == "sparsegpt" else ActivationNorms(block)
+    with torch.no_grad(), collector:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    return collector.hessians() if config.method == "sparsegpt" else collector.norms()
+
+
+def _compress(linear: nn.Linear, statistic: torch.Tensor | None, config: VNMConfig) -> VNMWeight:
+    weight = linear.weight.detach()
+    if config.method == "sparsegpt":
+        if statistic is None:
+            raise ValueError("a linear inside a block saw no calibration inputs; cannot reconstruct it")
+        updated, mask = reconstruct(weight, statistic, config.v, config.m, column_select=config.column_select)
+        return VNMWeight.from_dense(updated, config.v, config.m, mask=mask)
+    act_norm = statistic if config.criterion != "abs" else None
+    scores = importance(weight, config.criterion, act_norm, config.a)
+    return VNMWeight.from_dense(weight, config.v, config.m, scores=scores, column_select=config.column_select)
+
+
+def _advance(block: nn.Module, inputs: list[list]) -> None:
+    """Replace each stored input by the block's output: the next block's input."""
+    with torch.no_grad():
+        for stored in inputs:
+            args, kwargs = stored
+            output = block(*args, **kwargs)
+            args[0] = output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _to(value: Any, device) -> Any:
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _to(item, device) for key, item in value.items()}
+    return value
