@@ -46,3 +46,15 @@ def test_backend_field_defaults_and_normalisation():
     assert config.dtypes == ("bfloat16",) and config.max_layer_error == 0.5
     assert vnm.VNMConfig().dtypes == ("float32", "float16", "bfloat16")
     assert vnm.VNMConfig.from_options({"min_features": 0, "permute_budget_s": 5}).min_features == 0
+
+
+@pytest.mark.parametrize("field", ["only", "exclude"])
+@pytest.mark.parametrize("value", [[3], [""], 7, ["mlp.*", None]])
+def test_bisection_globs_are_validated(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be a list of glob patterns"):
+        vnm.VNMConfig(**{field: value})
+
+
+def test_bisection_globs_from_options():
+    config = vnm.VNMConfig.from_options({"only": "*.mlp.*", "exclude": ["lm_head", "*.0.*"]})
+    assert config.only == ("*.mlp.*",) and config.exclude == ("lm_head", "*.0.*")

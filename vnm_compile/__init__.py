@@ -2,8 +2,10 @@
 
 from .api import sparsify
 from .backend import reports, vnm_backend
+from .bisect import Bisection, bisect
 from .calibration import Calibration, LayerStats, calibrate
 from .config import VNMConfig
+from .explain import explain
 from .format import VNMWeight, analytic_speedup, is_vnm, log_mask_diversity, mask_count, select_vm, vnm_mask
 from .kernels import vnm_linear
 from .modules import VNMLinear
@@ -12,6 +14,7 @@ from .scoring import ActivationNorms, activation_norms, importance
 
 __all__ = [
     "ActivationNorms",
+    "Bisection",
     "Calibration",
     "LayerStats",
     "Report",
@@ -20,7 +23,9 @@ __all__ = [
     "VNMWeight",
     "activation_norms",
     "analytic_speedup",
+    "bisect",
     "calibrate",
+    "explain",
     "importance",
     "is_vnm",
     "log_mask_diversity",

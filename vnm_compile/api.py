@@ -39,17 +39,9 @@ def sparsify(
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if calibration is not None and not isinstance(calibration, Calibration):
         raise ValueError(f"calibration must come from vnm_compile.calibrate, got {type(calibration).__name__}")
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), example_inputs
-    elif isinstance(example_inputs, (tuple, list)):
-        args, kwargs = tuple(example_inputs), {}
-    elif isinstance(example_inputs, torch.Tensor):
-        args, kwargs = (example_inputs,), {}
-    else:
-        raise ValueError("example_inputs must be a tuple of arguments, a dict of keyword arguments or a tensor, "
-                         f"got {type(example_inputs).__name__}")
+    args, kwargs = arguments(example_inputs)
     target = model if inplace else copy.deepcopy(model)
-    gm, graph_inputs, parameters = _capture(target, args, kwargs)
+    gm, graph_inputs, parameters = capture(target, args, kwargs)
     transformed = transform(gm, graph_inputs, parameters, config, calibration)
     unreplaceable = _unreplaceable(target, transformed)
     if unreplaceable:  # decide again with those layers dense, so that graph and modules agree
@@ -58,11 +50,23 @@ def sparsify(
     return target
 
 
+def arguments(example_inputs: Any) -> tuple[tuple, dict]:
+    """example_inputs as (args, kwargs): a tuple of positional arguments, a dict of keyword arguments, or one tensor."""
+    if isinstance(example_inputs, dict):
+        return (), example_inputs
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    raise ValueError("example_inputs must be a tuple of arguments, a dict of keyword arguments or a tensor, "
+                     f"got {type(example_inputs).__name__}")
+
+
 def _call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return model(*args, **kwargs)
 
 
-def _capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list[Any], dict]:
+def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list[Any], dict]:
     """The model's forward as one Dynamo graph, the example inputs Dynamo passes to a backend, and
     the graph's parameters (read while Dynamo's metadata is still attached)."""
     captured = []

@@ -5,7 +5,8 @@
 Dynamo hands over the graph and, as example inputs, the real parameters. They are snapshotted
 (inference only, like Inductor's freezing): the compiled graph reads permuted, compressed copies and
 ignores the live parameters, which are never written to. `options` are VNMConfig's fields, plus
-"calibration": the result of `vnm_compile.calibrate(model, batches)`.
+"calibration": the result of `vnm_compile.calibrate(model, batches)`, and "explain": the path of an
+HTML report (`vnm_compile.explain`) to write for each compiled graph.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,6 +26,7 @@ from .calibration import Calibration
 from .config import VNMConfig
 from .passes import discover, fold, permute, score, sparsify, verify
 from .passes.common import concrete_inputs, graph_parameters
+from .passes.diff import StageRecorder
 from .passes.fold import Folded
 from .passes.sparsify import compressor
 from .report import Report, build_report
@@ -69,23 +72,29 @@ def transform(
         yield
         seconds[name] = time.perf_counter() - start
 
+    stages = StageRecorder(gm)  # the graph code after each stage, diffed against the one before
     with timed("discover"):
         discovery = discover(gm, names, config, extra_skips)
+    stages.record("discover", gm)
     with timed("score"):
         scores = score(gm, discovery, snapshots, inputs(), config, calibration)
+    stages.record("score", gm)
     with timed("permute"):
         permutations = permute(discovery, scores, config)
+    stages.record("permute", gm)
     with timed("fold"):
         folded = fold(gm, discovery, names, snapshots, permutations)
+    stages.record("fold", folded.gm)
     sparse = None
     if config.sparsify:
         with timed("sparsify"):
             sparse = sparsify(folded, discovery, scores, permutations, config)
+        stages.record("sparsify", sparse.gm)
     verification = None
     if config.verify:
         with timed("verify"):
             verification = verify(gm, folded.gm, sparse, discovery, permutations, inputs)
-    report = build_report(config, discovery, scores, permutations, sparse, verification, seconds)
+    report = build_report(config, discovery, scores, permutations, sparse, verification, seconds, stages.stages)
     _REPORTS.append(report)
     log.info("%s", report)
     return Transformed(sparse.gm if sparse is not None else folded.gm, report, folded)
@@ -98,11 +107,16 @@ def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
     if calibration is not None and not isinstance(calibration, Calibration):
         raise ValueError(f"calibration must come from vnm_compile.calibrate(model, batches), "
                          f"got {type(calibration).__name__}")
+    explain_path = options.pop("explain", None)
+    if explain_path is not None and not isinstance(explain_path, (str, os.PathLike)):
+        raise ValueError(f"explain must be the path of the HTML report to write, got {explain_path!r}")
     config = VNMConfig.from_options(options)
     if any(node.op == "call_module" for node in gm.graph.nodes):
         raise ValueError("the vnm backend needs modules inlined into the graph; leave "
                          "torch._dynamo.config.inline_inbuilt_nn_modules at its default (True)")
-    rewritten = transform(gm, example_inputs, graph_parameters(gm, example_inputs), config, calibration).gm
+    found = graph_parameters(gm, example_inputs)
+    transformed = transform(gm, example_inputs, found, config, calibration)
+    rewritten = transformed.gm
     if config.inductor:
         from torch._inductor.compile_fx import compile_fx
 
@@ -110,6 +124,10 @@ def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
             compiled = compile_fx(rewritten, example_inputs)
     else:
         compiled = rewritten
+    if explain_path is not None:
+        from .explain import write_explanation
+
+        write_explanation(transformed, gm, example_inputs, found, explain_path)
     return _inference_only(compiled)
 
 

@@ -36,6 +36,52 @@ def demo(args: argparse.Namespace) -> None:
     run_demo(args.v, args.m, args.device, pretrained=not args.builtin_only)
 
 
+def explain(args: argparse.Namespace) -> None:
+    """Write the HTML report (vnm_compile.explain) for a model factory: a zero-argument function,
+    named as file.py:function or package.module:function, that returns (model, example_inputs)."""
+    from .config import VNMConfig
+    from .explain import explain as explain_model
+
+    factory = load_factory(args.factory)
+    made = factory()
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
+        raise SystemExit(f"vnm explain: {args.factory} must return (model, example_inputs), "
+                         f"got {type(made).__name__}")
+    model, example_inputs = made
+    config = VNMConfig(v=args.v, m=args.m, criterion=args.criterion, min_features=args.min_features,
+                       skip=args.skip, only=args.only, exclude=args.exclude, allow_small_v=args.allow_small_v,
+                       inductor=False)
+    report = explain_model(model.eval(), example_inputs, config)
+    print(report)
+    print(f"wrote {report.html(args.out)}")
+
+
+def load_factory(spec: str):
+    """The callable named by 'path/to/file.py:name' or 'package.module:name'."""
+    import importlib
+    import importlib.util
+    import os
+
+    source, _, name = spec.rpartition(":")
+    if not source or not name:
+        raise SystemExit(f"vnm explain: expected <python-file-or-module>:<factory>, got {spec!r}")
+    if source.endswith(".py") or os.path.sep in source:
+        if not os.path.isfile(source):
+            raise SystemExit(f"vnm explain: no such file {source!r}")
+        module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(source))[0], source)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as error:
+            raise SystemExit(f"vnm explain: cannot import module {source!r}: {error}") from error
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise SystemExit(f"vnm explain: {source!r} has no callable {name!r}")
+    return factory
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vnm", description="V:N:M structured sparsity for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +95,17 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     demo_parser.add_argument("--builtin-only", action="store_true", help="skip the pretrained model")
     demo_parser.set_defaults(run=demo)
+    explain_parser = commands.add_parser("explain", help=explain.__doc__.split(":")[0])
+    explain_parser.add_argument("factory", help="file.py:function or package.module:function returning (model, example_inputs)")
+    explain_parser.add_argument("--out", default="vnm-report.html", help="the HTML file to write")
+    explain_parser.add_argument("--v", type=int, default=64)
+    explain_parser.add_argument("--m", type=int, default=8)
+    explain_parser.add_argument("--criterion", default="ria")
+    explain_parser.add_argument("--min-features", type=int, default=64)
+    explain_parser.add_argument("--allow-small-v", action="store_true")
+    for field_name in ("skip", "only", "exclude"):
+        explain_parser.add_argument(f"--{field_name}", nargs="*", default=[], help="module-name glob patterns")
+    explain_parser.set_defaults(run=explain)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -41,6 +41,9 @@ class VNMConfig:
     method: "mask" prunes by the criterion's scores; "sparsegpt" also updates the kept weights from
     calibration statistics (one-shot reconstruction).
     skip: glob patterns of module names (`lm_head`, `*.attn.*`) that stay dense.
+    only / exclude: glob patterns for bisecting by hand: with `only`, just the linears that match
+    one of them are sparsified; `exclude` keeps its matches dense, like `skip`. A pattern matches
+    the full module name or its tail (`mlp.*` matches `model.layers.0.mlp.up_proj`).
     min_features: a linear with fewer input or output features than this stays dense.
     dtypes: weight dtypes that are sparsified; others stay dense.
     permute_budget_s: wall-clock seconds the permutation search may take in all.
@@ -66,6 +69,8 @@ class VNMConfig:
     permute_budget_s: float = 600.0
     max_layer_error: float | None = None
     inductor: bool = True
+    only: tuple[str, ...] = field(default_factory=tuple)
+    exclude: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         check_pattern(self.v, self.m, self.allow_small_v)
@@ -83,10 +88,12 @@ class VNMConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.permute_rounds, int) or isinstance(self.permute_rounds, bool) or not 0 <= self.permute_rounds <= 100:
             raise ValueError(f"permute_rounds must be an integer in [0, 100], got {self.permute_rounds!r}")
-        skip = (self.skip,) if isinstance(self.skip, str) else self.skip
-        if not all(isinstance(pattern, str) for pattern in skip):
-            raise ValueError(f"skip must be a list of glob patterns (strings), got {self.skip!r}")
-        object.__setattr__(self, "skip", tuple(skip))
+        for name in ("skip", "only", "exclude"):
+            value = getattr(self, name)
+            patterns = (value,) if isinstance(value, str) else value
+            if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) and p for p in patterns):
+                raise ValueError(f"{name} must be a list of glob patterns (non-empty strings), got {value!r}")
+            object.__setattr__(self, name, tuple(patterns))
         if not isinstance(self.min_features, int) or isinstance(self.min_features, bool) or self.min_features < 0:
             raise ValueError(f"min_features must be a non-negative integer, got {self.min_features!r}")
         dtypes = (self.dtypes,) if isinstance(self.dtypes, str) else self.dtypes

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import VNMConfig
-from .format import VNMWeight
+from .format import VNMWeight, analytic_speedup
+from .passes.diff import StageDiff
 from .passes.discover import Discovery
 from .passes.permute import Permutations
 from .passes.score import Scores
@@ -32,6 +34,29 @@ class LayerReport:
     weight: VNMWeight | None         # compressed weight, in the permuted channel order
     input_perm: torch.Tensor | None  # position i of the compressed weight holds input channel input_perm[i]
     output_perm: torch.Tensor | None
+    parameter: str = ""              # the weight's parameter name
+    transposed: bool = False         # the weight is stored in x out (transformers' Conv1D)
+    input: str = ""                  # FX node of the layer's input
+    measured_error: float | None = None  # ||y' - y|| / ||y|| of its output on the example inputs (explain)
+    kernel: str | None = None        # which implementation runs it, and why (explain)
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.weight.v}:2:{self.weight.m}" if self.weight is not None else "dense"
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - 2 / self.weight.m if self.weight is not None else 0.0
+
+    @property
+    def dense_bytes(self) -> int | None:
+        if self.weight is None:
+            return None
+        return self.shape[0] * self.shape[1] * self.weight.values.element_size()
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        return analytic_speedup(self.weight.v, self.weight.m) if self.weight is not None else None
 
     def masked_weight(self) -> torch.Tensor:
         """The compressed weight back in the model's channel order: out x in, zero where pruned."""
@@ -67,6 +92,8 @@ class Report:
     verification: Verification | None
     permute_stopped: str | None
     blockers: dict[str, str]         # FX node -> why it kept a channel space from being permuted
+    stages: list[StageDiff] = field(default_factory=list)  # graph code before/after each stage
+    output_error: float | None = None  # relative error of the graph's outputs vs dense (explain)
 
     @property
     def sparse_layers(self) -> list[LayerReport]:
@@ -88,14 +115,19 @@ class Report:
                  f"{len(self.sparse_layers)} of {len(self.layers)} linears sparse{retained}; "
                  + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in self.seconds.items())]
         width = max([len(layer.name) for layer in self.layers] + [5])
-        lines.append(f"{'layer':<{width}}  {'shape':>11}  {'status':<6}  {'retained':>8}  {'unperm.':>8}  "
-                     f"{'est.err':>7}  {'groups in/out':>13}  note")
+        lines.append(f"{'layer':<{width}}  {'shape':>11}  {'pattern':>8}  {'groups in/out':>13}  {'retained':>8}  "
+                     f"{'unperm.':>8}  {'sparsity':>8}  {'bytes dense->sparse':>19}  {'est.err':>7}  "
+                     f"{'meas.err':>8}  {'speedup':>7}  kernel / note")
         for layer in self.layers:
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
             groups = f"{_group(layer.in_group)}/{_group(layer.out_group)}"
-            lines.append(f"{layer.name:<{width}}  {shape:>11}  {'sparse' if layer.sparse else 'dense':<6}  "
+            size = (f"{_bytes(layer.dense_bytes)}->{_bytes(layer.weight.nbytes)}" if layer.weight is not None else "-")
+            speedup = "-" if layer.predicted_speedup is None else f"{layer.predicted_speedup:.2f}x"
+            note = layer.kernel if layer.sparse else layer.reason
+            lines.append(f"{layer.name:<{width}}  {shape:>11}  {layer.pattern:>8}  {groups:>13}  "
                          f"{_percent(layer.retained):>8}  {_percent(layer.retained_unpermuted):>8}  "
-                         f"{_number(layer.error):>7}  {groups:>13}  {layer.reason or ''}")
+                         f"{_percent(layer.sparsity if layer.sparse else None):>8}  {size:>19}  "
+                         f"{_number(layer.error):>7}  {_number(layer.measured_error):>8}  {speedup:>7}  {note or ''}")
         lines.append(f"{'group':>5}  {'size':>6}  {'in/out':>7}  {'before':>7}  {'after':>7}  {'gain':>7}  status")
         kept_order: dict[str, list[int]] = {}
         for group in self.groups:
@@ -113,10 +145,32 @@ class Report:
             check = self.verification
             sparse = "" if check.sparse_error is None else f", sparse vs masked dense {check.sparse_error:.2g}"
             lines.append(f"verified ({check.dtype}): permuted vs original {check.permuted_error:.2g}{sparse}")
+        if self.output_error is not None:
+            lines.append(f"measured output error vs dense on the example inputs: {self.output_error:.4f}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+    def html(self, path: str | os.PathLike) -> str:
+        """Write the report as one self-contained HTML file (table, stage diffs, group graph); returns the path."""
+        from .explain import render_html
+
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"path must be a file path, got {type(path).__name__}")
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(render_html(self))
+        return os.fspath(path)
+
+
+def _bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
+        count /= 1024
+    return f"{count:.1f}GiB"
 
 
 def _group(group: int | None) -> str:
@@ -141,6 +195,7 @@ def build_report(
     sparse: Sparsified | None,
     verification: Verification | None,
     seconds: dict[str, float],
+    stages: list[StageDiff] | None = None,
 ) -> Report:
     layers = []
     for site in discovery.linears.values():
@@ -157,7 +212,8 @@ def build_report(
             retained_unpermuted=unpermuted / total if unpermuted is not None and total else None,
             error=result.error if result else None, stats=scores.source.get(site.node),
             weight=result.weight if result else None,
-            input_perm=permutations.of(site.in_group), output_perm=permutations.of(site.out_group)))
+            input_perm=permutations.of(site.in_group), output_perm=permutations.of(site.out_group),
+            parameter=site.weight, transposed=site.transposed, input=site.input))
     names = {site.node: site.name for site in discovery.linears.values()}
     groups = []
     for group in discovery.groups.values():
@@ -168,4 +224,5 @@ def build_report(
             retained_before=search.before / search.total if search and search.total else None,
             retained_after=search.after / search.total if search and search.total else None,
             gain=search.gain if search else None))
-    return Report(config, layers, groups, seconds, verification, permutations.stopped, discovery.blockers)
+    return Report(config, layers, groups, seconds, verification, permutations.stopped, discovery.blockers,
+                  stages or [])

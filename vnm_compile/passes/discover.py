@@ -201,6 +201,11 @@ _METHOD_KINDS = {
 _DIM_POSITION = {"norm": 2, "linalg_vector_norm": 2, "unbind": 1}
 
 
+def _matches(name: str, pattern: str) -> bool:
+    """A module-name glob matches the whole name or a dotted tail of it."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
 def _op_name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
@@ -705,9 +710,12 @@ class _ChannelTracer:
     def _skip_reason(candidate: _Candidate, config: VNMConfig, extra_skips: dict[str, str]) -> str | None:
         if candidate.problem:
             return candidate.problem
-        for pattern in config.skip:
-            if fnmatch.fnmatchcase(candidate.name, pattern) or fnmatch.fnmatchcase(candidate.name, "*." + pattern):
-                return f"matches skip pattern {pattern!r}"
+        for field_name in ("skip", "exclude"):
+            for pattern in getattr(config, field_name):
+                if _matches(candidate.name, pattern):
+                    return f"matches {field_name} pattern {pattern!r}"
+        if config.only and not any(_matches(candidate.name, pattern) for pattern in config.only):
+            return f"matches no pattern of only={list(config.only)}"
         if candidate.name in extra_skips:
             return extra_skips[candidate.name]
         dtype_name = str(candidate.dtype).removeprefix("torch.")
