@@ -1,15 +1,24 @@
-"""`torch.ops.vnm.linear`: the V:N:M linear as a torch.library operator, and its Python entry."""
+"""`torch.ops.vnm.linear`: the V:N:M linear as a torch.library operator, and its Python entry.
+
+It is a `triton_op`: torch.compile traces its body, so Inductor sees the Triton kernel launch
+(through `wrap_triton`), writes the kernel into its generated code, and compiles the model with no
+graph break. On CUDA the body dispatches to the Triton kernels (or dense cuBLAS, see dispatch.py);
+on other devices it runs the reference implementation, registered as the CPU kernel too.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch.library import triton_op, wrap_triton
 
 from ..format import VNMWeight
 from .reference import reference_linear
 
 
-@torch.library.custom_op("vnm::linear", mutates_args=())
-def linear(
+@torch.library.custom_op("vnm::linear_reference", mutates_args=())
+def linear_reference(
     x: torch.Tensor,
     values: torch.Tensor,
     columns: torch.Tensor,
@@ -19,13 +28,44 @@ def linear(
     m: int,
     in_features: int,
 ) -> torch.Tensor:
+    """The reference, as an operator tracing does not enter: its chunking arithmetic on the token
+    count would otherwise specialise a dynamic token dimension."""
     return reference_linear(x, values, columns, metadata, bias, v, m, in_features)
 
 
-@linear.register_fake
+@linear_reference.register_fake
 def _(x, values, columns, metadata, bias, v, m, in_features):
-    torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
     return x.new_empty(*x.shape[:-1], values.shape[0])
+
+
+@triton_op("vnm::linear", mutates_args=())
+def linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    metadata: torch.Tensor,
+    bias: torch.Tensor | None,
+    v: int,
+    m: int,
+    in_features: int,
+    dense: torch.Tensor | None = None,
+    expanded: torch.Tensor | None = None,
+    channels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dense, expanded, channels: optional layouts kept by the caller (see `vnm_linear`)."""
+    torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
+    if x.device.type != "cuda":
+        return linear_reference(x, values, columns, metadata, bias, v, m, in_features)
+    from .dispatch import vnm_matmul  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
+
+    y = vnm_matmul(x.reshape(-1, in_features), values, columns, metadata, bias, v, m, in_features,
+                   dense=dense, expanded=expanded, channels=channels, wrap=wrap_triton)
+    return y.reshape(*x.shape[:-1], values.shape[0])
+
+
+@linear.register_kernel("cpu")
+def _(x, values, columns, metadata, bias, v, m, in_features, dense=None, expanded=None, channels=None):
+    return linear_reference(x, values, columns, metadata, bias, v, m, in_features)
 
 
 def _backward(ctx, grad):
@@ -39,8 +79,9 @@ def _backward(ctx, grad):
 linear.register_autograd(_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def vnm_linear(x: torch.Tensor, weight: VNMWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight.T + bias for a V:N:M weight; x is [..., in_features], y is [..., out_features]."""
+def check_inputs(x: torch.Tensor, weight: VNMWeight, bias: torch.Tensor | None,
+                 dense_weight: torch.Tensor | None, layout: "PrefillLayout | None" = None) -> None:
+    """Raise early, naming the parameter, unless the arguments fit `weight`."""
     if not isinstance(weight, VNMWeight):
         raise TypeError(f"weight must be a VNMWeight, got {type(weight).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != weight.in_features:
@@ -53,4 +94,54 @@ def vnm_linear(x: torch.Tensor, weight: VNMWeight, bias: torch.Tensor | None = N
     if bias is not None and (bias.shape != (weight.out_features,) or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"bias must be a [{weight.out_features}] {x.dtype} tensor on {x.device}, "
                          f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
-    return linear(x, weight.values, weight.columns, weight.metadata, bias, weight.v, weight.m, weight.in_features)
+    if dense_weight is not None and (dense_weight.shape != weight.shape or dense_weight.dtype != x.dtype
+                                     or dense_weight.device != x.device):
+        raise ValueError(f"dense_weight must be weight.to_dense(): a {tuple(weight.shape)} {x.dtype} tensor on "
+                         f"{x.device}, got {tuple(dense_weight.shape)} {dense_weight.dtype} on {dense_weight.device}")
+    if layout is not None and not isinstance(layout, PrefillLayout):
+        raise TypeError(f"layout must be a PrefillLayout (prefill_layout(weight)), got {type(layout).__name__}")
+    if layout is not None and (layout.expanded.shape != (weight.out_features, 4 * weight.groups)
+                               or layout.expanded.dtype != x.dtype or layout.expanded.device != x.device):
+        raise ValueError(f"layout must be prefill_layout(weight) of this weight, got an expanded weight of "
+                         f"{tuple(layout.expanded.shape)} {layout.expanded.dtype} on {layout.expanded.device}")
+
+
+@dataclass(frozen=True)
+class PrefillLayout:
+    """What the prefill kernel reads besides x, built once per weight by `prefill_layout`.
+
+    expanded [R, 4G] (weight dtype): each row's weight on its block's kept channels, 4/M of the
+    dense weight's bytes (50% at M = 8, 25% at M = 16); channels [ceil(R/V), 4G] int32: those
+    channels' indices (4 bytes per kept column per row block, small).
+    """
+
+    expanded: torch.Tensor
+    channels: torch.Tensor
+
+
+def prefill_layout(weight: VNMWeight) -> PrefillLayout:
+    """The prefill layouts of `weight`; keep them to spare the prefill path building them per call."""
+    from .prefill import channel_index, expand_weight
+
+    return PrefillLayout(expand_weight(weight.values, weight.metadata), channel_index(weight.columns, weight.m))
+
+
+def vnm_linear(
+    x: torch.Tensor,
+    weight: VNMWeight,
+    bias: torch.Tensor | None = None,
+    dense_weight: torch.Tensor | None = None,
+    layout: PrefillLayout | None = None,
+) -> torch.Tensor:
+    """y = x @ weight.T + bias for a V:N:M weight; x is [..., in_features], y is [..., out_features].
+
+    Optional memory-for-speed layouts, kept by the caller:
+      dense_weight = weight.to_dense() (the dense memory): the dispatcher uses cuBLAS where
+        measurements show dense is faster for this shape and token count;
+      layout = prefill_layout(weight) (4/M of the dense memory): otherwise the prefill kernel
+        (many tokens) builds it on every call.
+    """
+    check_inputs(x, weight, bias, dense_weight, layout)
+    expanded, channels = (layout.expanded, layout.channels) if layout is not None else (None, None)
+    return linear(x, weight.values, weight.columns, weight.metadata, bias, weight.v, weight.m, weight.in_features,
+                  dense_weight, expanded, channels)

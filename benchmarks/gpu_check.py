@@ -1,0 +1,424 @@
+"""One GPU call: the device's ceilings, then correctness and timings of many kernel variants.
+
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --out $OUT/check.json
+
+Every variant is checked against a float64 reference (random token rows of a poisoned output)
+before it is timed. Prefill times are do_bench medians (L2 flushed before each run); decode times
+are CUDA-graph replays of many calls that rotate over enough weight copies to overflow L2, so the
+weight streams from device memory as it does in a real decode step.
+
+This is the exploration harness: its variant lists are those of the last round (benchmarks/NOTES.md
+tells the rounds; results/gpu_check-round*.json hold each round's numbers). The sweep and the
+tuning tables come from benchmarks/kernels.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+import warnings
+
+if "--smoke" in sys.argv:  # CPU dry run of this script under the Triton interpreter, tiny shapes
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from vnm_compile.format import VNMWeight
+from vnm_compile.kernels.decode import launch_decode, vnm_decode_kernel
+from vnm_compile.kernels.prefill import channel_index, expand_weight, launch_prefill, transpose, vnm_prefill_kernel
+
+warnings.filterwarnings("ignore", message="column_select='optimal'")
+L2_BYTES = 60 << 20
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def median_ms(fn) -> float:
+    if DEVICE == "cpu":
+        fn()
+        return 1.0
+    return float(do_bench(fn, warmup=10, rep=60, return_mode="median"))
+
+
+def graph_ms(calls) -> float:
+    """Median time of one call among `calls` (a list of closures), replayed inside one CUDA graph."""
+    if DEVICE == "cpu":
+        calls[0]()
+        return 1.0
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings(n=1 << 30, side=8192) -> dict:
+    a = torch.randn(n // 2, dtype=torch.float16, device=DEVICE)
+    b = torch.empty_like(a)
+    copy_ms = median_ms(lambda: b.copy_(a))
+    x = torch.randn(side, side, dtype=torch.float16, device=DEVICE)
+    w = torch.randn(side, side, dtype=torch.float16, device=DEVICE)
+    dense_ms = median_ms(lambda: F.linear(x, w))
+    out = {"copy_GBps": 2 * n / copy_ms / 1e6, "dense_fp16_TFLOPs_8192": 2 * side**3 / dense_ms / 1e9}
+    del a, b, x, w
+    return out
+
+
+def random_weight(rows, cols, v, m, dtype, seed=0):
+    torch.manual_seed(seed)
+    return VNMWeight.from_dense(torch.randn(rows, cols, device=DEVICE).to(dtype), v, m)
+
+
+def check(y, x, weight, bias=None, samples=256) -> float:
+    """Relative error of y against float64 on random token rows; inf if anything is not finite."""
+    if not torch.isfinite(y).all():
+        return float("inf")
+    rows = torch.randperm(x.shape[0], device=x.device)[:samples]
+    ref = x[rows].double() @ weight.to_dense().double().T
+    if bias is not None:
+        ref += bias.double()
+    return float((y[rows].double() - ref).norm() / ref.norm())
+
+
+class Capture:
+    """Stands in for a kernel in the launchers and keeps the last compiled kernel it ran."""
+
+    def __init__(self, kernel):
+        self.kernel, self.last = kernel, None
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.last = self.kernel[grid](*args, **kwargs)
+            return self.last
+        return run
+
+
+class Kernels:
+    """Routes each launcher's call to its kernel; `last` is the last compiled kernel run."""
+
+    def __init__(self):
+        self.prefill, self.decode, self.last = Capture(vnm_prefill_kernel), Capture(vnm_decode_kernel), None
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.last = (self.prefill if "W_LEFT" in kwargs else self.decode)[grid](*args, **kwargs)
+            return self.last
+        return run
+
+
+KERNEL = Kernels()
+
+
+def compiled_stats():
+    compiled = KERNEL.last
+    try:
+        ptx = compiled.asm.get("ptx", "")
+        return {"regs": compiled.n_regs, "spills": compiled.n_spills, "shared": compiled.metadata.shared,
+                "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
+                "cp_async": ptx.count("cp.async.ca") + ptx.count("cp.async.cg"),
+                "cp_async_bulk": ptx.count("cp.async.bulk"), "ld_global": ptx.count("ld.global"),
+                "ld_global_v4": ptx.count("ld.global.v4")}
+    except Exception as error:
+        return {"stats_error": repr(error)[:200]}
+
+
+# ---------------------------------------------------------------- variants
+# prefill: (BLOCK_N, BLOCK_T, BLOCK_K, W_LEFT, num_warps, num_stages, GROUP_N)
+PREFILL_CONFIGS = [
+    (64, 128, 64, True, 4, 3, 64), (64, 128, 64, True, 4, 4, 64), (64, 128, 64, True, 4, 3, 16),
+    (64, 128, 128, True, 4, 3, 64), (64, 64, 64, True, 4, 3, 64), (64, 64, 128, True, 4, 3, 64),
+    (64, 64, 64, True, 4, 4, 64), (64, 128, 64, True, 8, 3, 64),
+    (128, 128, 64, True, 8, 3, 32), (128, 64, 64, True, 8, 3, 32), (32, 128, 64, False, 4, 4, 128),
+    (32, 64, 64, False, 4, 3, 128),
+]
+# decode: (BLOCK_N, BLOCK_J, SPLIT_K, num_warps, num_stages, use_dot)
+DECODE_CONFIGS = [
+    (16, 16, 1, 4, 4, False), (32, 16, 1, 4, 4, False), (16, 32, 1, 4, 4, False), (32, 32, 1, 4, 3, False),
+    (64, 32, 1, 4, 3, False), (32, 64, 1, 4, 3, False), (64, 64, 1, 8, 3, False), (16, 64, 1, 2, 4, False),
+    (32, 32, 2, 4, 3, False), (64, 16, 1, 4, 4, False), (16, 16, 2, 2, 4, False), (32, 16, 1, 2, 4, False),
+    (64, 32, 4, 4, 3, True), (32, 32, 2, 4, 3, True),
+]
+
+
+def fits(cfg, v):
+    return cfg[0] <= v
+
+
+def run_prefill(layout, cfg, expanded, bias=None, out=None):
+    bn, bt, bk, w_left, warps, stages, group_n = cfg
+    weight = layout["weight"]
+    return launch_prefill(
+        KERNEL, layout["xt"], expanded, layout["channels"], bias, weight.v, weight.m, weight.in_features, out=out,
+        BLOCK_N=bn, BLOCK_T=bt, BLOCK_K=bk, W_LEFT=w_left, GROUP_N=group_n, num_warps=warps, num_stages=stages,
+    )
+
+
+def run_decode(x, weight, cfg, out=None):
+    bn, bj, split_k, warps, stages, use_dot = cfg
+    block_t = 16 if use_dot else min(16, triton.next_power_of_2(x.shape[0]))
+    return launch_decode(KERNEL, x, weight.values, weight.columns, weight.metadata, None, weight.v, weight.m,
+                         weight.in_features, split_k=split_k, out=out, USE_DOT=use_dot, BLOCK_N=bn, BLOCK_T=block_t,
+                         BLOCK_J=bj, num_warps=warps, num_stages=stages)
+
+
+def decode_fits(cfg, tokens):
+    """FMA configs whose [BLOCK_N, BLOCK_J, tokens] accumulator stays under ~64 registers a thread."""
+    bn, bj, _, warps, _, use_dot = cfg
+    return use_dot or bn * bj * min(16, triton.next_power_of_2(tokens)) <= 64 * 32 * warps
+
+
+def fake_weight(rows, cols, v, m, dtype=torch.float16):
+    groups = -(-cols // m)
+    return VNMWeight(
+        torch.randn(rows, 2 * groups, device=DEVICE, dtype=dtype),
+        torch.zeros(-(-rows // v), groups, 4, dtype=torch.uint8, device=DEVICE),
+        torch.zeros(rows, -(-groups // 2), dtype=torch.uint8, device=DEVICE),
+        v, m, cols,
+    )
+
+
+def compile_job(job):
+    """Compile (and run once) one variant in a worker, filling Triton's on-disk cache."""
+    kind, rows, cols, tokens, v, m, variant, cfg = job
+    torch.cuda.init()
+    weight = fake_weight(rows, cols, v, m)
+    start = time.time()
+    try:
+        if kind == "prefill":
+            x = torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16)
+            layout = {"xt": transpose(x), "weight": weight, "channels": channel_index(weight.columns, m)}
+            run_prefill(layout, cfg, expand_weight(weight.values, weight.metadata))
+        else:
+            run_decode(torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16), weight, cfg)
+        torch.cuda.synchronize()
+        return job, time.time() - start, None
+    except Exception as error:  # reported, not fatal: the main process retries and records it
+        return job, time.time() - start, repr(error)[:300]
+
+
+def precompile(jobs, workers=14):
+    start = time.time()
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            results = list(pool.map(compile_job, jobs))
+    except Exception as error:
+        log("precompile failed, compiling on first use:", repr(error)[:300])
+        return
+    errors = [(r[0], r[2]) for r in results if r[2]]
+    log(f"precompiled {len(jobs)} variants in {time.time() - start:.1f}s, {len(errors)} errors")
+    for job, error in errors[:5]:
+        log("  compile error", job, error)
+
+
+def prefill_case(rows, cols, tokens, v, m, variants, results, dtype=torch.float16):
+    key = f"{rows}x{cols}@{tokens} {v}:2:{m}"
+    weight = random_weight(rows, cols, v, m, dtype)
+    x = torch.randn(tokens, cols, device=DEVICE, dtype=dtype)
+    layout = {"xt": transpose(x), "weight": weight, "channels": channel_index(weight.columns, m)}
+    expanded = expand_weight(weight.values, weight.metadata)
+    dense = weight.to_dense().contiguous()
+    entry = {"rows": rows, "cols": cols, "tokens": tokens, "v": v, "m": m}
+    entry["dense_ms"] = median_ms(lambda: F.linear(x, dense))
+    kc = 4 * weight.groups
+    xc = torch.randn(tokens, kc, device=DEVICE, dtype=dtype)
+    wc = torch.randn(rows, kc, device=DEVICE, dtype=dtype)
+    entry["condensed_ms"] = median_ms(lambda: F.linear(xc, wc))
+    entry["transpose_ms"] = median_ms(lambda: transpose(x))
+    entry["torch_transpose_ms"] = median_ms(lambda: x.t().contiguous())
+    entry["variants"] = {}
+    for variant, cfg in variants:
+        if not fits(cfg, v):
+            continue
+        name = f"{variant} {cfg}"
+        exp = expanded
+        try:
+            y = torch.full((tokens, rows), float("nan"), device=DEVICE, dtype=dtype)
+            run_prefill(layout, cfg, exp, out=y)
+            err = check(y, x, weight)
+            stats = compiled_stats()
+            ms = median_ms(lambda: run_prefill(layout, cfg, exp))
+            entry["variants"][name] = {"ms": ms, "err": err, **stats}
+        except Exception as error:
+            entry["variants"][name] = {"error": repr(error)[:300]}
+    dense_ms, tr = entry["dense_ms"], entry["transpose_ms"]
+    log(f"\n{key}: dense {dense_ms*1e3:.1f}us  condensed bound {entry['condensed_ms']*1e3:.1f}us "
+        f"({dense_ms/entry['condensed_ms']:.2f}x)  transpose triton {tr*1e3:.1f}us torch "
+        f"{entry['torch_transpose_ms']*1e3:.1f}us")
+    for name, r in sorted(entry["variants"].items(), key=lambda kv: kv[1].get("ms", 1e9)):
+        if "ms" in r:
+            log(f"  {name:40s} {r['ms']*1e3:7.1f}us {dense_ms/r['ms']:.2f}x (+T {dense_ms/(r['ms']+tr):.2f}x) "
+                f"{r['ms']/entry['condensed_ms']:.2f} of bound err {r['err']:.1e} regs {r.get('regs')} "
+                f"spills {r.get('spills')} cp {r.get('cp_async')} ld {r.get('ld_global')} wgmma {r.get('wgmma')}")
+        else:
+            log(f"  {name:40s} ERROR {r['error']}")
+    results["prefill"][key] = entry
+    return entry
+
+
+def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
+    key = f"{rows}x{cols}@{tokens} {v}:2:{m}"
+    weight = random_weight(rows, cols, v, m, dtype)
+    copies = max(2, -(-3 * L2_BYTES // weight.nbytes))
+    weights = [weight] + [VNMWeight(weight.values.clone(), weight.columns.clone(), weight.metadata.clone(), v, m, cols)
+                          for _ in range(copies - 1)]
+    dense_copies = max(2, -(-3 * L2_BYTES // (rows * cols * 2)))
+    denses = [weight.to_dense().contiguous() for _ in range(dense_copies)]
+    x = torch.randn(tokens, cols, device=DEVICE, dtype=dtype)
+    entry = {"rows": rows, "cols": cols, "tokens": tokens, "v": v, "m": m, "compressed_bytes": weight.nbytes,
+             "dense_bytes": rows * cols * 2}
+    entry["dense_ms"] = graph_ms([lambda d=d: F.linear(x, d) for d in denses])
+    entry["variants"] = {}
+    for cfg in DECODE_CONFIGS:
+        if not fits(cfg, v) or not decode_fits(cfg, tokens):
+            continue
+        name = f"{'dot' if cfg[5] else 'fma'} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
+        try:
+            y = torch.full((tokens, rows), float("nan"), device=DEVICE, dtype=dtype)
+            y = run_decode(x, weight, cfg, out=y)
+            err = check(y, x, weight)
+            stats = compiled_stats()
+            ms = graph_ms([lambda w=w: run_decode(x, w, cfg) for w in weights])
+            entry["variants"][name] = {"ms": ms, "err": err, "GBps": weight.nbytes / ms / 1e6, **stats}
+        except Exception as error:
+            entry["variants"][name] = {"error": repr(error)[:300]}
+    dense_ms = entry["dense_ms"]
+    log(f"\n{key}: dense {dense_ms*1e3:.1f}us ({entry['dense_bytes']/dense_ms/1e6:.0f} GB/s), "
+        f"compressed {weight.nbytes/2**20:.1f} MiB")
+    for name, r in sorted(entry["variants"].items(), key=lambda kv: kv[1].get("ms", 1e9)):
+        if "ms" in r:
+            log(f"  {name:28s} {r['ms']*1e3:7.2f}us {dense_ms/r['ms']:.2f}x dense {r['GBps']:.0f} GB/s err "
+                f"{r['err']:.1e} regs {r.get('regs')} spills {r.get('spills')} cp {r.get('cp_async')} "
+                f"ld {r.get('ld_global')} mma {r.get('mma_sync')}")
+        else:
+            log(f"  {name:28s} ERROR {r['error']}")
+    results["decode"][key] = entry
+
+
+def best_variants_of(results):
+    spec = []
+    for kind, key in (("prefill", "4096x4096@8192 64:2:8"), ("prefill", "4096x4096@8192 64:2:16"),
+                      ("decode", "4096x4096@1 64:2:8"), ("decode", "4096x4096@16 64:2:8")):
+        entry = results[kind].get(key)
+        if not entry:
+            continue
+        timed = [(r["ms"], name) for name, r in entry["variants"].items() if "ms" in r]
+        name = min(timed)[1]
+        case = [entry["rows"], entry["cols"], entry["tokens"], entry["v"], entry["m"]]
+        if kind == "prefill":
+            variant, cfg = name.split(" ", 1)
+            spec.append([kind, case, variant, list(eval(cfg))])
+        else:
+            kind_name, *parts = name.split()
+            bn, bj, sk, w, st = (int(part[2:] if part[:2] in ("bn", "bj", "sk") else part[1:]) for part in parts)
+            spec.append([kind, case, "", [bn, bj, sk, w, st, kind_name == "dot"]])
+    log("profiling", spec)
+    return spec
+
+
+def profile(args):
+    """Run the named variants once each (for ncu)."""
+    spec = json.loads(args.profile)
+    for kind, case, variant, cfg in spec:
+        rows, cols, tokens, v, m = case
+        weight = random_weight(rows, cols, v, m, torch.float16)
+        x = torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16)
+        if kind == "prefill":
+            layout = {"xt": transpose(x), "weight": weight, "channels": channel_index(weight.columns, m)}
+            exp = expand_weight(weight.values, weight.metadata)
+            run_prefill(layout, tuple(cfg), exp)
+        else:
+            run_decode(x, weight, tuple(cfg))
+    torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="check.json")
+    parser.add_argument("--skip-precompile", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--profile", help="JSON list of [kind, case, variant, config] to run once each")
+    parser.add_argument("--profile-best", help="a results JSON: run its fastest prefill and decode variants once")
+    args = parser.parse_args()
+    if args.profile_best:
+        args.profile = json.dumps(best_variants_of(json.load(open(args.profile_best))))
+    if args.profile:
+        return profile(args)
+    start = time.time()
+    results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+               "torch": torch.__version__, "triton": triton.__version__,
+               "date": time.strftime("%Y-%m-%d %H:%M"), "prefill": {}, "decode": {}}
+    results["ceilings"] = ceilings(1 << 12, 64) if args.smoke else ceilings()
+    log(results["device"], results["ceilings"])
+
+    first = (4096, 4096, 8192, 64, 8)
+    others = [(4096, 4096, 8192, 64, 16), (4096, 4096, 2048, 64, 8), (4096, 4096, 256, 64, 8),
+              (4096, 4096, 64, 64, 8), (768, 3072, 2048, 64, 8), (3072, 768, 256, 64, 8), (4096, 4096, 8192, 128, 8)]
+    decode_shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    decode_tokens = [1, 2, 4, 8, 16]
+    if args.smoke:
+        first, others = (128, 96, 130, 64, 8), [(130, 77, 40, 32, 5)]
+        decode_shapes, decode_tokens = [(192, 100)], [1, 3]
+    first_variants = [("exp", c) for c in PREFILL_CONFIGS]
+    if not args.skip_precompile and not args.smoke:
+        jobs = [("prefill", *first, variant, cfg) for variant, cfg in first_variants if fits(cfg, first[3])]
+        jobs += [("decode", r, c, t, 64, 8, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
+                 for t in decode_tokens for cfg in DECODE_CONFIGS if decode_fits(cfg, t)]
+        precompile(jobs)
+    prefill_case(*first, first_variants, results)
+    first_key = f"{first[0]}x{first[1]}@{first[2]} {first[3]}:2:{first[4]}"
+    ranked = sorted((r["ms"], name) for name, r in results["prefill"][first_key]["variants"].items()
+                    if "ms" in r and r["err"] < 1e-2)
+    best = [name for _, name in ranked if name.startswith("exp")][:3]
+    best_variants = [(name.split(" ", 1)[0], eval(name.split(" ", 1)[1])) for name in best]
+    log("best:", best, f"[{time.time() - start:.0f}s]")
+    json.dump(results, open(args.out, "w"), indent=1)
+
+    def case_variants(case):
+        extra = [("exp", c) for c in PREFILL_CONFIGS if (c[0] == case[3] and case[3] != 64) or
+                 (case[2] <= 256 and c[1] == 64 and c[0] <= case[3])]
+        return list(dict.fromkeys(best_variants + extra))
+
+    if not args.skip_precompile and not args.smoke:
+        precompile([("prefill", *case, variant, cfg) for case in others for variant, cfg in case_variants(case)
+                    if fits(cfg, case[3])])
+    for case in others:
+        prefill_case(*case, case_variants(case), results)
+        json.dump(results, open(args.out, "w"), indent=1)
+    log(f"[{time.time() - start:.0f}s]")
+    for (rows, cols), tokens in itertools.product(decode_shapes, decode_tokens):
+        decode_case(rows, cols, tokens, 64, 8, results)
+        json.dump(results, open(args.out, "w"), indent=1)
+    log(f"done in {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

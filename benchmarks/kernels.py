@@ -1,0 +1,439 @@
+"""Benchmark sweep of the V:N:M kernels against cuBLAS, the condensed-K bound and torch's 2:4.
+
+    PYTHONPATH=. python3 benchmarks/kernels.py --tune      # times every candidate, writes the tables
+    PYTHONPATH=. python3 benchmarks/kernels.py             # times what the shipped tables dispatch to
+
+Shapes: Llama-2-7B (4096x4096, 11008x4096, 4096x11008) and DeiT-base (768x768, 3072x768, 768x3072)
+weights; tokens 1..8192; patterns 64:2:4..64:2:16, 128:2:8, 32:2:8; fp16 and bf16. Baselines:
+cuBLAS dense (F.linear), dense on the condensed K' = 4C/M (the perfect-gather bound), torch's 2:4
+(cuSPARSELt; eager and inside a CUDA graph) for the 2:4 patterns. Also measured: the device's copy
+bandwidth and dense fp16 peak.
+
+Timing: every contender is replayed in a CUDA graph of many calls that rotate over enough weight
+copies to overflow L2 (the weights stream from device memory, as in a model; from 2048 tokens four
+copies), so Python's launch cost stays out of kernel times. (The tables in the package were tuned
+with do_bench from 2048 tokens, which counts launch cost on kernels of a few microseconds; see
+benchmarks/NOTES.md.) `--tune` writes
+vnm_compile/kernels/tables/<gpu>.json: per key the fastest sparse path and config (fp16 tunes;
+bf16 reuses the fp16 config) and the dense time, which the dispatcher reads. Without --tune the
+sweep times the shipped choices through the library entry (`triton_vnm_linear`), with and
+without the dense weight, and writes benchmarks/results/kernels-<gpu>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import multiprocessing
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # CPU dry run of this script under the Triton interpreter, tiny shapes
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from vnm_compile.format import VNMWeight
+from vnm_compile.kernels import PrefillLayout, prefill_layout, triton_vnm_linear
+from vnm_compile.kernels import decode, dispatch, prefill, tuning
+from vnm_compile.kernels.common import token_bucket
+
+warnings.filterwarnings("ignore", message="column_select='optimal'")
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (768, 768), (3072, 768), (768, 3072)]
+TOKENS = [1, 4, 16, 64, 256, 2048, 8192]
+PATTERNS = [(64, 4), (64, 5), (64, 6), (64, 8), (64, 16), (128, 8), (32, 8)]
+DTYPES = [torch.float16, torch.bfloat16]
+GRAPH_MAX_TOKENS = 256
+ROTATE_BYTES = 180 << 20  # 3x the H200's L2
+DECODE_MAX_TOKENS = 16
+SPLIT_CONFIGS = [tuning._decode(64, 16, 32, True, 4, 3), tuning._decode(16, 4, 32, False, 4, 4)]
+ROOT = Path(__file__).resolve().parent
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ timing
+def bench_us(calls: list, tokens: int) -> float:
+    """Median microseconds of one call among `calls` (each on its own weight copy, so the weights
+    stream from device memory), replayed in a CUDA graph: kernel time without Python's launch cost
+    (which do_bench would include for kernels of a few microseconds)."""
+    if DEVICE == "cpu":
+        calls[0]()
+        return 1.0
+    if tokens > GRAPH_MAX_TOKENS:  # long calls: a few copies are enough
+        calls = calls[:4]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings(n=1 << 30, side=8192) -> dict:
+    if DEVICE == "cpu":
+        return {"copy_GBps": 0.0, "dense_fp16_TFLOPs": 0.0}
+    a = torch.randn(n // 2, dtype=torch.float16, device=DEVICE)
+    b = torch.empty_like(a)
+    copy_ms = do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode="median")
+    x = torch.randn(side, side, dtype=torch.float16, device=DEVICE)
+    w = torch.randn(side, side, dtype=torch.float16, device=DEVICE)
+    dense_ms = do_bench(lambda: F.linear(x, w), warmup=50, rep=100, return_mode="median")
+    return {"copy_GBps": 2 * n / copy_ms / 1e6, "dense_fp16_TFLOPs": 2 * side**3 / dense_ms / 1e9}
+
+
+# ------------------------------------------------------------------------------------------ problems
+class Problem:
+    """One (shape, pattern, dtype): the weight in every form the contenders need, rotated copies."""
+
+    def __init__(self, rows, cols, v, m, dtype, weight: VNMWeight):
+        self.rows, self.cols, self.v, self.m, self.dtype = rows, cols, v, m, dtype
+        self.weight = weight.to(dtype)
+        self.dense = self.weight.to_dense().contiguous()
+        self.layout = prefill_layout(self.weight)
+        self.groups = self.weight.groups
+        copies = min(512, max(2, -(-ROTATE_BYTES // self.weight.nbytes)))
+        self.weights = [self.weight] + [
+            VNMWeight(self.weight.values.clone(), self.weight.columns.clone(), self.weight.metadata.clone(),
+                      v, m, cols) for _ in range(copies - 1)]
+        self.layouts = [self.layout] + [PrefillLayout(self.layout.expanded.clone(), self.layout.channels)
+                                        for _ in range(min(copies, -(-ROTATE_BYTES // self.layout.expanded.nbytes))
+                                                       - 1)]
+        self.denses = [self.dense] + [self.dense.clone() for _ in range(min(copies, -(-ROTATE_BYTES // self.dense.nbytes))
+                                                                         - 1)]
+
+    def x(self, tokens):
+        return torch.randn(tokens, self.cols, device=DEVICE, dtype=self.dtype)
+
+    def kernel_calls(self, path, config, x):
+        """Closures running one explicit kernel config of `path` on each weight copy."""
+        if path == "prefill":
+            def call(layout):
+                xt = prefill.transpose(x)
+                return prefill.launch_prefill(prefill.vnm_prefill_kernel, xt, layout.expanded, layout.channels, None,
+                                              self.v, self.m, self.cols, **config_args(config))
+            return [lambda layout=layout: call(layout) for layout in self.layouts]
+        split_k = decode_split_k(path)
+        return [lambda w=w: decode.launch_decode(decode.vnm_decode_kernel, x, w.values, w.columns, w.metadata, None,
+                                                 self.v, self.m, self.cols, split_k=split_k, **config_args(config))
+                for w in self.weights]
+
+
+def decode_split_k(path):
+    return dispatch.DECODE_SPLIT_K if path == "decode_split" else 1
+
+
+def config_args(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def candidate_list(problem_shape, tokens):
+    """(path, config) pairs timed for a key: decode paths up to 64 tokens, prefill from 16."""
+    rows, cols, v, m = problem_shape
+    groups = -(-cols // m)
+    found = []
+    if tokens <= 64:
+        found += [("decode", c) for c in tuning.candidates("decode", rows, cols, tokens, groups, v)]
+        found += [("decode_split", c) for c in SPLIT_CONFIGS if c.kwargs["BLOCK_N"] <= v
+                  and (c.kwargs["USE_DOT"] or c.kwargs["BLOCK_T"] == tuning.token_block(tokens))]
+    if tokens >= DECODE_MAX_TOKENS:
+        found += [("prefill", c) for c in tuning.candidates("prefill", rows, cols, tokens, groups, v)]
+    return found
+
+
+# ------------------------------------------------------------------------------------------ precompile
+def compile_job(job):
+    rows, cols, v, m, dtype_name, tokens, path, record = job
+    dtype = getattr(torch, dtype_name)
+    groups = -(-cols // m)
+    weight = VNMWeight(torch.randn(rows, 2 * groups, device=DEVICE).to(dtype),
+                       torch.zeros(-(-rows // v), groups, 4, dtype=torch.uint8, device=DEVICE),
+                       torch.zeros(rows, -(-groups // 2), dtype=torch.uint8, device=DEVICE), v, m, cols)
+    x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
+    pool = tuning.PREFILL_CONFIGS if path == "prefill" else tuning.DECODE_CONFIGS + SPLIT_CONFIGS
+    config = next(c for c in pool if tuning.config_record(c) == record)
+    try:
+        if path == "prefill":
+            layout = prefill_layout(weight)
+            prefill.launch_prefill(prefill.vnm_prefill_kernel, prefill.transpose(x), layout.expanded, layout.channels,
+                                   None, v, m, cols, **config_args(config))
+        else:
+            decode.launch_decode(decode.vnm_decode_kernel, x, weight.values, weight.columns, weight.metadata, None,
+                                 v, m, cols, split_k=decode_split_k(path), **config_args(config))
+        torch.cuda.synchronize()
+        return None
+    except Exception as error:
+        return f"{job}: {error!r}"[:400]
+
+
+def compile_jobs(args, shapes, tokens_list, patterns, slug):
+    """The kernels the sweep will run: every candidate (fp16) when tuning, else the tables' choices."""
+    if args.tune:
+        return [(r, c, v, m, "float16", t, path, tuning.config_record(cfg))
+                for r, c in shapes for v, m in patterns for t in tokens_list
+                for path, cfg in candidate_list((r, c, v, m), t)]
+    table = tuning.load_table(slug)
+    jobs = []
+    for r, c in shapes:
+        for v, m in patterns:
+            for dtype in DTYPES:
+                for t in tokens_list:
+                    key = tuning.table_key(r, c, token_bucket(t), v, m, dtype)
+                    entry = table["dispatch"].get(key)
+                    record = entry and table["autotune"].get(f"{entry['path']} {key}")
+                    if record:
+                        jobs.append((r, c, v, m, str(dtype).replace("torch.", ""), t, entry["path"], record))
+    return jobs
+
+
+def precompile(jobs, workers=14):
+    start = time.time()
+    with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        errors = [e for e in pool.map(compile_job, jobs, chunksize=4) if e]
+    log(f"precompiled {len(jobs)} kernels in {time.time() - start:.0f}s, {len(errors)} errors")
+    for error in errors[:5]:
+        log("  ", error)
+
+
+# ------------------------------------------------------------------------------------------ sweep
+def measure_baselines(problem: Problem, tokens: int, x: torch.Tensor) -> dict:
+    kc = 4 * problem.groups
+    xc = torch.randn(tokens, kc, device=DEVICE, dtype=problem.dtype)
+    wcs = [torch.randn(problem.rows, kc, device=DEVICE, dtype=problem.dtype) for _ in range(len(problem.layouts))]
+    out = {"dense_us": bench_us([lambda d=d: F.linear(x, d) for d in problem.denses], tokens),
+           "condensed_us": bench_us([lambda w=w: F.linear(xc, w) for w in wcs], tokens)}
+    if problem.m == 4:  # V:2:4 is plain 2:4: torch's semi-structured path (cuSPARSELt)
+        try:
+            from torch.sparse import to_sparse_semi_structured
+
+            sparse = to_sparse_semi_structured(problem.dense)
+            out["torch24_graph_us"] = bench_us([lambda: F.linear(x, sparse)], tokens)
+            out["torch24_eager_us"] = 1e3 * float(do_bench(lambda: F.linear(x, sparse), warmup=5, rep=30,
+                                                          return_mode="median"))
+        except Exception as error:
+            out["torch24_error"] = repr(error)[:200]
+    return out
+
+
+def tune_key(problem: Problem, tokens: int, x: torch.Tensor, only=None) -> dict:
+    """Times the candidates (or only the given (path, config)s); best per path."""
+    timed = {}
+    for path, config in only or candidate_list((problem.rows, problem.cols, problem.v, problem.m), tokens):
+        try:
+            us = bench_us(problem.kernel_calls(path, config, x), tokens)
+        except Exception as error:
+            log("  failed", path, tuning.config_record(config), repr(error)[:200])
+            continue
+        if path not in timed or us < timed[path][0]:
+            timed[path] = (us, config)
+    return timed
+
+
+def check(problem: Problem, x: torch.Tensor, y: torch.Tensor) -> float:
+    rows = torch.randperm(x.shape[0], device=x.device)[:64]
+    ref = x[rows].double() @ problem.dense.double().T
+    return float((y[rows].double() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("inf")
+
+
+def run(args) -> None:
+    start = time.time()
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu smoke"
+    slug = tuning.gpu_slug(device)
+    results = {"device": device, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+               "triton": triton.__version__,
+               "sms": torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 0,
+               "mode": "tune" if args.tune else "dispatch", "ceilings": ceilings(), "cases": []}
+    log(device, results["ceilings"])
+    shapes, tokens_list, patterns = SHAPES, TOKENS, PATTERNS
+    if args.quick:
+        shapes, tokens_list, patterns = SHAPES[:1], [1, 16, 2048], [(64, 8)]
+    if args.smoke:
+        shapes, tokens_list, patterns = [(100, 77), (64, 128)], [1, 3, 17, 70], [(16, 4), (16, 5), (32, 8)]
+    if args.patterns:
+        patterns = [tuple(int(n) for n in p.split(":2:")) for p in args.patterns.split(",")]
+    if args.tokens:
+        tokens_list = [int(t) for t in args.tokens.split(",")]
+    table = {"device": device, "autotune": {}, "dispatch": {}}
+    if not args.no_precompile and not args.smoke:
+        precompile(compile_jobs(args, shapes, tokens_list, patterns, slug))
+    for rows, cols in shapes:
+        for v, m in patterns:
+            torch.manual_seed(rows + cols + m)
+            base = VNMWeight.from_dense(torch.randn(rows, cols, device=DEVICE), v, m)
+            for dtype in DTYPES:
+                problem = Problem(rows, cols, v, m, dtype, base)
+                for tokens in tokens_list:
+                    if time.time() - start > args.time_budget:
+                        log("time budget reached: stopping the sweep here")
+                        return finish(args, results, table, slug)
+                    results["cases"].append(measure(problem, tokens, args, table))
+                del problem
+            log(f"[{time.time() - start:.0f}s] {rows}x{cols} {v}:2:{m} done")
+    finish(args, results, table, slug)
+
+
+def measure(problem: Problem, tokens: int, args, table: dict) -> dict:
+    x = problem.x(tokens)
+    dtype_name = str(problem.dtype).replace("torch.", "")
+    key = tuning.table_key(problem.rows, problem.cols, token_bucket(tokens), problem.v, problem.m, problem.dtype)
+    case = {"rows": problem.rows, "cols": problem.cols, "tokens": tokens, "v": problem.v, "m": problem.m,
+            "dtype": dtype_name, "compressed_bytes": problem.weight.nbytes,
+            "expanded_bytes": problem.layout.expanded.nbytes, "dense_bytes": problem.dense.nbytes}
+    case.update(measure_baselines(problem, tokens, x))
+    if args.tune:
+        fp16_key = key.replace(dtype_name, "float16")
+        if problem.dtype == torch.float16:
+            timed = tune_key(problem, tokens, x)
+        else:  # bf16 reuses the configs fp16 chose for each path
+            chosen = [(p.split(" ")[0], cfg) for p, cfg in args.fp16_choice.get(fp16_key, [])]
+            timed = tune_key(problem, tokens, x, only=chosen)
+        if not timed:
+            return case
+        if problem.dtype == torch.float16:
+            args.fp16_choice[fp16_key] = [(path, cfg) for path, (_, cfg) in timed.items()]
+        path, (sparse_us, config) = min(timed.items(), key=lambda kv: kv[1][0])
+        for p, (_, cfg) in timed.items():
+            table["autotune"][f"{p} {key}"] = tuning.config_record(cfg)
+        table["dispatch"][key] = {"path": path, "sparse_us": round(sparse_us, 2), "dense_us": round(case["dense_us"], 2)}
+        case.update(path=path, sparse_us=sparse_us, config=tuning.config_record(config),
+                    paths_us={p: t for p, (t, _) in timed.items()})
+        y = problem.kernel_calls(path, config, x)[0]()
+    else:  # the library entry, as shipped: without and with the dense weight
+        path = dispatch.choose_path(problem.rows, problem.cols, tokens, problem.v, problem.m, problem.dtype,
+                                    x.device, has_dense=False)
+        layouts = problem.layouts
+        sparse_calls = [lambda w=w, layout=layouts[i % len(layouts)]: triton_vnm_linear(x, w, layout=layout)
+                        for i, w in enumerate(problem.weights)]
+        case["path"] = path
+        case["sparse_us"] = bench_us(sparse_calls, tokens)
+        dispatched = dispatch.choose_path(problem.rows, problem.cols, tokens, problem.v, problem.m, problem.dtype,
+                                          x.device, has_dense=True)
+        case["dispatched_path"] = dispatched
+        if dispatched == "dense":
+            case["dispatch_us"] = bench_us([lambda d=d: triton_vnm_linear(x, problem.weight, dense_weight=d)
+                                            for d in problem.denses], tokens)
+        else:
+            case["dispatch_us"] = case["sparse_us"]
+        y = triton_vnm_linear(x, problem.weight, layout=problem.layout)
+    case["err"] = check(problem, x, y)
+    flops = 2 * problem.rows * problem.cols * tokens
+    case["sparse_TFLOPs"] = flops / case["sparse_us"] / 1e6
+    case["sparse_GBps"] = problem.weight.nbytes / case["sparse_us"] / 1e3
+    case["vs_dense"] = case["dense_us"] / case["sparse_us"]
+    case["vs_bound"] = case["condensed_us"] / case["sparse_us"]
+    if "dispatch_us" in case:
+        case["dispatch_vs_dense"] = case["dense_us"] / case["dispatch_us"]
+    log(f"  {key:34s} {case['path']:12s} sparse {case['sparse_us']:8.1f}us dense {case['dense_us']:8.1f}us "
+        f"x{case['vs_dense']:.2f} (bound x{case['dense_us'] / case['condensed_us']:.2f}) "
+        f"{case['sparse_GBps']:6.0f}GB/s err {case['err']:.1e}"
+        + (f" dispatch x{case['dispatch_vs_dense']:.2f}" if "dispatch_vs_dense" in case else ""))
+    return case
+
+
+def finish(args, results, table, slug):
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.tune:
+        table["rules"] = derive_rules(results["cases"])
+        (out_dir / f"{slug}.json").write_text(json.dumps(table, indent=1, sort_keys=True))
+        (out_dir / f"tune-{slug}.json").write_text(json.dumps(results, indent=1))
+        log(f"wrote {out_dir / (slug + '.json')}")
+        return
+    (out_dir / f"kernels-{slug}.json").write_text(json.dumps(results, indent=1))
+    (out_dir / f"kernels-{slug}.md").write_text(markdown(results))
+    log(f"wrote {out_dir / ('kernels-' + slug + '.json')} and .md")
+
+
+def derive_rules(cases) -> dict:
+    """Rules for shapes the table lacks: the largest token count at which a decode path beats the
+    prefill kernel on most measured shapes, and the largest M at which dense beats the sparse
+    kernel on most measured shapes from 64 tokens."""
+    decode_max = DECODE_MAX_TOKENS
+    for tokens in sorted({c["tokens"] for c in cases}):
+        both = [c["paths_us"] for c in cases if c["tokens"] == tokens and "prefill" in c.get("paths_us", {})
+                and ("decode" in c["paths_us"] or "decode_split" in c["paths_us"])]
+        wins = sum(min(p.get("decode", 1e9), p.get("decode_split", 1e9)) < p["prefill"] for p in both)
+        if both and wins > len(both) / 2:
+            decode_max = max(decode_max, tokens)
+    dense_m = 0
+    for m in sorted({c["m"] for c in cases}):
+        big = [c for c in cases if c["m"] == m and c["tokens"] >= 64 and "sparse_us" in c]
+        if big and sum(c["dense_us"] < c["sparse_us"] for c in big) > len(big) / 2:
+            dense_m = m
+    return {"decode_max_tokens": decode_max, "dense_when_m_at_most": dense_m}
+
+
+def markdown(results) -> str:
+    lines = [f"# V:N:M kernels on {results['device']}", "",
+             f"{results['date']}, torch {results['torch']}, triton {results['triton']}, {results['sms']} SMs. "
+             f"Copy bandwidth {results['ceilings']['copy_GBps']:.0f} GB/s (read + write), cuBLAS fp16 "
+             f"8192^3 {results['ceilings']['dense_fp16_TFLOPs']:.0f} TFLOP/s.", "",
+             "Times in us (median of CUDA-graph replays of calls rotating over weight copies past L2). `sparse`: the library entry without the dense weight (dispatched sparse "
+             "path); `dispatch`: with the dense weight kept (dense cuBLAS where the table says it is faster). "
+             "`bound`: cuBLAS on the condensed K' = 4C/M. GB/s: compressed bytes / sparse time. TFLOP/s: "
+             "dense-equivalent 2*R*C*T / sparse time.", ""]
+    header = ("| weight | tokens | pattern | dtype | path | sparse | dense | x dense | bound | x bound | "
+              "dispatch x dense | TFLOP/s | GB/s | 2:4 eager / graph |")
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for c in results["cases"]:
+        t24 = (f"{c['torch24_eager_us']:.1f} / {c['torch24_graph_us']:.1f}" if "torch24_eager_us" in c
+               else ("n/a" if c["m"] == 4 else ""))
+        lines.append(
+            f"| {c['rows']}x{c['cols']} | {c['tokens']} | {c['v']}:2:{c['m']} | {c['dtype']} | {c.get('path', '')} | "
+            f"{c.get('sparse_us', float('nan')):.1f} | {c['dense_us']:.1f} | {c.get('vs_dense', float('nan')):.2f} | "
+            f"{c['condensed_us']:.1f} | {c.get('vs_bound', float('nan')):.2f} | "
+            f"{c.get('dispatch_vs_dense', float('nan')):.2f} | {c.get('sparse_TFLOPs', 0):.0f} | "
+            f"{c.get('sparse_GBps', 0):.0f} | {t24} |")
+    worst = min((c for c in results["cases"] if "dispatch_vs_dense" in c), key=lambda c: c["dispatch_vs_dense"],
+                default=None)
+    if worst is not None:
+        lines += ["", f"Lowest ratio after dispatch (dense weight kept): {worst['dispatch_vs_dense']:.2f}x at "
+                      f"{worst['rows']}x{worst['cols']}, {worst['tokens']} tokens, {worst['v']}:2:{worst['m']} "
+                      f"{worst['dtype']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tune", action="store_true", help="time all candidates and write the tables")
+    parser.add_argument("--quick", action="store_true", help="one shape, one pattern, three token counts")
+    parser.add_argument("--no-precompile", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="CPU dry run (Triton interpreter, tiny shapes)")
+    parser.add_argument("--time-budget", type=float, default=520, help="seconds; the sweep stops (and writes) after")
+    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--patterns", help="e.g. 32:2:8,64:2:8 (default: all)")
+    parser.add_argument("--tokens", help="e.g. 1,16 (default: all)")
+    args = parser.parse_args()
+    args.out_dir = args.out_dir or str(tuning.TABLES if args.tune else ROOT / "results")
+    args.fp16_choice = {}
+    if not torch.cuda.is_available() and not args.smoke:
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU (or --smoke for a CPU dry run)")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

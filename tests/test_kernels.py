@@ -1,0 +1,248 @@
+"""The Triton V:N:M kernels against float64, on CPU (Triton interpreter) and on CUDA.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1. Triton fixes a kernel's mode when the kernel
+is defined, so this module sets the variable before the kernel modules are imported; vnm_compile
+itself never imports them (they load on first use), and the `kernels` fixture reloads them if some
+earlier import in this process defined them compiled. triton.language itself is imported before
+the variable is set (vnm_compile's triton_op imports it), as in a full test run: its own
+@triton.jit helpers then stay compiled, and the kernels must not call them.
+"""
+
+import importlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+import triton.language  # noqa: F401  (see above)
+
+import vnm_compile as vnm
+from vnm_compile.kernels import triton_vnm_linear
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+KERNEL_MODULES = ("common", "decode", "prefill", "tuning", "dispatch")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel modules by name, defined in the mode this process needs (interpreted without CUDA)."""
+    from triton.runtime.jit import JITFunction
+
+    names = [f"vnm_compile.kernels.{name}" for name in KERNEL_MODULES]
+    modules = [importlib.import_module(name) for name in names]
+    if isinstance(modules[1].vnm_decode_kernel.fn, JITFunction) != ON_GPU:
+        modules = [importlib.reload(sys.modules[name]) for name in names]
+    return dict(zip(KERNEL_MODULES, modules))
+
+
+def relative_error(out, ref):
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def make_case(rows, cols, v, m, tokens, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    weight = vnm.VNMWeight.from_dense(torch.randn(rows, cols, generator=gen).to(dtype), v, m).to(DEVICE)
+    x = torch.randn(tokens, cols, generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(rows, generator=gen).to(dtype).to(DEVICE)
+    ref = x.double() @ weight.to_dense().double().T + bias.double()
+    return weight, x, bias, ref
+
+
+def run_path(kernels, path, weight, x, bias, kernel=None, **config):
+    """One launch of `path` (autotuned unless `kernel` and its config are given) into a poisoned output."""
+    decode, prefill, tuning = kernels["decode"], kernels["prefill"], kernels["tuning"]
+    kernel = kernel or tuning.AUTOTUNED[path]
+    poisoned = torch.full((x.shape[0], weight.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    if path == "prefill":
+        layout = vnm.kernels.prefill_layout(weight)
+        y = prefill.launch_prefill(kernel, prefill.transpose(x), layout.expanded, layout.channels, bias, weight.v,
+                                   weight.m, weight.in_features, out=poisoned, **config)
+        assert y is poisoned
+    else:  # a split decode accumulates into zeros, so its check is the float64 comparison alone
+        split_k = 4 if path == "decode_split" else 1
+        y = decode.launch_decode(kernel, x, weight.values, weight.columns, weight.metadata, bias, weight.v,
+                                 weight.m, weight.in_features, split_k=split_k, out=poisoned, **config)
+        assert (y is poisoned) == (split_k == 1)
+    return y
+
+
+# (rows, cols, v, m): dims that V and M do not divide, M = 4, 5, 6, 8, 16, odd and even G, V 16-64.
+CPU_SHAPES = [(100, 77, 16, 5), (130, 200, 32, 16), (33, 12, 16, 4), (64, 64, 64, 8), (48, 45, 16, 6)]
+CPU_PATHS = ("decode", "decode_split", "prefill")
+CPU_CASES = [
+    (shape, tokens, dtype, path)
+    for i, (shape, dtype) in enumerate((s, d) for s in CPU_SHAPES for d in (torch.float16, torch.bfloat16, torch.float32))
+    for tokens, path in [((1, 3, 17, 129)[i % 4], CPU_PATHS[i % 3]), ((3, 17, 1, 129)[i % 4], CPU_PATHS[(i + 1) % 3])]
+]
+interpreter_only = pytest.mark.skipif(ON_GPU, reason="interpreter runs are for machines without CUDA")
+
+
+@interpreter_only
+@pytest.mark.parametrize("shape,tokens,dtype,path", CPU_CASES,
+                         ids=[f"{s[0]}x{s[1]}-{s[2]}:2:{s[3]}-t{t}-{str(d)[6:]}-{p}" for s, t, d, p in CPU_CASES])
+def test_interpreted_kernel_matches_float64(kernels, shape, tokens, dtype, path):
+    weight, x, bias, ref = make_case(*shape, tokens, dtype, seed=tokens + shape[0])
+    assert relative_error(run_path(kernels, path, weight, x, bias), ref) < TOLERANCE[dtype]
+
+
+@interpreter_only
+@pytest.mark.parametrize("use_dot,block_t,tokens", [(False, 1, 1), (False, 4, 3), (False, 2, 5), (True, 16, 17)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_interpreted_decode_variants(kernels, use_dot, block_t, tokens, dtype):
+    """Both decode bodies (FMA, tensor cores), token blocks smaller than the tokens, odd G (77 / 5)."""
+    weight, x, bias, ref = make_case(70, 77, 16, 5, tokens, dtype, seed=block_t)
+    y = run_path(kernels, "decode", weight, x, bias, kernels["decode"].vnm_decode_kernel,
+                 BLOCK_N=16, BLOCK_T=block_t, BLOCK_J=16, USE_DOT=use_dot)
+    assert relative_error(y, ref) < TOLERANCE[dtype]
+
+
+@interpreter_only
+@pytest.mark.parametrize("w_left", [True, False])
+def test_interpreted_prefill_orientations(kernels, w_left):
+    weight, x, bias, ref = make_case(90, 100, 32, 8, 20, torch.float16, seed=7)
+    y = run_path(kernels, "prefill", weight, x, bias, kernels["prefill"].vnm_prefill_kernel,
+                 BLOCK_N=32, BLOCK_T=16, BLOCK_K=32, W_LEFT=w_left, GROUP_N=2)
+    assert relative_error(y, ref) < TOLERANCE[torch.float16]
+
+
+def test_transpose_is_exact(kernels):
+    x = torch.randn(37, 70, device=DEVICE).half()
+    assert torch.equal(kernels["prefill"].transpose(x), x.t())
+
+
+def test_triton_entry_keeps_leading_dims_and_dispatches(kernels):
+    weight, x, bias, ref = make_case(40, 24, 16, 8, 6, torch.float32, seed=1)
+    y = triton_vnm_linear(x.view(2, 3, 24), weight, bias)
+    assert y.shape == (2, 3, 40)
+    assert relative_error(y.reshape(6, 40), ref) < TOLERANCE[torch.float32]
+    layout = vnm.kernels.prefill_layout(weight)
+    assert relative_error(triton_vnm_linear(x, weight, bias, layout=layout, path="prefill"), ref) < 1e-5
+    y = triton_vnm_linear(x, weight, bias, dense_weight=weight.to_dense(), path="dense")
+    assert relative_error(y, ref) < TOLERANCE[torch.float32]
+    assert triton_vnm_linear(x[:0], weight, bias).shape == (0, 40)
+    with pytest.raises(ValueError, match="^dense_weight"):
+        triton_vnm_linear(x, weight, bias, dense_weight=torch.zeros(3, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="^path"):
+        triton_vnm_linear(x, weight, bias, path="sparse")
+
+
+def test_dispatch_rules(kernels):
+    choose = kernels["dispatch"].choose_path
+    cpu = torch.device("cpu")  # no table: the default rules
+    assert choose(4096, 4096, 1, 64, 8, torch.float16, cpu, has_dense=True) == "decode"
+    assert choose(4096, 4096, 4096, 64, 8, torch.float16, cpu, has_dense=False) == "prefill"
+    assert choose(4096, 4096, 4096, 64, 4, torch.float16, cpu, has_dense=True) == "dense"
+    assert choose(4096, 4096, 4096, 64, 4, torch.float16, cpu, has_dense=False) == "prefill"
+
+
+def test_shipped_tables_are_consistent(kernels):
+    """Every shipped table entry names a known path and a config among the candidates."""
+    tuning = kernels["tuning"]
+    configs = {"prefill": tuning.PREFILL_CONFIGS, "decode": tuning.DECODE_CONFIGS,
+               "decode_split": tuning.DECODE_CONFIGS}
+    for path in tuning.TABLES.glob("*.json"):
+        table = json.loads(path.read_text())
+        for key, record in table.get("autotune", {}).items():
+            kernel_path, _, _, pattern, _ = key.split(" ")
+            assert any(tuning.config_record(c) == record for c in configs[kernel_path]), (path.name, key)
+            assert record["BLOCK_N"] <= int(pattern.split(":")[0]), (path.name, key)  # a tile in one row block
+        for key, entry in table.get("dispatch", {}).items():
+            assert entry["path"] in kernels["dispatch"].PATHS and entry["path"] != "dense", (path.name, key)
+            assert entry["sparse_us"] > 0 and entry["dense_us"] > 0
+
+
+def test_compiles_without_graph_breaks():
+    """The op traces into the graph (CPU: the reference body) with fullgraph=True."""
+    weight = vnm.VNMWeight.from_dense(torch.randn(48, 40), 16, 8)
+    x = torch.randn(5, 40)
+
+    def f(x):
+        return torch.relu(vnm.vnm_linear(x, weight)) + 1
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(f)(x)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.fixture
+def untuned(monkeypatch):
+    """Shapes outside the shipped tables run their first fitting config instead of being timed."""
+    monkeypatch.setenv("VNM_AUTOTUNE", "0")
+
+
+GPU_PATTERNS = [(64, 4), (64, 5), (64, 6), (64, 8), (64, 16), (128, 8), (32, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("v,m", GPU_PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_dispatch_real_sizes(kernels, untuned, v, m, dtype):
+    for (rows, cols), tokens in [((4096, 4096), 1), ((768, 3072), 16), ((3072, 768), 129), ((4096, 4096), 2048)]:
+        weight, x, bias, ref = make_case(rows, cols, v, m, tokens, dtype, seed=tokens)
+        y = triton_vnm_linear(x, weight, bias)
+        assert relative_error(y, ref) < TOLERANCE[dtype], (rows, cols, tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["decode", "decode_split", "prefill"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_paths_awkward_shapes(kernels, untuned, path, dtype):
+    for rows, cols, v, m, tokens in [(1000, 777, 64, 5, 1), (333, 1200, 32, 16, 17), (4100, 4099, 64, 8, 129),
+                                     (700, 650, 128, 6, 3)]:
+        weight, x, bias, ref = make_case(rows, cols, v, m, tokens, dtype, seed=rows)
+        assert relative_error(run_path(kernels, path, weight, x, bias), ref) < TOLERANCE[dtype], (rows, cols, tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path,block_t,use_dot", [("decode", 1, False), ("decode", 4, False), ("decode", 16, True),
+                                                  ("decode_split", 2, False)])
+def test_gpu_decode_variants(kernels, path, block_t, use_dot):
+    decode = kernels["decode"]
+    for rows, cols, v, m, tokens in [(4096, 4096, 64, 8, block_t), (11008, 4096, 64, 16, 1), (768, 3077, 32, 6, 2)]:
+        weight, x, bias, ref = make_case(rows, cols, v, m, tokens, torch.float16, seed=cols)
+        y = run_path(kernels, path, weight, x, bias, decode.vnm_decode_kernel, BLOCK_N=16, BLOCK_T=block_t,
+                     BLOCK_J=32, USE_DOT=use_dot)
+        assert relative_error(y, ref) < TOLERANCE[torch.float16], (rows, cols, tokens)
+
+
+class SparseLinear(torch.nn.Module):
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.v, self.m, self.in_features = weight.v, weight.m, weight.in_features
+        for name, tensor in (("values", weight.values), ("columns", weight.columns), ("metadata", weight.metadata)):
+            self.register_buffer(name, tensor)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        y = torch.ops.vnm.linear(x, self.values, self.columns, self.metadata, self.bias, self.v, self.m,
+                                 self.in_features)
+        return torch.nn.functional.gelu(y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [4, 256])
+def test_gpu_inductor_emits_the_kernel(kernels, untuned, tokens):
+    from torch._inductor.utils import run_and_get_code
+
+    weight, x, bias, _ = make_case(1024, 512, 64, 8, tokens, torch.float16, seed=tokens)
+    module = SparseLinear(weight, bias)
+    ref = torch.nn.functional.gelu(x.double() @ weight.to_dense().double().T + bias.double())
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(module)(x).graph_break_count == 0
+    compiled = torch.compile(module, fullgraph=True)
+    y, code = run_and_get_code(compiled, x)
+    assert ("vnm_decode_kernel" if tokens <= 16 else "vnm_prefill_kernel") in "\n".join(code)
+    assert relative_error(y, ref) < TOLERANCE[torch.float16]

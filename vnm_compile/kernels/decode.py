@@ -1,0 +1,180 @@
+"""The decode kernel (1-16 tokens): stream the compressed weight once, expand 2:4 in registers.
+
+With few tokens the product is bound by reading the weight, so the kernel reads only the
+compressed bytes (values, metadata, column indices) with contiguous loads that Triton pipelines.
+Groups are taken two at a time: one metadata byte holds both groups' nibbles and, for 16-bit
+weights with an even G, one 64-bit load holds both groups' value pairs, so no load is strided and
+no layout shuffle is needed. The product over a group's 4 kept columns is split by slot:
+    y[n, t] += sum_k W_k[n, g] * x[t, g*M + columns[b, g, k]],   k = 0..3,
+where W_k[n, g] is the value row n keeps in slot k, or 0 (an elementwise select). The 4 gathered
+activation vectors of a group are shared by all rows of its row block and are L1/L2 hits (x is
+small). USE_DOT runs each slot's [BLOCK_N, pairs] x [pairs, 16] product on the tensor cores
+(tokens padded to 16); without it the products run on the FMA units with a [BLOCK_N, BLOCK_J,
+BLOCK_T] accumulator summed once at the end, which suits 1-2 tokens.
+
+SPLIT_K > 1 splits the groups over program_id(1) and adds fp32 partial sums with atomics into a
+zeroed fp32 output, for shapes with too few row tiles to fill the GPU.
+Only builtins of triton.language are called, not its @triton.jit helpers such as tl.sum (see
+prefill.py for why).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_precision, interpreting, slot_weight, token_bucket
+
+
+@triton.jit
+def _add(a, b):  # tl.sum's combine function; tl.sum itself is a helper the interpreter cannot call (see prefill.py)
+    return a + b
+
+
+def _even_k(args) -> bool:
+    return ((args["G"] + 1) // 2) % (args["BLOCK_J"] * args["SPLIT_K"]) == 0 and args["G"] % 2 == 0
+
+
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def vnm_decode_kernel(
+    x_ptr, values_ptr, meta_ptr, cols_ptr, bias_ptr, y_ptr,
+    R, C, T, G, M, stride_xt,
+    TOKEN_BUCKET,  # only an autotuning key: T rounded up to a power of two
+    V: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    QUADS: tl.constexpr,
+    HALF_BITS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    dtype = x_ptr.dtype.element_ty
+    half_int = tl.int16 if HALF_BITS == 16 else tl.int32
+
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = offs_n < R
+    token_ok = offs_t < T
+    block = (tl.program_id(0) * BLOCK_N) // V
+    half_g = (G + 1) // 2  # group pairs; also the metadata row length
+    per_split = ((half_g + BLOCK_J - 1) // BLOCK_J + SPLIT_K - 1) // SPLIT_K * BLOCK_J
+    j_start = tl.program_id(1) * per_split
+    j_end = tl.minimum(half_g, j_start + per_split)
+
+    if USE_DOT:
+        acc = tl.full((BLOCK_N, BLOCK_T), 0.0, tl.float32)
+    else:  # summed over the groups once, after the loop
+        acc3 = tl.full((BLOCK_N, BLOCK_J, BLOCK_T), 0.0, tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        w_mask = row_ok[:, None]
+        if not EVEN_K:
+            w_mask = w_mask & (offs_j < half_g)[None, :]
+        meta = tl.load(meta_ptr + offs_n[:, None] * half_g + offs_j[None, :], mask=w_mask, other=0)
+        odd_ok = (2 * offs_j + 1) < G
+        if QUADS:  # both groups' value pairs in one 64-bit word
+            quad = tl.load(values_ptr + offs_n[:, None] * half_g + offs_j[None, :], mask=w_mask, other=0)
+            pair_even = quad.to(tl.int32)
+            pair_odd = (quad >> 32).to(tl.int32)
+        else:
+            pair_even = tl.load(values_ptr + offs_n[:, None] * G + 2 * offs_j[None, :], mask=w_mask, other=0)
+            pair_odd = tl.load(values_ptr + offs_n[:, None] * G + 2 * offs_j[None, :] + 1,
+                               mask=w_mask & odd_ok[None, :], other=0)
+        for h in tl.static_range(2):
+            if h == 0:
+                pair = pair_even
+                words = tl.load(cols_ptr + block * G + 2 * offs_j, mask=offs_j < half_g, other=0)
+            else:
+                pair = pair_odd
+                words = tl.load(cols_ptr + block * G + 2 * offs_j + 1, mask=odd_ok, other=0)
+            nibble = (meta >> (4 * h)) & 15
+            s0 = nibble & 3
+            s1 = nibble >> 2
+            lo = pair.to(half_int)
+            hi = (pair >> HALF_BITS).to(half_int)
+            group = 2 * offs_j + h
+            if USE_DOT:
+                for k in tl.static_range(4):
+                    channel = group * M + ((words >> (8 * k)) & 0xFF)
+                    x_mask = token_ok[None, :]
+                    if not (EVEN_C and EVEN_K):  # padding columns, or groups past the end
+                        x_mask = x_mask & (channel < C)[:, None]
+                    x_k = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+                    w_k = slot_weight(lo, hi, s0, s1, k, dtype)
+                    if DOT_IN_FP32:
+                        w_k = w_k.to(tl.float32)
+                        x_k = x_k.to(tl.float32)
+                    acc = tl.dot(w_k, x_k, acc, input_precision=DOT_PRECISION)
+            else:  # the same slot split on the FMA units: no padding of the tokens to 16
+                for k in tl.static_range(4):
+                    channel = group * M + ((words >> (8 * k)) & 0xFF)
+                    x_mask = token_ok[None, :]
+                    if not (EVEN_C and EVEN_K):
+                        x_mask = x_mask & (channel < C)[:, None]
+                    x_k = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+                    w_k = slot_weight(lo, hi, s0, s1, k, dtype).to(tl.float32)
+                    acc3 += w_k[:, :, None] * x_k.to(tl.float32)[None, :, :]
+
+    if not USE_DOT:
+        acc = tl.reduce(acc3, 1, _add)
+    acc = tl.trans(acc)  # [BLOCK_T, BLOCK_N]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=row_ok, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = tl.where(tl.program_id(1) == 0, bias, 0.0)
+        acc += bias[None, :]
+    y_ptrs = y_ptr + offs_t[:, None] * R + offs_n[None, :]
+    y_mask = token_ok[:, None] & row_ok[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def launch_decode(
+    kernel,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    metadata: torch.Tensor,
+    bias: torch.Tensor | None,
+    v: int,
+    m: int,
+    in_features: int,
+    split_k: int = 1,
+    out: torch.Tensor | None = None,
+    **config,
+) -> torch.Tensor:
+    """y [T, R] for row-major x [T, C] (made for T <= BLOCK_T; more tokens take more programs).
+
+    `kernel` is vnm_decode_kernel (config: its blocks, USE_DOT) or an autotuned wrapper."""
+    tokens = x.shape[0]
+    rows, groups = values.shape[0], values.shape[1] // 2
+    quads = values.element_size() == 2 and groups % 2 == 0
+    pairs = values.view(torch.int64 if quads or values.element_size() == 4 else torch.int32)
+    words = columns.view(torch.int32).view(columns.shape[0], groups)
+    if split_k > 1:
+        y = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device) if out is None else out
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_N"]), split_k, triton.cdiv(tokens, meta["BLOCK_T"]))
+
+    kernel[grid](
+        x, pairs, metadata, words, bias if bias is not None else x, y,
+        rows, in_features, tokens, groups, m, x.stride(0), token_bucket(tokens),
+        V=v, HAS_BIAS=bias is not None, QUADS=quads, HALF_BITS=8 * values.element_size(), SPLIT_K=split_k,
+        EVEN_C=in_features == groups * m,
+        DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),
+        **config,
+    )
+    return y.to(x.dtype) if split_k > 1 else y

@@ -1,0 +1,89 @@
+"""Which implementation runs a V:N:M linear: the decode kernel, the prefill kernel, or dense cuBLAS.
+
+The choice is per (shape, pattern, dtype, token bucket) and comes from measurements on the GPU,
+stored with the package in tables/<gpu>.json ("dispatch", written by benchmarks/kernels.py).
+Dense cuBLAS on the decompressed weight is only an option when the caller keeps that weight (it
+costs the dense memory); without it the sparse kernel runs anyway. Shapes the table lacks follow
+its "rules" (measured crossovers), or DEFAULT_RULES on GPUs without a table.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .common import token_bucket
+from .decode import launch_decode
+from .prefill import channel_index, expand_weight, launch_prefill, transpose, transpose_kernel
+from .tuning import AUTOTUNED, gpu_slug, load_table, remember_tuned, table_key
+
+PATHS = ("decode", "decode_split", "prefill", "dense")
+DECODE_SPLIT_K = 4
+DEFAULT_RULES = {"decode_max_tokens": 16, "dense_when_m_at_most": 5}
+
+
+def choose_path(
+    rows: int, cols: int, tokens: int, v: int, m: int, dtype: torch.dtype, device: torch.device, has_dense: bool
+) -> str:
+    """One of PATHS for this problem; 'dense' only when has_dense. A symbolic token count (dynamic
+    shapes) follows the rules, whose one threshold is the only guard it adds."""
+    table = load_table(gpu_slug(device))
+    measured = None
+    if isinstance(tokens, int):
+        measured = table["dispatch"].get(table_key(rows, cols, token_bucket(tokens), v, m, dtype))
+    if measured is not None:
+        if has_dense and measured["dense_us"] < measured["sparse_us"]:
+            return "dense"
+        return measured["path"]
+    rules = {**DEFAULT_RULES, **table["rules"]}
+    if has_dense and m <= rules["dense_when_m_at_most"]:
+        return "dense"
+    return "decode" if tokens <= rules["decode_max_tokens"] else "prefill"
+
+
+def vnm_matmul(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    metadata: torch.Tensor,
+    bias: torch.Tensor | None,
+    v: int,
+    m: int,
+    in_features: int,
+    dense: torch.Tensor | None = None,
+    expanded: torch.Tensor | None = None,
+    channels: torch.Tensor | None = None,
+    path: str | None = None,
+    wrap: Callable | None = None,
+) -> torch.Tensor:
+    """y = x @ W.T + bias for a 2-D x [T, C]; `path` (one of PATHS) overrides the dispatcher.
+
+    expanded / channels are the prefill layouts (`expand_weight`, `channel_index`); the prefill
+    path builds them on the fly when they are not given. `wrap` is torch.library.wrap_triton inside
+    the triton_op, so that tracing records the kernel launches.
+    """
+    tokens, rows = x.shape[0], values.shape[0]
+    path = path or choose_path(rows, in_features, tokens, v, m, x.dtype, x.device, dense is not None)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "dense":
+        if dense is None:
+            raise ValueError("path='dense' needs the decompressed weight (dense=...)")
+        return F.linear(x, dense, bias)
+    if tokens == 0:
+        return x.new_empty(0, rows)
+    wrap = wrap or (lambda kernel: kernel)
+    x = x.contiguous()
+    if path == "prefill":
+        expanded = expand_weight(values, metadata) if expanded is None else expanded
+        channels = channel_index(columns, m) if channels is None else channels
+        xt = transpose(x, wrap(transpose_kernel))
+        y = launch_prefill(wrap(AUTOTUNED[path]), xt, expanded, channels, bias, v, m, in_features)
+    else:
+        split_k = DECODE_SPLIT_K if path == "decode_split" else 1
+        y = launch_decode(wrap(AUTOTUNED[path]), x, values, columns, metadata, bias, v, m, in_features,
+                          split_k=split_k)
+    remember_tuned()
+    return y

@@ -1,0 +1,183 @@
+"""Autotuning of the V:N:M kernels: candidate configs, pruning, and per-GPU tables of results.
+
+Each path is a `triton.autotune` over its kernel, keyed on (R, C, token bucket, V, M) (Triton adds
+the dtypes). Pruning does two things:
+  - a key found in a table (shipped with the package for a GPU in tables/<gpu>.json, or written by
+    an earlier run on this machine under ~/.cache/vnm_compile) keeps only its recorded config, so
+    nothing is timed; benchmarks/kernels.py writes the shipped tables from its measurements;
+  - otherwise it keeps the candidates that fit the shape (`candidates`), and Triton times them
+    once; `remember_tuned` then saves the winners to this machine's cache.
+With VNM_AUTOTUNE=0 in the environment nothing is timed: the first fitting candidate runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import triton
+
+from .common import interpreting, size_hint
+from .decode import vnm_decode_kernel
+from .prefill import vnm_prefill_kernel
+
+TABLES = Path(__file__).with_name("tables")
+USER_CACHE = Path(os.environ.get("VNM_CACHE_DIR", Path.home() / ".cache" / "vnm_compile"))
+KEY = ["R", "C", "TOKEN_BUCKET", "V", "M"]
+
+
+def _prefill(block_n, block_t, block_k, w_left, warps, stages, group_n):
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_T": block_t, "BLOCK_K": block_k, "W_LEFT": w_left,
+                          "GROUP_N": group_n}, num_warps=warps, num_stages=stages)
+
+
+def _decode(block_n, block_t, block_j, use_dot, warps, stages):
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_T": block_t, "BLOCK_J": block_j, "USE_DOT": use_dot},
+                         num_warps=warps, num_stages=stages)
+
+
+# Measured on an H200 (benchmarks/NOTES.md): weight rows on the MMA's M side for row tiles of 64 and
+# 128; tokens on the M side when V = 32 or 16; 64-token tiles for short prompts; row-fastest order.
+PREFILL_CONFIGS = [
+    _prefill(128, 128, 64, True, 8, 3, 32), _prefill(128, 64, 64, True, 8, 3, 32),
+    _prefill(64, 128, 64, True, 4, 3, 64), _prefill(64, 128, 64, True, 4, 4, 64),
+    _prefill(64, 64, 128, True, 4, 3, 64), _prefill(64, 64, 64, True, 4, 3, 64),
+    _prefill(32, 128, 64, False, 4, 4, 128), _prefill(32, 64, 64, False, 4, 3, 128),
+    _prefill(16, 64, 64, False, 4, 3, 128),
+]
+# FMA configs per token block (their [BLOCK_N, BLOCK_J, BLOCK_T] accumulator stays <= 64 registers a
+# thread) and tensor-core configs (tokens padded to 16).
+DECODE_CONFIGS = [
+    _decode(n, t, j, False, warps, stages)
+    for t in (1, 2, 4, 8, 16)
+    for n, j, warps, stages in ((8, 64, 4, 4), (16, 32, 4, 4), (16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 3),
+                                (16, 16, 4, 4), (8, 32, 2, 4))
+    if n * j * t <= 64 * 32 * warps
+] + [_decode(64, 16, 32, True, 4, 3), _decode(32, 16, 32, True, 4, 3), _decode(16, 16, 32, True, 4, 3)]
+# (The FMA body's reduction runs its combine function per element there: the tensor-core body is
+# the fast one to simulate; tests run the FMA body on small tiles explicitly.)
+INTERPRETER_CONFIGS = {
+    "prefill": _prefill(16, 16, 32, False, 4, 1, 8),
+    "decode": _decode(16, 16, 16, True, 4, 1),
+    "decode_split": _decode(16, 16, 16, True, 4, 1),
+}
+
+
+def token_block(tokens: int) -> int:
+    return min(16, triton.next_power_of_2(max(1, int(tokens))))
+
+
+def candidates(path: str, rows: int, cols: int, tokens: int, groups: int, v: int) -> list[triton.Config]:
+    """The configs of `path` worth timing for this shape (the same list the benchmark times)."""
+    if path == "prefill":
+        largest_t = max(64, triton.next_power_of_2(tokens))
+        return [c for c in PREFILL_CONFIGS if c.kwargs["BLOCK_N"] <= v and c.kwargs["BLOCK_T"] <= largest_t]
+    block_t = token_block(tokens)
+    return [c for c in DECODE_CONFIGS if c.kwargs["BLOCK_N"] <= v and c.kwargs["BLOCK_J"] <= max(16, groups)
+            and (c.kwargs["USE_DOT"] or c.kwargs["BLOCK_T"] == block_t)]
+
+
+def gpu_slug(name: str | torch.device | None = None) -> str:
+    """File-name form of a GPU's name, e.g. 'nvidia-h200'; a device (default: the current CUDA
+    device) is looked up; devices other than CUDA have no tables ('cpu')."""
+    if name is None or isinstance(name, torch.device):
+        if name is not None and name.type != "cuda":
+            return "cpu"
+        return _cuda_slug(torch.cuda.current_device() if name is None or name.index is None else name.index)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_slug(index: int) -> str:
+    return gpu_slug(torch.cuda.get_device_name(index))
+
+
+def table_key(rows: int, cols: int, bucket: int, v: int, m: int, dtype: torch.dtype | str) -> str:
+    return f"{rows}x{cols} t{bucket} {v}:2:{m} {str(dtype).replace('torch.', '')}"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(slug: str) -> dict:
+    """The shipped table for this GPU merged with this machine's own tuning results."""
+    table: dict = {"autotune": {}, "dispatch": {}, "rules": {}}
+    for path in (TABLES / f"{slug}.json", USER_CACHE / f"{slug}.json"):
+        if path.exists():
+            data = json.loads(path.read_text())
+            for section in table:
+                table[section].update(data.get(section, {}))
+    return table
+
+
+def config_record(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _prune(path: str):
+    def prune(configs, named_args, **kwargs):
+        if interpreting():
+            return [INTERPRETER_CONFIGS[path]]
+        rows, cols, groups, m = (named_args[k] for k in ("R", "C", "G", "M"))
+        tokens = size_hint(named_args["T"])
+        x = next(iter(named_args.values()))  # the activations: their dtype is the key's (as Triton's)
+        key = f"{path} " + table_key(rows, cols, size_hint(named_args["TOKEN_BUCKET"]), kwargs["V"], m, x.dtype)
+        known = load_table(gpu_slug(x.device))["autotune"].get(key)
+        fitting = [c for c in configs if any(_same(c, config_record(f))
+                                             for f in candidates(path, rows, cols, tokens, groups, kwargs["V"]))]
+        chosen = [c for c in fitting if known is not None and _same(c, known)]
+        if chosen:  # a recorded config is used only if it fits (BLOCK_N must divide V)
+            return chosen[:1]
+        fitting = fitting or configs[:1]
+        return fitting if os.environ.get("VNM_AUTOTUNE", "1") != "0" else fitting[:1]
+    return prune
+
+
+def _same(config: triton.Config, record: dict) -> bool:
+    """Whether `config` is the recorded one (ignoring keys that heuristics add, like EVEN_K)."""
+    mine = config_record(config)
+    return all(mine.get(k) == v for k, v in record.items())
+
+
+def _autotuned(path: str, kernel, configs: list[triton.Config], reset_to_zero: list[str] | None = None):
+    return triton.autotune(configs=configs, key=KEY, prune_configs_by={"early_config_prune": _prune(path)},
+                           reset_to_zero=reset_to_zero)(kernel)
+
+
+# One autotuner per path. "decode_split" is the decode kernel with SPLIT_K = 4 (fp32 atomics into a
+# zeroed output), for shapes with too few row tiles.
+AUTOTUNED = {
+    "decode": _autotuned("decode", vnm_decode_kernel, DECODE_CONFIGS),
+    # timing configs reruns the kernel: its atomics must start from zero each time
+    "decode_split": _autotuned("decode_split", vnm_decode_kernel, DECODE_CONFIGS, reset_to_zero=["y_ptr"]),
+    "prefill": _autotuned("prefill", vnm_prefill_kernel, PREFILL_CONFIGS),
+}
+_tuned_seen = 0
+
+
+def remember_tuned() -> None:
+    """Save configs that Triton just tuned (keys not in any table) to this machine's cache."""
+    global _tuned_seen
+    tuned = sum(len(kernel.cache) for kernel in AUTOTUNED.values())
+    if tuned == _tuned_seen or interpreting() or not torch.cuda.is_available():
+        return
+    _tuned_seen = tuned
+    slug = gpu_slug()
+    table = load_table(slug)
+    new = {}
+    for path, kernel in AUTOTUNED.items():
+        for key, config in kernel.cache.items():
+            rows, cols, bucket, v, m = key[:5]
+            name = f"{path} " + table_key(rows, cols, bucket, v, m, key[5])
+            if name not in table["autotune"]:
+                new[name] = {k: val for k, val in config_record(config).items() if k != "EVEN_K"}
+    if not new:
+        return
+    path = USER_CACHE / f"{slug}.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved.setdefault("autotune", {}).update(new)
+    USER_CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(saved, indent=1, sort_keys=True))
+    table["autotune"].update(new)
