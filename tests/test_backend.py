@@ -170,7 +170,6 @@ class _MLP(nn.Module):
     ({"m": 3}, "m must be an integer in"),
     ({"vv": 64}, "unknown vnm option"),
     ({"criterion": "magnitude"}, "criterion must be one of"),
-    ({"method": "sparsegpt"}, "method='sparsegpt' is not available"),
     ({"calibration": {"up": 1}}, "calibration must come from"),
     ({"max_layer_error": -1}, "max_layer_error must be"),
 ])

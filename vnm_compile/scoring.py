@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -89,10 +89,14 @@ def activation_norms(
     return each nn.Linear's (or `module_types`') per-input-channel activation L2 norm, keyed by module name."""
     with torch.no_grad(), ActivationNorms(model, module_types) as stats:
         for batch in batches:
-            if isinstance(batch, dict):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            run_batch(model, batch)
     return stats.norms()
+
+
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """model(**batch) for a dict, model(*batch) for a tuple or list, else model(batch)."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)

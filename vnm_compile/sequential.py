@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import VNMConfig
 from .format import VNMWeight
 from .reconstruct import HessianAccumulator, reconstruct
-from .scoring import ActivationNorms, importance
+from .scoring import ActivationNorms, importance, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _first_block_inputs(model: nn.Module, first: nn.Module, batches: Iterable, d
         with torch.no_grad():
             for batch in batches:
                 try:
-                    _call(model, batch)
+                    run_batch(model, batch)
                 except _FirstBlockReached:
                     pass
     finally:
@@ -154,14 +154,6 @@ def _advance(block: nn.Module, inputs: list[list]) -> None:
             args, kwargs = stored
             output = block(*args, **kwargs)
             args[0] = output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _to(value: Any, device) -> Any:

@@ -46,14 +46,18 @@ def score(
     eligible = [site for site in discovery.linears.values() if site.skip_reason is None]
     stats: dict[str, LayerStats] = {}
     source: dict[str, str] = {}
+    hessians = config.method == "sparsegpt"
     if calibration is not None:
         for site in eligible:
             layer = calibration.layers.get(site.name)
             if layer is not None and layer.act_norm.shape == (site.in_features,):
+                if hessians and layer.hessian is None:
+                    raise ValueError("method='sparsegpt' needs the inputs' Hessians: calibrate with "
+                                     "vnm_compile.calibrate(model, batches, hessians=True)")
                 stats[site.node], source[site.node] = layer, "calibration"
     missing = [site for site in eligible if site.node not in stats]
     if missing:
-        for node, layer in _input_stats(gm, missing, inputs).items():
+        for node, layer in _input_stats(gm, missing, inputs, hessians).items():
             stats[node], source[node] = layer, "example inputs"
     scores = {}
     for site in eligible:
@@ -63,15 +67,18 @@ def score(
     return Scores(scores, stats, source)
 
 
-def _input_stats(gm: fx.GraphModule, sites: list, inputs: list[Any]) -> dict[str, LayerStats]:
-    """Run the graph once and take the L2 norm of each input channel of each site's input."""
+def _input_stats(gm: fx.GraphModule, sites: list, inputs: list[Any], hessians: bool) -> dict[str, LayerStats]:
+    """Run the graph once and take the L2 norm of each input channel of each site's input (and, if
+    `hessians`, the input's X^T X)."""
     readers: dict[str, list[str]] = {}
     for site in sites:
         readers.setdefault(site.input, []).append(site.node)
-    squares: dict[str, torch.Tensor] = {}
+    stats: dict[str, LayerStats] = {}
     for node, value in node_outputs(gm, inputs):
         if node.name in readers:
-            per_channel = value.detach().reshape(-1, value.shape[-1]).double().square().sum(0)
+            x = value.detach().reshape(-1, value.shape[-1])
+            act_norm = x.double().square().sum(0).sqrt().float()
+            layer = LayerStats(act_norm, x.float().T @ x.float() if hessians else None)
             for linear in readers[node.name]:
-                squares[linear] = per_channel
-    return {linear: LayerStats(square.sqrt().float()) for linear, square in squares.items()}
+                stats[linear] = layer
+    return stats

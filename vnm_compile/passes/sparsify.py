@@ -16,6 +16,7 @@ from torch import fx
 from ..calibration import LayerStats
 from ..config import VNMConfig
 from ..format import VNMWeight
+from ..reconstruct import reconstruct
 from .discover import Discovery, LinearSite
 from .common import attribute_name, copied_graph
 from .fold import Folded
@@ -30,7 +31,14 @@ def mask_weight(weight: torch.Tensor, scores: torch.Tensor, stats: LayerStats, c
     return VNMWeight.from_dense(weight, config.v, config.m, scores=scores, column_select=config.column_select)
 
 
-COMPRESSORS: dict[str, Compressor] = {"mask": mask_weight}
+def reconstruct_weight(weight: torch.Tensor, scores: torch.Tensor, stats: LayerStats, config: VNMConfig) -> VNMWeight:
+    """method="sparsegpt": choose the mask by the OBS saliency and update the kept weights to
+    preserve the layer's output on the calibration inputs (`reconstruct`); scores are not used."""
+    updated, mask = reconstruct(weight, stats.hessian, config.v, config.m, column_select=config.column_select)
+    return VNMWeight.from_dense(updated, config.v, config.m, mask=mask)
+
+
+COMPRESSORS: dict[str, Compressor] = {"mask": mask_weight, "sparsegpt": reconstruct_weight}
 
 
 def compressor(method: str) -> Compressor:
