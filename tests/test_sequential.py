@@ -87,6 +87,24 @@ def test_compressed_prefix_feeds_the_next_block():
     assert torch.equal(compressed[name].mask(), vnm.vnm_mask(scores, 16, 8))
 
 
+def test_gpt2_conv1d_weights_are_compressed_out_by_in():
+    config = transformers.GPT2Config(vocab_size=101, n_embd=48, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    model, batches = transformers.GPT2LMHeadModel(config).eval(), token_batches()
+    compressed = compress_sequential(model, batches, vnm.VNMConfig(v=16, m=5, method="sparsegpt",
+                                                                   allow_small_v=True), progress=False)
+    assert set(compressed) == {f"transformer.h.{i}.{part}" for i in range(2)
+                               for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    with torch.no_grad(), HessianAccumulator(model, (transformers.pytorch_utils.Conv1D,)) as stats:
+        for batch in batches:
+            model(batch)
+    name = "transformer.h.0.mlp.c_fc"
+    weight = model.get_submodule(name).weight.detach().t()  # Conv1D stores in x out
+    expected, mask = reconstruct(weight, stats.hessians()[name], 16, 5)
+    assert compressed[name].shape == (192, 48) and torch.equal(compressed[name].mask(), mask)
+    torch.testing.assert_close(compressed[name].to_dense(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_rejects_bad_input():
     model = tiny_llama()
     with pytest.raises(ValueError, match="config"):

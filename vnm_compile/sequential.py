@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import linear_module_types
 from .config import VNMConfig
 from .format import VNMWeight
 from .reconstruct import HessianAccumulator, reconstruct
@@ -40,7 +41,8 @@ def compress_sequential(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> dict[str, VNMWeight]:
-    """Compress every nn.Linear inside the model's repeated blocks, block by block.
+    """Compress every linear (nn.Linear, or transformers' Conv1D) inside the model's repeated blocks,
+    block by block.
 
     batches are calibration inputs (tensors, tuples of args, or dicts of kwargs for the model).
     The blocks are the largest nn.ModuleList of same-type modules (Llama's `model.layers`, BERT's
@@ -49,7 +51,8 @@ def compress_sequential(
     activation norms of the block's inputs; "sparsegpt" reconstructs from their Hessians. Each
     block is processed on `device` (default: where it lives), on a copy: the model is not modified
     and may stay on the CPU. The model is compressed as it is (no channel permutation).
-    Returns the compressed weights by module name, in the linears' dtype.
+    Returns the compressed weights (out_features x in_features, also for Conv1D, which stores its
+    weight transposed) by module name, in the linears' dtype.
     """
     if not isinstance(config, VNMConfig):
         raise ValueError(f"config must be a VNMConfig, got {type(config).__name__}")
@@ -64,8 +67,8 @@ def compress_sequential(
         linears = _eligible_linears(block, f"{prefix}.{index}", config)
         statistics = _block_statistics(block, inputs, config)
         for name, linear in linears.items():
-            weight = _compress(linear, statistics.get(name), config)
-            linear.weight.data = weight.to_dense()
+            weight = _compress(_oriented(linear), statistics.get(name), config)
+            linear.weight.data = _oriented(linear, weight.to_dense())
             compressed[f"{prefix}.{index}.{name}"] = weight
         if index + 1 < len(blocks) and inputs:
             _advance(block, inputs)
@@ -109,10 +112,10 @@ def _first_block_inputs(model: nn.Module, first: nn.Module, batches: Iterable, d
     return inputs
 
 
-def _eligible_linears(block: nn.Module, block_name: str, config: VNMConfig) -> dict[str, nn.Linear]:
+def _eligible_linears(block: nn.Module, block_name: str, config: VNMConfig) -> dict[str, nn.Module]:
     linears = {}
     for name, module in block.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, linear_module_types()):
             continue
         full_name = f"{block_name}.{name}"
         if any(fnmatch.fnmatchcase(full_name, pattern) for pattern in config.skip):
@@ -128,15 +131,21 @@ def _block_statistics(block: nn.Module, inputs: list[list], config: VNMConfig) -
     """Per linear of the block: its input Hessian (sparsegpt), activation norms, or nothing (abs)."""
     if not inputs:
         return {}
-    collector = HessianAccumulator(block) if config.method == "sparsegpt" else ActivationNorms(block)
+    collector_type = HessianAccumulator if config.method == "sparsegpt" else ActivationNorms
+    collector = collector_type(block, linear_module_types())
     with torch.no_grad(), collector:
         for args, kwargs in inputs:
             block(*args, **kwargs)
     return collector.hessians() if config.method == "sparsegpt" else collector.norms()
 
 
-def _compress(linear: nn.Linear, statistic: torch.Tensor | None, config: VNMConfig) -> VNMWeight:
-    weight = linear.weight.detach()
+def _oriented(linear: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The linear's weight (or `weight` laid out as it stores it), out x in: Conv1D stores in x out."""
+    weight = linear.weight.detach() if weight is None else weight
+    return weight if isinstance(linear, nn.Linear) else weight.t().contiguous()
+
+
+def _compress(weight: torch.Tensor, statistic: torch.Tensor | None, config: VNMConfig) -> VNMWeight:
     if config.method == "sparsegpt":
         if statistic is None:
             raise ValueError("a linear inside a block saw no calibration inputs; cannot reconstruct it")
