@@ -294,6 +294,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         row_axes[0].legend(handles=handles, fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def _pareto(rows: list[dict], x_key: str, metric: str, lower_is_better: bool) -> list[dict]:
