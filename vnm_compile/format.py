@@ -11,7 +11,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -354,6 +354,24 @@ class VNMWeight:
     def __repr__(self) -> str:
         return (f"VNMWeight({self.out_features}x{self.in_features}, {self.v}:2:{self.m}, {self.dtype}, "
                 f"{self.nbytes / 2**20:.2f} MiB)")
+
+
+def concat_rows(weights: Sequence[VNMWeight]) -> VNMWeight:
+    """One weight holding the rows of `weights` in order, so x @ W.T is the outputs of all of them
+    side by side (fused q/k/v or gate/up projections). They must share v, m, in_features and dtype,
+    and v must divide the rows of every weight but the last, so that no row block straddles two."""
+    if not weights or not all(isinstance(w, VNMWeight) for w in weights):
+        raise ValueError("weights must be a non-empty sequence of VNMWeight")
+    first = weights[0]
+    for w in weights[1:]:
+        if (w.v, w.m, w.in_features, w.dtype, w.device) != (first.v, first.m, first.in_features, first.dtype, first.device):
+            raise ValueError(f"weights must share v, m, in_features, dtype and device: {first!r} vs {w!r}")
+    for w in weights[:-1]:
+        if w.out_features % w.v:
+            raise ValueError(f"v={w.v} does not divide the {w.out_features} rows of {w!r}: a row block "
+                             "would straddle two weights (only the last may be ragged)")
+    return VNMWeight(torch.cat([w.values for w in weights]), torch.cat([w.columns for w in weights]),
+                     torch.cat([w.metadata for w in weights]), first.v, first.m, first.in_features)
 
 
 def mask_count(v: int, m: int) -> int:
