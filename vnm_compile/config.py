@@ -9,6 +9,7 @@ from typing import Any, Mapping
 CRITERIA = ("abs", "wanda", "ria")
 METHODS = ("mask", "sparsegpt")
 COLUMN_RULES = ("optimal", "l1")
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WEIGHT_DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what the kernels take
 SMALLEST_V = 16
 LARGEST_M = 256  # column indices inside a group are stored as uint8
@@ -50,6 +51,15 @@ class VNMConfig:
     max_layer_error: a layer whose estimated relative output error (from the activation norms)
     exceeds this stays dense; None keeps every eligible layer sparse.
     inductor: lower the rewritten graph with Inductor (False runs it as a plain FX graph).
+    mode: Inductor's torch.compile mode for the lowering ("reduce-overhead" replays CUDA graphs);
+    `torch.compile(model, backend="vnm", mode=...)` sets it too.
+    fuse: linears that read the same input (q/k/v, gate/up) run as one vnm.linear on their
+    row-concatenated weights, then split, where V divides every part's rows.
+    prefill_layout: keep each weight's prefill layout (`prefill_layout`, 4/M of the dense weight's
+    bytes) next to it, so the prefill kernel does not rebuild it per call; None keeps it where the
+    kernels run (CUDA), True everywhere, False nowhere.
+    keep_dense: keep the masked weight in dense form too (the dense bytes), so the dispatcher may
+    run cuBLAS where it measured dense faster than the sparse kernels.
     """
 
     v: int = 64
@@ -71,6 +81,10 @@ class VNMConfig:
     inductor: bool = True
     only: tuple[str, ...] = field(default_factory=tuple)
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    mode: str = "default"
+    fuse: bool = True
+    prefill_layout: bool | None = None
+    keep_dense: bool = False
 
     def __post_init__(self) -> None:
         check_pattern(self.v, self.m, self.allow_small_v)
@@ -83,7 +97,7 @@ class VNMConfig:
             raise ValueError(f"a (RIA activation exponent) must be a number in [0, 4], got {self.a!r}")
         if self.column_select not in COLUMN_RULES:
             raise ValueError(f"column_select must be one of {COLUMN_RULES}, got {self.column_select!r}")
-        for name in ("permute", "sparsify", "verify", "allow_small_v", "inductor"):
+        for name in ("permute", "sparsify", "verify", "allow_small_v", "inductor", "fuse", "keep_dense"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.permute_rounds, int) or isinstance(self.permute_rounds, bool) or not 0 <= self.permute_rounds <= 100:
@@ -104,6 +118,10 @@ class VNMConfig:
             raise ValueError(f"permute_budget_s must be a positive number of seconds, got {self.permute_budget_s!r}")
         if self.max_layer_error is not None and not _is_positive_number(self.max_layer_error):
             raise ValueError(f"max_layer_error must be None or a positive number, got {self.max_layer_error!r}")
+        if self.mode not in INDUCTOR_MODES:
+            raise ValueError(f"mode must be one of {INDUCTOR_MODES} (Inductor's torch.compile modes), got {self.mode!r}")
+        if self.prefill_layout is not None and not isinstance(self.prefill_layout, bool):
+            raise ValueError(f"prefill_layout must be None (on CUDA), True or False, got {self.prefill_layout!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "VNMConfig":
