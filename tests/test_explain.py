@@ -155,6 +155,34 @@ def test_backend_option_writes_the_report(tmp_path):
         torch.compile(MLP(), backend="vnm", options={"explain": 3})(x)
 
 
+@pytest.mark.parametrize("route", ["explain", "backend"])
+def test_lower_stage_shows_what_inductor_lowers(route, tmp_path):
+    """With Inductor on, the last stage is the aten graph Inductor lowers: each vnm.linear of the
+    sparsify stage appears there as the op it runs on this device, annotated with where it came from."""
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(3, 64)
+    options = {"v": 16, "m": 8, "min_features": 16}
+    if route == "explain":
+        report = vnm.explain(model, x, vnm.VNMConfig(**options))
+    else:
+        path = tmp_path / "mlp.html"
+        with torch.no_grad():
+            torch.compile(model, backend="vnm", options={**options, "explain": str(path)})(x)
+        report = vnm.reports()[-1]
+        assert "after lower" in path.read_text(encoding="utf-8")
+    stages = {stage.stage: stage for stage in report.stages}
+    assert list(stages) == ["discover", "score", "permute", "fold", "sparsify", "lower"]
+    sparse_nodes = [node for node, origin in stages["sparsify"].provenance.items() if not origin.startswith("new")]
+    lower = stages["lower"]
+    assert len(sparse_nodes) == 2 and lower.changed
+    lowered = [node for node, origin in lower.provenance.items() if origin in sparse_nodes]
+    assert sorted(lower.provenance[node] for node in lowered) == sorted(sparse_nodes)
+    for node in lowered:
+        assert f"{node} = torch.ops.vnm.linear_reference.default(" in lower.after
+        assert f"# lowered from {lower.provenance[node]}\n" in lower.after
+    assert "torch.ops.aten." in lower.after and "torch.ops.vnm.linear.default" not in lower.after
+
+
 def test_stage_logger_prints_diffs(caplog):
     with caplog.at_level(logging.INFO, logger="vnm_compile.stages"):
         vnm.explain(MLP(), torch.randn(2, 64), vnm.VNMConfig(v=16, m=8, min_features=16, inductor=False))
@@ -168,7 +196,7 @@ def test_torch_logs_and_torch_trace(tmp_path):
     script = textwrap.dedent("""
         import torch, vnm_compile
         model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
-        compiled = torch.compile(model, backend="vnm", options={"v": 16, "m": 8, "min_features": 16, "inductor": False})
+        compiled = torch.compile(model, backend="vnm", options={"v": 16, "m": 8, "min_features": 16})
         with torch.no_grad():
             compiled(torch.randn(4, 64))
     """)
@@ -176,8 +204,10 @@ def test_torch_logs_and_torch_trace(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "vnm stage sparsify:" in done.stderr and "torch.ops.vnm.linear.default" in done.stderr
+    assert "vnm stage lower:" in done.stderr and "# lowered from" in done.stderr
     trace = "".join(path.read_text() for path in (tmp_path / "trace").iterdir())
     assert '"name": "vnm_after_sparsify"' in trace and '"name": "vnm_diff_fold"' in trace
+    assert '"name": "vnm_after_lower"' in trace
 
 
 def test_cli_writes_the_report_for_a_factory(tmp_path, capsys):

@@ -47,6 +47,7 @@ class Transformed:
     gm: fx.GraphModule   # the rewritten graph: sparse, or permuted dense with sparsify=False
     report: Report
     folded: Folded       # the permuted parameters
+    stages: StageRecorder
 
 
 def transform(
@@ -97,12 +98,28 @@ def transform(
     report = build_report(config, discovery, scores, permutations, sparse, verification, seconds, stages.stages)
     _REPORTS.append(report)
     log.info("%s", report)
-    return Transformed(sparse.gm if sparse is not None else folded.gm, report, folded)
+    return Transformed(sparse.gm if sparse is not None else folded.gm, report, folded, stages)
 
 
-def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None) -> Callable:
-    """torch.compile backend "vnm" (registered through the `torch_dynamo_backends` entry point)."""
+def lower(transformed: Transformed, example_inputs: list[Any], record: bool = False) -> Callable:
+    """The rewritten graph compiled by Inductor. The graph Inductor lowers becomes the report's
+    "lower" stage where `record` is set or the stages are logged (`StageRecorder.lowering`)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch.no_grad(), transformed.stages.lowering(always=record):  # an inference graph: gradients are refused
+        return compile_fx(transformed.gm, example_inputs)
+
+
+def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
+                mode: str | None = None) -> Callable:
+    """torch.compile backend "vnm" (registered through the `torch_dynamo_backends` entry point).
+
+    `mode` is torch.compile's (it passes either mode or options, never both): "reduce-overhead"
+    lowers with Inductor's CUDA graphs, like options={"mode": "reduce-overhead"}.
+    """
     options = dict(options or {})
+    if mode is not None:
+        options["mode"] = mode
     calibration = options.pop("calibration", None)
     if calibration is not None and not isinstance(calibration, Calibration):
         raise ValueError(f"calibration must come from vnm_compile.calibrate(model, batches), "
@@ -116,14 +133,7 @@ def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
                          "torch._dynamo.config.inline_inbuilt_nn_modules at its default (True)")
     found = graph_parameters(gm, example_inputs)
     transformed = transform(gm, example_inputs, found, config, calibration)
-    rewritten = transformed.gm
-    if config.inductor:
-        from torch._inductor.compile_fx import compile_fx
-
-        with torch.no_grad():  # an inference graph: gradients are refused below
-            compiled = compile_fx(rewritten, example_inputs)
-    else:
-        compiled = rewritten
+    compiled = lower(transformed, example_inputs, record=explain_path is not None) if config.inductor else transformed.gm
     if explain_path is not None:
         from .explain import write_explanation
 

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from .api import arguments, capture
-from .backend import Transformed, transform
+from .backend import Transformed, lower, transform
 from .config import VNMConfig
 from .passes.common import concrete_inputs, node_outputs
 from .passes.score import oriented_weight
@@ -30,6 +30,8 @@ from .report import GroupReport, Report
 def explain(model: nn.Module, example_inputs: Any, config: VNMConfig | None = None) -> Report:
     """Run the passes on the model's graph (the model is left alone) and measure, on example_inputs,
     each sparse layer's output error against its dense output and the whole graph's output error.
+    With config.inductor (the default), the rewritten graph is also compiled by Inductor once, for
+    the report's last stage diff ("lower": the aten graph Inductor turns into kernels).
 
     example_inputs: a tuple of positional arguments, a dict of keyword arguments, or one tensor; the
     forward must trace into one graph on them (as for `vnm_compile.sparsify`).
@@ -42,6 +44,8 @@ def explain(model: nn.Module, example_inputs: Any, config: VNMConfig | None = No
     args, kwargs = arguments(example_inputs)
     gm, graph_inputs, found = capture(model, args, kwargs)
     transformed = transform(gm, graph_inputs, found, config)
+    if config.inductor:  # for the lower stage: the graph Inductor lowers
+        lower(transformed, graph_inputs, record=True)
     measure(transformed, gm, graph_inputs, found)
     return transformed.report
 

@@ -224,5 +224,6 @@ def build_report(
             retained_before=search.before / search.total if search and search.total else None,
             retained_after=search.after / search.total if search and search.total else None,
             gain=search.gain if search else None))
+    # the recorder's own list: the lower stage, recorded once Inductor has run, lands in the report too
     return Report(config, layers, groups, seconds, verification, permutations.stopped, discovery.blockers,
-                  stages or [])
+                  stages if stages is not None else [])

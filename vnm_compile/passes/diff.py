@@ -5,18 +5,27 @@ The passes copy a node's meta onto the node that takes its place (`read.meta = d
 `graph_copy`), so after the stage a node whose stamp names another node replaced that node, and a
 node without a stamp is new. The stamps are refreshed for the next stage.
 
+The last stage, "lower", is Inductor's: the graph it lowers to kernels, after AOT autograd, the
+decompositions and its own post-grad passes, captured by `capture_lowering`. Those aten nodes carry
+torch's provenance (`node.meta["from_node"]`), which names the node of our graph each came from.
+
 Each stage's graphs are also logged: the diffs on the "vnm_compile.stages" logger at INFO (shown by
 `TORCH_LOGS=vnm_compile`), the graph code as TORCH_TRACE structured artifacts (for tlparse).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
+import os
 import re
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from torch import fx
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 ORIGIN = "vnm_origin"
 _ASSIGNMENT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*) = ")
@@ -47,6 +56,7 @@ class StageRecorder:
     def __init__(self, gm: fx.GraphModule):
         self.stages: list[StageDiff] = []
         self._code = _stamp(gm)
+        self._names = {node.name for node in gm.graph.nodes}
 
     def record(self, stage: str, gm: fx.GraphModule) -> StageDiff:
         provenance = _provenance(gm)
@@ -56,8 +66,49 @@ class StageRecorder:
         diff = StageDiff(stage, self._code, after, provenance)
         self.stages.append(diff)
         self._code = _stamp(gm) if provenance else after
+        self._names = {node.name for node in gm.graph.nodes}
         _log(diff)
         return diff
+
+    @contextlib.contextmanager
+    def lowering(self, always: bool = False) -> Iterator[None]:
+        """Record the graphs Inductor lowers within the block as the "lower" stage, each aten node
+        annotated with the node of the last recorded graph it came from; unless `always`, only
+        where the stages are logged or traced (recording bypasses Inductor's FX graph cache)."""
+        if not (always or log.isEnabledFor(logging.INFO) or os.environ.get("TORCH_TRACE")):
+            yield
+            return
+        hook = _LoweredGraphs(inductor_config.post_grad_custom_post_pass, self._names)
+        with inductor_config.patch(post_grad_custom_post_pass=hook):
+            yield
+        if hook.codes:
+            diff = StageDiff("lower", self._code, "".join(hook.codes), hook.provenance)
+            self.stages.append(diff)
+            _log(diff)
+
+
+class _LoweredGraphs(CustomGraphPass):
+    """Inductor's post-grad custom pass that keeps the code of the graphs it is given (after running
+    the pass configured before it, if any). It has no uuid, so Inductor bypasses its FX graph cache
+    while it is installed: a cache hit would skip the pass and leave nothing to show."""
+
+    def __init__(self, previous, known: set[str]):
+        self.previous = previous if isinstance(previous, (list, tuple)) else [previous]
+        self.known = known
+        self.codes: list[str] = []
+        self.provenance: dict[str, str] = {}
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for custom_pass in self.previous:
+            if custom_pass is not None:
+                custom_pass(graph)
+        origins = {node.name: _lowered_from(node, self.known) for node in graph.nodes}
+        origins = {name: origin for name, origin in origins.items() if origin is not None and origin != name}
+        self.provenance.update(origins)
+        self.codes.append(_graph_code(graph, {name: f"lowered from {origin}" for name, origin in origins.items()}))
+
+    def uuid(self) -> None:
+        return None
 
 
 def _stamp(gm: fx.GraphModule) -> str:
@@ -90,9 +141,21 @@ def _from_node(node: fx.Node) -> str:
     return f" (from {', '.join(names)})" if names else ""
 
 
-def _graph_code(gm: fx.GraphModule, provenance: dict[str, str]) -> str:
+def _lowered_from(node: fx.Node, known: set[str]) -> str | None:
+    """The first node named in torch's provenance chain of `node` that the graph before lowering has."""
+    sources = list(node.meta.get("from_node") or [])
+    while sources:
+        source = sources.pop(0)
+        if getattr(source, "name", None) in known:
+            return source.name
+        sources.extend(getattr(source, "from_node", None) or [])
+    return None
+
+
+def _graph_code(gm: fx.GraphModule | fx.Graph, provenance: dict[str, str]) -> str:
     """The graph's Python code without torch's source comments, each new node's line annotated."""
-    code = gm.graph.python_code("self").src
+    graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
+    code = graph.python_code("self").src
     lines = []
     for line in code.splitlines():
         stripped = line.strip()
@@ -101,7 +164,7 @@ def _graph_code(gm: fx.GraphModule, provenance: dict[str, str]) -> str:
         assigned = _ASSIGNMENT.match(line)
         if assigned and assigned.group(1) in provenance:
             origin = provenance[assigned.group(1)]
-            line += f"  # {origin}" if origin.startswith("new") else f"  # replaces {origin}"
+            line += f"  # {origin}" if origin.startswith(("new", "lowered")) else f"  # replaces {origin}"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
