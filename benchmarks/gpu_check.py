@@ -15,10 +15,8 @@ tuning tables come from benchmarks/kernels.py.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import itertools
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -35,14 +33,10 @@ from triton.testing import do_bench
 from vnm_compile.format import VNMWeight
 from vnm_compile.kernels.decode import launch_decode, vnm_decode_kernel
 from vnm_compile.kernels.prefill import channel_index, expand_weight, launch_prefill, transpose, vnm_prefill_kernel
+from timing import DEVICE, ceilings, fake_weight, graph_us, log, precompile
 
 warnings.filterwarnings("ignore", message="column_select='optimal'")
 L2_BYTES = 60 << 20
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 def median_ms(fn) -> float:
@@ -53,43 +47,7 @@ def median_ms(fn) -> float:
 
 
 def graph_ms(calls) -> float:
-    """Median time of one call among `calls` (a list of closures), replayed inside one CUDA graph."""
-    if DEVICE == "cpu":
-        calls[0]()
-        return 1.0
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-    return sorted(times)[len(times) // 2]
-
-
-def ceilings(n=1 << 30, side=8192) -> dict:
-    a = torch.randn(n // 2, dtype=torch.float16, device=DEVICE)
-    b = torch.empty_like(a)
-    copy_ms = median_ms(lambda: b.copy_(a))
-    x = torch.randn(side, side, dtype=torch.float16, device=DEVICE)
-    w = torch.randn(side, side, dtype=torch.float16, device=DEVICE)
-    dense_ms = median_ms(lambda: F.linear(x, w))
-    out = {"copy_GBps": 2 * n / copy_ms / 1e6, "dense_fp16_TFLOPs_8192": 2 * side**3 / dense_ms / 1e9}
-    del a, b, x, w
-    return out
+    return graph_us(calls, replays=15) / 1e3
 
 
 def random_weight(rows, cols, v, m, dtype, seed=0):
@@ -195,22 +153,11 @@ def decode_fits(cfg, tokens):
     return use_dot or bn * bj * min(16, triton.next_power_of_2(tokens)) <= 64 * 32 * warps
 
 
-def fake_weight(rows, cols, v, m, dtype=torch.float16):
-    groups = -(-cols // m)
-    return VNMWeight(
-        torch.randn(rows, 2 * groups, device=DEVICE, dtype=dtype),
-        torch.zeros(-(-rows // v), groups, 4, dtype=torch.uint8, device=DEVICE),
-        torch.zeros(rows, -(-groups // 2), dtype=torch.uint8, device=DEVICE),
-        v, m, cols,
-    )
-
-
 def compile_job(job):
     """Compile (and run once) one variant in a worker, filling Triton's on-disk cache."""
     kind, rows, cols, tokens, v, m, variant, cfg = job
     torch.cuda.init()
     weight = fake_weight(rows, cols, v, m)
-    start = time.time()
     try:
         if kind == "prefill":
             x = torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16)
@@ -219,24 +166,9 @@ def compile_job(job):
         else:
             run_decode(torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16), weight, cfg)
         torch.cuda.synchronize()
-        return job, time.time() - start, None
+        return None
     except Exception as error:  # reported, not fatal: the main process retries and records it
-        return job, time.time() - start, repr(error)[:300]
-
-
-def precompile(jobs, workers=14):
-    start = time.time()
-    ctx = multiprocessing.get_context("spawn")
-    try:
-        with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            results = list(pool.map(compile_job, jobs))
-    except Exception as error:
-        log("precompile failed, compiling on first use:", repr(error)[:300])
-        return
-    errors = [(r[0], r[2]) for r in results if r[2]]
-    log(f"precompiled {len(jobs)} variants in {time.time() - start:.1f}s, {len(errors)} errors")
-    for job, error in errors[:5]:
-        log("  compile error", job, error)
+        return f"{job}: {error!r}"[:400]
 
 
 def prefill_case(rows, cols, tokens, v, m, variants, results, dtype=torch.float16):
@@ -376,7 +308,7 @@ def main():
     results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
                "torch": torch.__version__, "triton": triton.__version__,
                "date": time.strftime("%Y-%m-%d %H:%M"), "prefill": {}, "decode": {}}
-    results["ceilings"] = ceilings(1 << 12, 64) if args.smoke else ceilings()
+    results["ceilings"] = ceilings()
     log(results["device"], results["ceilings"])
 
     first = (4096, 4096, 8192, 64, 8)
@@ -392,7 +324,7 @@ def main():
         jobs = [("prefill", *first, variant, cfg) for variant, cfg in first_variants if fits(cfg, first[3])]
         jobs += [("decode", r, c, t, 64, 8, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
                  for t in decode_tokens for cfg in DECODE_CONFIGS if decode_fits(cfg, t)]
-        precompile(jobs)
+        precompile(compile_job, jobs)
     prefill_case(*first, first_variants, results)
     first_key = f"{first[0]}x{first[1]}@{first[2]} {first[3]}:2:{first[4]}"
     ranked = sorted((r["ms"], name) for name, r in results["prefill"][first_key]["variants"].items()
@@ -408,7 +340,7 @@ def main():
         return list(dict.fromkeys(best_variants + extra))
 
     if not args.skip_precompile and not args.smoke:
-        precompile([("prefill", *case, variant, cfg) for case in others for variant, cfg in case_variants(case)
+        precompile(compile_job, [("prefill", *case, variant, cfg) for case in others for variant, cfg in case_variants(case)
                     if fits(cfg, case[3])])
     for case in others:
         prefill_case(*case, case_variants(case), results)

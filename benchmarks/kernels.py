@@ -23,9 +23,7 @@ without the dense weight, and writes benchmarks/results/kernels-<gpu>.json and .
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -44,6 +42,7 @@ from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import PrefillLayout, prefill_layout, triton_vnm_linear
 from vnm_compile.kernels import decode, dispatch, prefill, tuning
 from vnm_compile.kernels.common import token_bucket
+from timing import DEVICE, ceilings, fake_weight, graph_us, log, precompile
 
 warnings.filterwarnings("ignore", message="column_select='optimal'")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (768, 768), (3072, 768), (768, 3072)]
@@ -55,55 +54,12 @@ ROTATE_BYTES = 180 << 20  # 3x the H200's L2
 DECODE_MAX_TOKENS = 16
 SPLIT_CONFIGS = [tuning._decode(64, 16, 32, True, 4, 3), tuning._decode(16, 4, 32, False, 4, 4)]
 ROOT = Path(__file__).resolve().parent
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ timing
 def bench_us(calls: list, tokens: int) -> float:
-    """Median microseconds of one call among `calls` (each on its own weight copy, so the weights
-    stream from device memory), replayed in a CUDA graph: kernel time without Python's launch cost
-    (which do_bench would include for kernels of a few microseconds)."""
-    if DEVICE == "cpu":
-        calls[0]()
-        return 1.0
-    if tokens > GRAPH_MAX_TOKENS:  # long calls: a few copies are enough
-        calls = calls[:4]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / len(calls))
-    return sorted(times)[len(times) // 2]
-
-
-def ceilings(n=1 << 30, side=8192) -> dict:
-    if DEVICE == "cpu":
-        return {"copy_GBps": 0.0, "dense_fp16_TFLOPs": 0.0}
-    a = torch.randn(n // 2, dtype=torch.float16, device=DEVICE)
-    b = torch.empty_like(a)
-    copy_ms = do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode="median")
-    x = torch.randn(side, side, dtype=torch.float16, device=DEVICE)
-    w = torch.randn(side, side, dtype=torch.float16, device=DEVICE)
-    dense_ms = do_bench(lambda: F.linear(x, w), warmup=50, rep=100, return_mode="median")
-    return {"copy_GBps": 2 * n / copy_ms / 1e6, "dense_fp16_TFLOPs": 2 * side**3 / dense_ms / 1e9}
+    """graph_us over the weight copies of `calls`; long calls need only a few copies."""
+    return graph_us(calls[:4] if tokens > GRAPH_MAX_TOKENS else calls, replays=7)
 
 
 # ------------------------------------------------------------------------------------------ problems
@@ -169,10 +125,7 @@ def candidate_list(problem_shape, tokens):
 def compile_job(job):
     rows, cols, v, m, dtype_name, tokens, path, record = job
     dtype = getattr(torch, dtype_name)
-    groups = -(-cols // m)
-    weight = VNMWeight(torch.randn(rows, 2 * groups, device=DEVICE).to(dtype),
-                       torch.zeros(-(-rows // v), groups, 4, dtype=torch.uint8, device=DEVICE),
-                       torch.zeros(rows, -(-groups // 2), dtype=torch.uint8, device=DEVICE), v, m, cols)
+    weight = fake_weight(rows, cols, v, m, dtype)
     x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
     pool = tuning.PREFILL_CONFIGS if path == "prefill" else tuning.DECODE_CONFIGS + SPLIT_CONFIGS
     config = next(c for c in pool if tuning.config_record(c) == record)
@@ -208,15 +161,6 @@ def compile_jobs(args, shapes, tokens_list, patterns, slug):
                     if record:
                         jobs.append((r, c, v, m, str(dtype).replace("torch.", ""), t, entry["path"], record))
     return jobs
-
-
-def precompile(jobs, workers=14):
-    start = time.time()
-    with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        errors = [e for e in pool.map(compile_job, jobs, chunksize=4) if e]
-    log(f"precompiled {len(jobs)} kernels in {time.time() - start:.0f}s, {len(errors)} errors")
-    for error in errors[:5]:
-        log("  ", error)
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -279,7 +223,7 @@ def run(args) -> None:
         tokens_list = [int(t) for t in args.tokens.split(",")]
     table = {"device": device, "autotune": {}, "dispatch": {}}
     if not args.no_precompile and not args.smoke:
-        precompile(compile_jobs(args, shapes, tokens_list, patterns, slug))
+        precompile(compile_job, compile_jobs(args, shapes, tokens_list, patterns, slug))
     for rows, cols in shapes:
         for v, m in patterns:
             torch.manual_seed(rows + cols + m)
