@@ -117,12 +117,15 @@ PREFILL_CONFIGS = [
     (128, 128, 64, True, 8, 3, 32), (128, 64, 64, True, 8, 3, 32), (32, 128, 64, False, 4, 4, 128),
     (32, 64, 64, False, 4, 3, 128),
 ]
-# decode: (BLOCK_N, BLOCK_J, SPLIT_K, num_warps, num_stages, use_dot)
-DECODE_CONFIGS = [
-    (16, 16, 1, 4, 4, False), (32, 16, 1, 4, 4, False), (16, 32, 1, 4, 4, False), (32, 32, 1, 4, 3, False),
-    (64, 32, 1, 4, 3, False), (32, 64, 1, 4, 3, False), (64, 64, 1, 8, 3, False), (16, 64, 1, 2, 4, False),
-    (32, 32, 2, 4, 3, False), (64, 16, 1, 4, 4, False), (16, 16, 2, 2, 4, False), (32, 16, 1, 2, 4, False),
-    (64, 32, 4, 4, 3, True), (32, 32, 2, 4, 3, True),
+# decode: (BLOCK_N, BLOCK_J, SPLIT_K, num_warps, num_stages, use_dot, select_x); round 5 times each
+# FMA config with the weights selected by slot (4 products a group) and the activations (2 products)
+FMA_DECODE = [
+    (16, 16, 1, 4, 4), (32, 16, 1, 4, 4), (16, 32, 1, 4, 4), (32, 32, 1, 4, 3), (8, 64, 1, 4, 4),
+    (64, 32, 1, 4, 3), (32, 64, 1, 4, 3), (16, 64, 1, 4, 3), (16, 64, 1, 2, 4), (8, 32, 1, 2, 4),
+    (32, 32, 2, 4, 3), (16, 16, 2, 2, 4), (32, 16, 1, 2, 4),
+]
+DECODE_CONFIGS = [(*cfg, False, select_x) for cfg in FMA_DECODE for select_x in (False, True)] + [
+    (64, 32, 4, 4, 3, True, False), (32, 32, 2, 4, 3, True, False),
 ]
 
 
@@ -140,16 +143,16 @@ def run_prefill(layout, cfg, expanded, bias=None, out=None):
 
 
 def run_decode(x, weight, cfg, out=None):
-    bn, bj, split_k, warps, stages, use_dot = cfg
+    bn, bj, split_k, warps, stages, use_dot, select_x = cfg
     block_t = 16 if use_dot else min(16, triton.next_power_of_2(x.shape[0]))
     return launch_decode(KERNEL, x, weight.values, weight.columns, weight.metadata, None, weight.v, weight.m,
-                         weight.in_features, split_k=split_k, out=out, USE_DOT=use_dot, BLOCK_N=bn, BLOCK_T=block_t,
-                         BLOCK_J=bj, num_warps=warps, num_stages=stages)
+                         weight.in_features, split_k=split_k, out=out, USE_DOT=use_dot, SELECT_X=select_x,
+                         BLOCK_N=bn, BLOCK_T=block_t, BLOCK_J=bj, num_warps=warps, num_stages=stages)
 
 
 def decode_fits(cfg, tokens):
     """FMA configs whose [BLOCK_N, BLOCK_J, tokens] accumulator stays under ~64 registers a thread."""
-    bn, bj, _, warps, _, use_dot = cfg
+    bn, bj, _, warps, _, use_dot, _ = cfg
     return use_dot or bn * bj * min(16, triton.next_power_of_2(tokens)) <= 64 * 32 * warps
 
 
@@ -232,7 +235,7 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
     for cfg in DECODE_CONFIGS:
         if not fits(cfg, v) or not decode_fits(cfg, tokens):
             continue
-        name = f"{'dot' if cfg[5] else 'fma'} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
+        name = f"{'dot' if cfg[5] else 'fmax' if cfg[6] else 'fma'} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
         try:
             y = torch.full((tokens, rows), float("nan"), device=DEVICE, dtype=dtype)
             y = run_decode(x, weight, cfg, out=y)
@@ -271,7 +274,7 @@ def best_variants_of(results):
         else:
             kind_name, *parts = name.split()
             bn, bj, sk, w, st = (int(part[2:] if part[:2] in ("bn", "bj", "sk") else part[1:]) for part in parts)
-            spec.append([kind, case, "", [bn, bj, sk, w, st, kind_name == "dot"]])
+            spec.append([kind, case, "", [bn, bj, sk, w, st, kind_name == "dot", kind_name == "fmax"]])
     log("profiling", spec)
     return spec
 
@@ -297,6 +300,8 @@ def main():
     parser.add_argument("--out", default="check.json")
     parser.add_argument("--skip-precompile", action="store_true")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefill cases")
+    parser.add_argument("--decode-tokens", default="1,2,4,8,16")
     parser.add_argument("--profile", help="JSON list of [kind, case, variant, config] to run once each")
     parser.add_argument("--profile-best", help="a results JSON: run its fastest prefill and decode variants once")
     args = parser.parse_args()
@@ -315,31 +320,36 @@ def main():
     others = [(4096, 4096, 8192, 64, 16), (4096, 4096, 2048, 64, 8), (4096, 4096, 256, 64, 8),
               (4096, 4096, 64, 64, 8), (768, 3072, 2048, 64, 8), (3072, 768, 256, 64, 8), (4096, 4096, 8192, 128, 8)]
     decode_shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
-    decode_tokens = [1, 2, 4, 8, 16]
+    decode_tokens = [int(t) for t in args.decode_tokens.split(",")]
     if args.smoke:
         first, others = (128, 96, 130, 64, 8), [(130, 77, 40, 32, 5)]
         decode_shapes, decode_tokens = [(192, 100)], [1, 3]
     first_variants = [("exp", c) for c in PREFILL_CONFIGS]
     if not args.skip_precompile and not args.smoke:
-        jobs = [("prefill", *first, variant, cfg) for variant, cfg in first_variants if fits(cfg, first[3])]
+        jobs = [] if args.decode_only else [("prefill", *first, variant, cfg) for variant, cfg in first_variants
+                                            if fits(cfg, first[3])]
         jobs += [("decode", r, c, t, 64, 8, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
                  for t in decode_tokens for cfg in DECODE_CONFIGS if decode_fits(cfg, t)]
         precompile(compile_job, jobs)
-    prefill_case(*first, first_variants, results)
-    first_key = f"{first[0]}x{first[1]}@{first[2]} {first[3]}:2:{first[4]}"
-    ranked = sorted((r["ms"], name) for name, r in results["prefill"][first_key]["variants"].items()
-                    if "ms" in r and r["err"] < 1e-2)
-    best = [name for _, name in ranked if name.startswith("exp")][:3]
-    best_variants = [(name.split(" ", 1)[0], eval(name.split(" ", 1)[1])) for name in best]
-    log("best:", best, f"[{time.time() - start:.0f}s]")
-    json.dump(results, open(args.out, "w"), indent=1)
+    if args.decode_only:
+        first, others = None, []
+    best_variants = []
+    if first is not None:
+        prefill_case(*first, first_variants, results)
+        first_key = f"{first[0]}x{first[1]}@{first[2]} {first[3]}:2:{first[4]}"
+        ranked = sorted((r["ms"], name) for name, r in results["prefill"][first_key]["variants"].items()
+                        if "ms" in r and r["err"] < 1e-2)
+        best = [name for _, name in ranked if name.startswith("exp")][:3]
+        best_variants = [(name.split(" ", 1)[0], eval(name.split(" ", 1)[1])) for name in best]
+        log("best:", best, f"[{time.time() - start:.0f}s]")
+        json.dump(results, open(args.out, "w"), indent=1)
 
     def case_variants(case):
         extra = [("exp", c) for c in PREFILL_CONFIGS if (c[0] == case[3] and case[3] != 64) or
                  (case[2] <= 256 and c[1] == 64 and c[0] <= case[3])]
         return list(dict.fromkeys(best_variants + extra))
 
-    if not args.skip_precompile and not args.smoke:
+    if others and not args.skip_precompile and not args.smoke:
         precompile(compile_job, [("prefill", *case, variant, cfg) for case in others for variant, cfg in case_variants(case)
                     if fits(cfg, case[3])])
     for case in others:

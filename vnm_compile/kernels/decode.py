@@ -32,6 +32,22 @@ def _add(a, b):  # tl.sum's combine function; tl.sum itself is a helper the inte
     return a + b
 
 
+@triton.jit
+def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k: tl.constexpr, IN_BOUNDS: tl.constexpr):
+    """[1, BLOCK_J, BLOCK_T] fp32 activations of slot k of the groups (their k-th kept channel)."""
+    channel = group * M + ((words >> (8 * k)) & 0xFF)
+    x_mask = token_ok[None, :]
+    if not IN_BOUNDS:  # padding columns, or groups past the end
+        x_mask = x_mask & (channel < C)[:, None]
+    x_k = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+    return x_k.to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def _select_slot(slot, x0, x1, x2, x3):
+    return tl.where(slot < 2, tl.where(slot == 0, x0, x1), tl.where(slot == 2, x2, x3))
+
+
 def _even_k(args) -> bool:
     return ((args["G"] + 1) // 2) % (args["BLOCK_J"] * args["SPLIT_K"]) == 0 and args["G"] % 2 == 0
 
@@ -48,6 +64,7 @@ def vnm_decode_kernel(
     HALF_BITS: tl.constexpr,
     SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr,
+    SELECT_X: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -113,6 +130,15 @@ def vnm_decode_kernel(
                         w_k = w_k.to(tl.float32)
                         x_k = x_k.to(tl.float32)
                     acc = tl.dot(w_k, x_k, acc, input_precision=DOT_PRECISION)
+            elif SELECT_X:  # each stored value times the activation of its slot: 2 products, not 4
+                x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 0, EVEN_C and EVEN_K)
+                x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 1, EVEN_C and EVEN_K)
+                x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 2, EVEN_C and EVEN_K)
+                x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 3, EVEN_C and EVEN_K)
+                first = lo.to(dtype, bitcast=True).to(tl.float32)
+                second = hi.to(dtype, bitcast=True).to(tl.float32)
+                acc3 += first[:, :, None] * _select_slot(s0[:, :, None], x0, x1, x2, x3)
+                acc3 += second[:, :, None] * _select_slot(s1[:, :, None], x0, x1, x2, x3)
             else:  # the same slot split on the FMA units: no padding of the tokens to 16
                 for k in tl.static_range(4):
                     channel = group * M + ((words >> (8 * k)) & 0xFF)
