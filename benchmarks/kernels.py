@@ -303,6 +303,11 @@ def finish(args, results, table, slug):
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.tune:
         table["rules"] = derive_rules(results["cases"])
+        if args.merge:  # a partial sweep updates its keys of the shipped table and keeps its rules
+            shipped = json.loads((out_dir / f"{slug}.json").read_text())
+            for section in ("autotune", "dispatch"):
+                shipped[section].update(table[section])
+            table = shipped
         (out_dir / f"{slug}.json").write_text(json.dumps(table, indent=1, sort_keys=True))
         (out_dir / f"tune-{slug}.json").write_text(json.dumps(results, indent=1))
         log(f"wrote {out_dir / (slug + '.json')}")
@@ -371,6 +376,8 @@ def main():
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--patterns", help="e.g. 32:2:8,64:2:8 (default: all)")
     parser.add_argument("--tokens", help="e.g. 1,16 (default: all)")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --tune: update only the swept keys of the shipped table")
     args = parser.parse_args()
     args.out_dir = args.out_dir or str(tuning.TABLES if args.tune else ROOT / "results")
     args.fp16_choice = {}

@@ -57,7 +57,12 @@ DECODE_CONFIGS = [
     for n, j, warps, stages in ((8, 64, 4, 4), (16, 32, 4, 4), (16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 3),
                                 (16, 16, 4, 4), (8, 32, 2, 4))
     if n * j * t <= 64 * 32 * warps
-] + [_decode(64, 16, 32, True, 4, 3), _decode(32, 16, 32, True, 4, 3), _decode(16, 16, 32, True, 4, 3)]
+] + [_decode(64, 16, 32, True, 4, 3), _decode(32, 16, 32, True, 4, 3), _decode(16, 16, 32, True, 4, 3)] + [
+    # one token: selecting activations by slot beat selecting weights by 5-15% on an H200, and lost
+    # from 4 tokens on (benchmarks/NOTES.md, round 5)
+    _decode(n, 1, j, False, warps, stages, select_x=True)
+    for n, j, warps, stages in ((8, 64, 4, 4), (16, 64, 2, 4), (32, 64, 4, 3))
+]
 # (The FMA body's reduction runs its combine function per element there: the tensor-core body is
 # the fast one to simulate; tests run the FMA body on small tiles explicitly.)
 INTERPRETER_CONFIGS = {
