@@ -102,12 +102,15 @@ def transform(
 
 
 def lower(transformed: Transformed, example_inputs: list[Any], record: bool = False) -> Callable:
-    """The rewritten graph compiled by Inductor. The graph Inductor lowers becomes the report's
-    "lower" stage where `record` is set or the stages are logged (`StageRecorder.lowering`)."""
+    """The rewritten graph compiled by Inductor, in the config's mode ("reduce-overhead": CUDA graphs).
+    The graph Inductor lowers becomes the report's "lower" stage where `record` is set or the stages
+    are logged (`StageRecorder.lowering`)."""
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    patches = list_mode_options(transformed.report.config.mode)
     with torch.no_grad(), transformed.stages.lowering(always=record):  # an inference graph: gradients are refused
-        return compile_fx(transformed.gm, example_inputs)
+        return compile_fx(transformed.gm, example_inputs, config_patches=patches)
 
 
 def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
