@@ -3,11 +3,20 @@
 Compressing one weight is `COMPRESSORS[config.method]`: given the (permuted) weight, its importance
 scores and its input statistics, return a VNMWeight. "mask" keeps the weights the mask keeps; a
 reconstruction method (e.g. SparseGPT) registers another entry that also updates the kept weights.
+
+The sparse linears that read one input (q/k/v, gate/up) are fused (config.fuse): one vnm.linear on
+their concatenated rows (`concat_rows`), split back into their outputs, so the input is gathered
+(and, for prefill, transposed) once and one kernel launch does the work of several. Each vnm.linear
+reads its weight as graph buffers, with the layouts the config keeps beside it: the prefill layout
+(4/M of the dense bytes; otherwise the prefill path builds it on every call) and the dense masked
+weight (the dense bytes; lets the dispatcher run cuBLAS where that measured faster).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import operator
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -15,13 +24,16 @@ from torch import fx
 
 from ..calibration import LayerStats
 from ..config import VNMConfig
-from ..format import VNMWeight
+from ..format import VNMWeight, concat_rows
+from ..kernels.op import prefill_layout
 from ..reconstruct import reconstruct
 from .discover import Discovery, LinearSite
 from .common import attribute_name, copied_graph
 from .fold import Folded
 from .permute import Permutations
 from .score import Scores, oriented_weight
+
+log = logging.getLogger("vnm_compile")
 
 Compressor = Callable[[torch.Tensor, torch.Tensor, LayerStats, VNMConfig], VNMWeight]
 
@@ -64,28 +76,48 @@ class LayerResult:
 class Sparsified:
     gm: fx.GraphModule
     layers: dict[str, LayerResult]   # every linear of the graph, by FX node
-    replaced: dict[str, str]         # linear node -> the vnm.linear node that took its place
+    replaced: dict[str, str]         # linear node -> the node that now computes its output
+    fused: dict[str, list[str]] = field(default_factory=dict)    # fused vnm.linear node -> its linears
+    unfused: dict[str, str] = field(default_factory=dict)        # input node -> why its readers stay apart
 
 
 def sparsify(
     folded: Folded, discovery: Discovery, scores: Scores, permutations: Permutations, config: VNMConfig
 ) -> Sparsified:
     """A copy of `folded.gm` in which every eligible linear calls torch.ops.vnm.linear on its
-    compressed weight, unless its estimated error exceeds config.max_layer_error."""
+    compressed weight, unless its estimated error exceeds config.max_layer_error. With config.fuse,
+    the sparse linears that read one input run as one vnm.linear on their concatenated rows."""
     compress = compressor(config.method)
     gm = fx.GraphModule(folded.gm, copied_graph(folded.gm))
     nodes = {node.name: node for node in gm.graph.nodes}
-    layers, replaced = {}, {}
+    layers = {}
     for site in discovery.linears.values():
         if site.skip_reason is not None:
             layers[site.node] = LayerResult(site.node, site.name, False, site.skip_reason, None, None, None)
+        else:
+            layers[site.node] = _compress(site, folded, scores, permutations, config, compress)
+    readers: dict[str, list[str]] = {}  # input node -> its sparse linears, in graph order
+    for node in gm.graph.nodes:
+        if node.name in layers and layers[node.name].sparse:
+            readers.setdefault(discovery.linears[node.name].input, []).append(node.name)
+    result = Sparsified(gm, layers, {})
+    for x, linears in readers.items():
+        reason = _unfusable([nodes[name] for name in linears], [layers[name].weight for name in linears], gm)
+        if config.fuse and reason is None:
+            _rewrite_fused(result, [nodes[name] for name in linears], nodes[x], config)
             continue
-        result = _compress(site, folded, scores, permutations, config, compress)
-        layers[site.node] = result
-        if result.sparse:
-            replaced[site.node] = _rewrite(gm, nodes[site.node], nodes[site.input], result.weight, config).name
+        if config.fuse and len(linears) > 1:
+            result.unfused[x] = reason
+            log.info("sparsify: %s stay separate linears: %s", ", ".join(layers[n].name for n in linears), reason)
+        for name in linears:
+            node = nodes[name]
+            sparse = _emit(gm, node, nodes[x], layers[name].weight, _bias(node), name, config)
+            sparse.meta = dict(node.meta)
+            node.replace_all_uses_with(sparse)
+            gm.graph.erase_node(node)
+            result.replaced[name] = sparse.name
     _drop_unused_attributes(gm)
-    return Sparsified(gm, layers, replaced)
+    return result
 
 
 def _compress(site: LinearSite, folded: Folded, scores: Scores, permutations: Permutations,
@@ -117,25 +149,77 @@ def _estimated_error(weight: torch.Tensor, compressed: VNMWeight, stats: LayerSt
     return float(difference / (dense * scale).norm().clamp_min(torch.finfo(torch.float32).tiny))
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight: VNMWeight, config: VNMConfig) -> fx.Node:
+def _bias(node: fx.Node) -> fx.Node | None:
     if node.target is torch.addmm:
-        bias = node.args[0]
-    elif len(node.args) > 2 or "bias" in node.kwargs:
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs["bias"]
-    else:
-        bias = None
-    reads = []
-    with gm.graph.inserting_before(node):
-        for part in ("values", "columns", "metadata"):
-            attribute = attribute_name(f"{node.name}_{part}", dict(gm.named_buffers()))
-            gm.register_buffer(attribute, getattr(weight, part))
-            reads.append(gm.graph.get_attr(attribute))
-        sparse = gm.graph.call_function(
-            torch.ops.vnm.linear.default, (x, *reads, bias, weight.v, weight.m, weight.in_features))
-    sparse.meta = dict(node.meta)
-    node.replace_all_uses_with(sparse)
-    gm.graph.erase_node(node)
-    return sparse
+        return node.args[0]
+    if len(node.args) > 2:
+        return node.args[2]
+    return node.kwargs.get("bias")
+
+
+def _unfusable(linears: list[fx.Node], weights: list[VNMWeight], gm: fx.GraphModule) -> str | None:
+    """Why the sparse linears that read one input cannot run as one vnm.linear, or None if they can."""
+    if len(linears) < 2:
+        return "a single reader"
+    ragged = [f"{node.name} ({w.out_features} rows)" for node, w in zip(linears[:-1], weights[:-1])
+              if w.out_features % w.v]
+    if ragged:
+        return f"v={weights[0].v} does not divide the rows of {', '.join(ragged)}"
+    if len({(w.v, w.m, w.in_features, w.dtype, w.device) for w in weights}) > 1:
+        return "their compressed weights differ in pattern, dtype or device"
+    biases = [_bias(node) for node in linears]
+    if any(b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr") for b in biases):
+        return "a bias is computed in the graph, not a parameter"
+    return None
+
+
+def _rewrite_fused(result: Sparsified, linears: list[fx.Node], x: fx.Node, config: VNMConfig) -> None:
+    """One vnm.linear on the linears' concatenated rows, split back into their outputs."""
+    gm = result.gm
+    weights = [result.layers[node.name].weight for node in linears]
+    biases = [_bias(node) for node in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        parts = [gm.get_buffer(b.target) if b is not None else w.values.new_zeros(w.out_features)
+                 for b, w in zip(biases, weights)]
+        bias_name = attribute_name(f"{linears[0].name}_fused_bias", dict(gm.named_buffers()))
+        gm.register_buffer(bias_name, torch.cat(parts))
+        with gm.graph.inserting_before(linears[0]):
+            bias = gm.graph.get_attr(bias_name)
+    name = "_".join(node.name for node in linears)
+    fused = _emit(gm, linears[0], x, concat_rows(weights), bias, name, config)
+    with gm.graph.inserting_before(linears[0]):
+        pieces = gm.graph.call_function(torch.split, (fused, [w.out_features for w in weights]), {"dim": -1})
+        for index, node in enumerate(linears):
+            piece = gm.graph.call_function(operator.getitem, (pieces, index))
+            piece.meta = dict(node.meta)  # it takes the linear's place
+            node.replace_all_uses_with(piece)
+            result.replaced[node.name] = piece.name
+    for node in linears:
+        gm.graph.erase_node(node)
+    result.fused[fused.name] = [node.name for node in linears]
+
+
+def _emit(gm: fx.GraphModule, before: fx.Node, x: fx.Node, weight: VNMWeight, bias: fx.Node | None,
+          name: str, config: VNMConfig) -> fx.Node:
+    """A vnm.linear node (before `before`) on `weight`, held as buffers with the layouts the config keeps."""
+    tensors = {part: getattr(weight, part) for part in ("values", "columns", "metadata")}
+    keep_layout = config.prefill_layout if config.prefill_layout is not None else weight.device.type == "cuda"
+    if config.keep_dense:
+        tensors["dense"] = weight.to_dense().contiguous()
+    if keep_layout:
+        layout = prefill_layout(weight)
+        tensors["expanded"], tensors["channels"] = layout.expanded, layout.channels
+    reads = {}
+    with gm.graph.inserting_before(before):
+        for part, tensor in tensors.items():
+            attribute = attribute_name(f"{name}_{part}", dict(gm.named_buffers()))
+            gm.register_buffer(attribute, tensor)
+            reads[part] = gm.graph.get_attr(attribute)
+        return gm.graph.call_function(
+            torch.ops.vnm.linear.default,
+            (x, reads["values"], reads["columns"], reads["metadata"], bias, weight.v, weight.m, weight.in_features,
+             reads.get("dense"), reads.get("expanded"), reads.get("channels")))
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
