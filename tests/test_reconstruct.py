@@ -100,3 +100,19 @@ def test_hessian_accumulator_streams_over_batches():
     torch.testing.assert_close(hessians["0"], inputs.T @ inputs)
     torch.testing.assert_close(hessians["2"], hidden.T @ hidden)
     torch.testing.assert_close(stats.norms()["0"], inputs.norm(dim=0))
+
+
+@pytest.mark.parametrize("rows, cols, v, m", [(70, 45, 16, 8), (40, 33, 16, 5)])
+def test_kept_weights_are_the_least_squares_optimum_on_the_mask(rows, cols, v, m):
+    # Float64 reference: per row, minimise ||X (w - w')|| + damping with w' zero off the row's mask.
+    generator = torch.Generator().manual_seed(rows + m)
+    weight = torch.randn(rows, cols, generator=generator)
+    x = correlated_inputs(3 * cols, cols, generator)
+    hessian = x.T @ x
+    updated, mask = reconstruct(weight, hessian, v, m, damp=0.01)
+    damped = hessian.double() + 0.01 * hessian.diagonal().mean().double() * torch.eye(cols, dtype=torch.float64)
+    for row in range(rows):
+        kept = mask[row].nonzero().squeeze(1)
+        expected = torch.zeros(cols, dtype=torch.float64)
+        expected[kept] = torch.linalg.solve(damped[kept][:, kept], (damped @ weight[row].double())[kept])
+        torch.testing.assert_close(updated[row].double(), expected, rtol=1e-3, atol=1e-4)
