@@ -60,6 +60,11 @@ class VNMConfig:
     kernels run (CUDA), True everywhere, False nowhere.
     keep_dense: keep the masked weight in dense form too (the dense bytes), so the dispatcher may
     run cuBLAS where it measured dense faster than the sparse kernels.
+    refine_steps: block-wise refinement, for the block-by-block path (`compress_sequential`) only:
+    after a block's linears are compressed, this many Adam steps (one calibration batch each) train
+    their kept weights, masks fixed, to match the dense model's block outputs; 0 turns it off.
+    `sparsify`, which compresses layer by layer, rejects refine_steps > 0.
+    refine_lr: the Adam learning rate of that refinement (decayed to zero along a cosine).
     """
 
     v: int = 64
@@ -85,6 +90,8 @@ class VNMConfig:
     fuse: bool = True
     prefill_layout: bool | None = None
     keep_dense: bool = False
+    refine_steps: int = 0
+    refine_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         check_pattern(self.v, self.m, self.allow_small_v)
@@ -118,6 +125,10 @@ class VNMConfig:
             raise ValueError(f"permute_budget_s must be a positive number of seconds, got {self.permute_budget_s!r}")
         if self.max_layer_error is not None and not _is_positive_number(self.max_layer_error):
             raise ValueError(f"max_layer_error must be None or a positive number, got {self.max_layer_error!r}")
+        if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be a non-negative integer (Adam steps per block), got {self.refine_steps!r}")
+        if not _is_positive_number(self.refine_lr) or self.refine_lr >= 1:
+            raise ValueError(f"refine_lr must be a number in (0, 1) (Adam learning rate), got {self.refine_lr!r}")
         if self.mode not in INDUCTOR_MODES:
             raise ValueError(f"mode must be one of {INDUCTOR_MODES} (Inductor's torch.compile modes), got {self.mode!r}")
         if self.prefill_layout is not None and not isinstance(self.prefill_layout, bool):
