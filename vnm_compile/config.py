@@ -91,7 +91,7 @@ class VNMConfig:
     prefill_layout: bool | None = None
     keep_dense: bool = False
     refine_steps: int = 0
-    refine_lr: float = 1e-4
+    refine_lr: float = 3e-3
 
     def __post_init__(self) -> None:
         check_pattern(self.v, self.m, self.allow_small_v)
