@@ -173,21 +173,23 @@ def semi_structured(model: nn.Module) -> nn.Module:
     return sparse
 
 
-def build(variant: str, model: nn.Module, smoke: bool, mode: str) -> tuple[Callable, nn.Module]:
-    """The callable a variant runs, and the module it reads (a sparse copy for 2:4)."""
+def build(variant: str, model: nn.Module, smoke: bool, mode: str, dynamic: bool | None = None) -> tuple[Callable, nn.Module]:
+    """The callable a variant runs, and the module it reads (a sparse copy for 2:4). dynamic is
+    torch.compile's: None recompiles a shape that changed as a dynamic-shape graph, False
+    specialises every shape (the dispatcher then reads its measured table for each)."""
     if variant == "eager":
         return model, model
     if variant == "inductor":
-        return torch.compile(model, mode=mode), model
+        return torch.compile(model, mode=mode, dynamic=dynamic), model
     if variant.startswith("vnm-"):
         m = int(variant.rsplit(":", 1)[1])
         # the backend itself, not its entry-point name: works from a checkout that is not pip-installed
-        return torch.compile(model, backend=vnm_backend, options=vnm_options(m, smoke, mode)), model
+        return torch.compile(model, backend=vnm_backend, options=vnm_options(m, smoke, mode), dynamic=dynamic), model
     if variant == "semi-2:4":
         if not torch.cuda.is_available():
             raise RuntimeError("torch's 2:4 semi-structured kernels need a CUDA GPU")
         sparse = semi_structured(model)
-        return torch.compile(sparse, mode=mode), sparse
+        return torch.compile(sparse, mode=mode, dynamic=dynamic), sparse
     raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
 
 
@@ -267,7 +269,7 @@ def top_kernels(step: Callable, steps: int = 3, top: int = 12) -> list[dict]:
 
 
 def run_variant(variant: str, model: nn.Module, workloads: list[Workload], smoke: bool, mode: str,
-                device: str, deadline: float) -> list[dict]:
+                device: str, deadline: float, dynamic: bool | None = None) -> list[dict]:
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -278,7 +280,7 @@ def run_variant(variant: str, model: nn.Module, workloads: list[Workload], smoke
     reports_before = vnm.reports()  # held, so that their ids stay theirs
     rows = []
     try:
-        run, module = build(variant, model, smoke, mode)
+        run, module = build(variant, model, smoke, mode, dynamic)
     except Exception as error:
         return [dict(variant=variant, workload=w.name, error=f"{type(error).__name__}: {error}"[:400]) for w in workloads]
     for workload in workloads:
@@ -365,7 +367,8 @@ def add_speedups(rows: list[dict]) -> None:
 def markdown(result: dict) -> str:
     lines = [f"# End-to-end speed on {result['device']}", "",
              f"{result['date']}; torch {result['torch']}, triton {result['triton']}, transformers "
-             f"{result['transformers']}; random weights; mode={result['args']['mode']}. Latency: "
+             f"{result['transformers']}; random weights; mode={result['args']['mode']}, "
+             f"dynamic={result['args'].get('dynamic', 'auto')}. Latency: "
              "median over CUDA-graph replays of the step (GPU time), unless the timing column says otherwise. "
              "first call: compilation (passes, permutation and mask search, Inductor, autotuning) plus one run.", ""]
     for name, model in result["models"].items():
@@ -437,6 +440,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vit-layers", type=int, default=None, help="ViT layers (default 12; smoke 1)")
     parser.add_argument("--variants", default=",".join(PRIORITY), help="comma-separated, run in this order")
     parser.add_argument("--mode", default="default", help="torch.compile mode of the compiled variants")
+    parser.add_argument("--dynamic", choices=("auto", "static"), default="auto",
+                        help="auto: a changed shape recompiles as a dynamic-shape graph; static: one graph per shape")
     parser.add_argument("--budget-s", default="", help="per model wall-clock seconds, comma-separated")
     parser.add_argument("--reduce-overhead-check", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
@@ -483,7 +488,8 @@ def main(argv: list[str] | None = None) -> dict:
                 rows += [dict(variant=variant, workload=w.name, skipped="time budget") for w in workloads]
                 continue
             start = time.monotonic()
-            rows += run_variant(variant, model, workloads, args.smoke, args.mode, device, deadline)
+            rows += run_variant(variant, model, workloads, args.smoke, args.mode, device, deadline,
+                                None if args.dynamic == "auto" else False)
             log(f"  {variant}: {time.monotonic() - start:.0f} s")
             publish()  # a run cut short still leaves what it measured
         if args.reduce_overhead_check and name == "llama" and device == "cuda":
