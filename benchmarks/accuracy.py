@@ -14,7 +14,10 @@ copy of the model, from the dense model's activation norms) and that copy is the
 
     python benchmarks/accuracy.py                       # the full sweep -> benchmarks/results/
     python benchmarks/accuracy.py --models smollm --criteria ria --patterns 64:2:8 --eval-windows 2
-Runs merge into the existing results (same configuration = replaced).
+    python benchmarks/accuracy.py --models smollm --patterns 64:2:8 --reconstruct on --permute off \
+        --criteria ria --refine-steps 64 --refine-lr 3e-3   # reconstruction + block-wise refinement
+Runs merge into the existing results (same configuration = replaced). Reconstruction rows measured
+before the exact refit of the kept weights (`reconstruct`) carry solver "pass" in the table.
 """
 
 from __future__ import annotations
@@ -173,17 +176,21 @@ class Task:
         return vnm.sparsify(self.model, self.batches[0], config, calibration=self._calibration)
 
 
-def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct: bool, permute: bool) -> dict:
+def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct: bool, permute: bool,
+        refine_steps: int = 0, refine_lr: float = 3e-3) -> dict:
     """Compress `model` (the task's, or its permuted copy) block by block and evaluate it."""
     v, m = PATTERNS[pattern]
     method = "sparsegpt" if reconstruct else "mask"
-    config = vnm.VNMConfig(v=v, m=m, criterion="ria" if criterion == OBS else criterion, method=method)
+    config = vnm.VNMConfig(v=v, m=m, criterion="ria" if criterion == OBS else criterion, method=method,
+                           refine_steps=refine_steps, refine_lr=refine_lr)
     start = time.perf_counter()
     weights = compress_sequential(model, task.batches, config, progress=False)
     compress_seconds = time.perf_counter() - start
     value = task.evaluate(compressed_copy(model, weights))
     return {"model": task.name, "criterion": criterion, "pattern": pattern, "v": v, "m": m,
             "reconstruct": reconstruct, "permute": permute, "sparsity": round(sparsity(weights), 4),
+            "solver": "refit" if reconstruct else None, "refine_steps": refine_steps,
+            "refine_lr": refine_lr if refine_steps else None,
             "predicted_speedup": round(vnm.analytic_speedup(v, m), 3), task.metric: value,
             "compress_seconds": round(compress_seconds, 1), "seconds": round(time.perf_counter() - start, 1)}
 
@@ -203,7 +210,7 @@ def configurations(args: argparse.Namespace):
 
 
 def _key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ("model", "criterion", "pattern", "reconstruct", "permute"))
+    return tuple(row.get(k) for k in ("model", "criterion", "pattern", "reconstruct", "permute", "refine_steps"))
 
 
 def write_results(rows: list[dict], settings: dict) -> None:
@@ -216,8 +223,12 @@ def write_results(rows: list[dict], settings: dict) -> None:
     previous = previous["results"] if same_sizes else []
     merged = {_key(row): row for row in previous}
     merged.update({_key(row): row for row in rows})
+    for row in merged.values():  # rows from before refinement existed had none
+        row.setdefault("refine_steps", 0)
+    merged = {_key(row): row for row in merged.values()}
     ordered = sorted(merged.values(), key=lambda r: (r["model"], r["pattern"] != "dense", r["m"] or 0,
-                                                     r["permute"], r["reconstruct"], r["criterion"]))
+                                                     r["permute"], r["reconstruct"], r["refine_steps"],
+                                                     r["criterion"]))
     document = {"settings": settings, "results": ordered}
     path.write_text(json.dumps(document, indent=1) + "\n")
     (RESULTS / "accuracy.md").write_text(_markdown(document))
@@ -233,7 +244,9 @@ def _markdown(document: dict) -> str:
         "Text: CPython's `pydoc_data.topics`, topics sorted by name, even positions calibrate, odd evaluate. "
         "Compressed: all linears of the transformer blocks (not embeddings / lm_head), calibrated block by "
         "block on the compressed prefix. `obs`: reconstruction (SparseGPT-style) choosing the mask by the "
-        "OBS saliency.",
+        "OBS saliency. solver `refit`: the SparseGPT pass, then each row's kept weights solved exactly on the "
+        "final mask; `pass`: the pass alone (rows measured before the refit existed). refine: Adam steps per "
+        "block of block-wise refinement towards the dense model's block outputs (learning rate in brackets).",
         "",
     ]
     for model, metric, detail in (
@@ -247,11 +260,14 @@ def _markdown(document: dict) -> str:
         if not rows:
             continue
         lines += [f"## {detail}", "", f"| pattern | sparsity | pred. speedup | criterion | permute | reconstruct "
-                  f"| {metric} | seconds | permute s |", "| --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
+                  f"| solver | refine | {metric} | seconds | permute s |",
+                  "| --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
         for r in rows:
+            solver = r.get("solver") or ("pass" if r["reconstruct"] else "")
+            refine = f"{r['refine_steps']} ({r['refine_lr']:g})" if r["refine_steps"] else ""
             lines.append(f"| {r['pattern']} | {r['sparsity']:.3f} | {r['predicted_speedup'] or 1:.2f} | "
-                         f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {r[metric]:.4g} | {r['seconds']} | "
-                         f"{r.get('permute_seconds', '')} |")
+                         f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {solver} | {refine} | "
+                         f"{r[metric]:.4g} | {r['seconds']} | {r.get('permute_seconds', '')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -276,6 +292,8 @@ def _plot(rows: list[dict], path: Path) -> None:
                 marker = {"abs": "s", "wanda": "^", "ria": "o", OBS: "*"}[r["criterion"]]
                 color = ("tab:red" if r["reconstruct"] else "tab:blue") if not r["permute"] else (
                     "tab:purple" if r["reconstruct"] else "tab:green")
+                if r["refine_steps"]:
+                    color = "tab:orange"
                 axis.scatter(r[x_key], r[metric], marker=marker, color=color, s=60 if marker == "*" else 30)
                 axis.annotate(r["pattern"], (r[x_key], r[metric]), fontsize=6, alpha=0.6)
             front = _pareto([r for r in rows_of_model if r["pattern"] != "dense"], x_key, metric, model == "smollm")
@@ -288,7 +306,7 @@ def _plot(rows: list[dict], path: Path) -> None:
             axis.set_ylabel(f"{model} {metric}")
         handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=l) for c, l in (
             ("tab:blue", "mask"), ("tab:red", "reconstruct"), ("tab:green", "permute + mask"),
-            ("tab:purple", "permute + reconstruct"))]
+            ("tab:purple", "permute + reconstruct"), ("tab:orange", "+ block-wise refinement"))]
         handles += [plt.Line2D([], [], color="k", marker=mk, ls="", label=c)
                     for c, mk in (("abs", "s"), ("wanda", "^"), ("ria", "o"), (OBS, "*"))]
         row_axes[0].legend(handles=handles, fontsize=7)
@@ -328,6 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-paragraphs", type=int, default=128)
     parser.add_argument("--eval-paragraphs", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--refine-steps", type=int, default=0,
+                        help="block-wise refinement: Adam steps per block after compression (0: off)")
+    parser.add_argument("--refine-lr", type=float, default=3e-3, help="learning rate of the refinement")
     args = parser.parse_args(argv)
     args.reconstruct = [choice == "on" for choice in args.reconstruct]
     args.permute = [choice == "on" for choice in args.permute]
@@ -344,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         value = task.evaluate(task.model)
         rows.append({"model": name, "criterion": "-", "pattern": "dense", "v": None, "m": None,
                      "reconstruct": False, "permute": False, "sparsity": 0.0, "predicted_speedup": None,
+                     "refine_steps": 0,
                      task.metric: value, "compress_seconds": 0.0, "seconds": round(time.perf_counter() - start, 1)})
         print(f"{name} dense {task.metric} {value:.4f}", flush=True)
         permuted = {}
@@ -355,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
                     permuted = {(criterion, pattern): task.permuted(criterion, pattern)}
                     permute_seconds = round(time.perf_counter() - start, 1)
                 model = permuted[criterion, pattern]
-            row = run(task, model, criterion, pattern, reconstruct, permute)
+            row = run(task, model, criterion, pattern, reconstruct, permute, args.refine_steps, args.refine_lr)
             if permute:
                 row["permute_seconds"] = permute_seconds
             rows.append(row)

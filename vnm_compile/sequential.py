@@ -4,7 +4,8 @@ The calibration batches run through the model only up to its first block; from t
 at a time: its linears' input statistics are gathered, its linears compressed, and the compressed
 block is run again to produce the next block's inputs. Each block is thus calibrated on what the
 already-compressed blocks before it really produce, and only one block's activations and statistics
-are alive at any time, so a 7B model's calibration fits one GPU.
+are alive at any time, so a 7B model's calibration fits one GPU. With refinement (`refine_steps`),
+the dense model's hidden states are carried along too, as the targets of each block's refinement.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import time
 from typing import Any, Iterable
 
 import torch
@@ -22,6 +24,7 @@ from .calibration import linear_module_types
 from .config import VNMConfig
 from .format import VNMWeight
 from .reconstruct import HessianAccumulator, reconstruct
+from .refine import refine_block
 from .scoring import ActivationNorms, importance, run_batch
 
 log = logging.getLogger(__name__)
@@ -51,29 +54,57 @@ def compress_sequential(
     activation norms of the block's inputs; "sparsegpt" reconstructs from their Hessians. Each
     block is processed on `device` (default: where it lives), on a copy: the model is not modified
     and may stay on the CPU. The model is compressed as it is (no channel permutation).
+    config.refine_steps > 0 then trains each compressed block's kept weights (`refine_block`, in
+    the block's dtype) towards the dense model's output of that block, masks fixed.
     Returns the compressed weights (out_features x in_features, also for Conv1D, which stores its
     weight transposed) by module name, in the linears' dtype.
     """
     if not isinstance(config, VNMConfig):
         raise ValueError(f"config must be a VNMConfig, got {type(config).__name__}")
     prefix, blocks = _find_blocks(model)
-    needs_inputs = config.method == "sparsegpt" or config.criterion != "abs"
+    needs_inputs = config.method == "sparsegpt" or config.criterion != "abs" or config.refine_steps > 0
     inputs = _first_block_inputs(model, blocks[0], batches, device) if needs_inputs else []
+    # Refinement's targets: the dense model's own hidden states at each block's output, so that a
+    # refined block also corrects the error the compressed blocks before it let through.
+    dense_states = [args[0] for args, _ in inputs] if config.refine_steps else []
     compressed: dict[str, VNMWeight] = {}
     for index, original in enumerate(tqdm(blocks, desc="compress blocks", disable=not progress)):
         block = copy.deepcopy(original)
         if device is not None:
             block.to(device)
-        linears = _eligible_linears(block, f"{prefix}.{index}", config)
+        block_name = f"{prefix}.{index}"
+        linears = _eligible_linears(block, block_name, config)
+        if dense_states:
+            dense_states = _outputs(block, inputs, dense_states)
         statistics = _block_statistics(block, inputs, config)
+        masks = {}
         for name, linear in linears.items():
             weight = _compress(_oriented(linear), statistics.get(name), config)
             linear.weight.data = _oriented(linear, weight.to_dense())
-            compressed[f"{prefix}.{index}.{name}"] = weight
+            masks[name] = _oriented(linear, weight.mask())
+            compressed[f"{block_name}.{name}"] = weight
+        if dense_states and masks:
+            start = time.perf_counter()
+            losses = refine_block(block, masks, inputs, dense_states, config.refine_steps, config.refine_lr)
+            log.info("%s refined in %.1f s: relative output error %.4g at the first step, %.4g at the last",
+                     block_name, time.perf_counter() - start, losses[0], losses[-1])
+            for name, linear in linears.items():
+                compressed[f"{block_name}.{name}"] = VNMWeight.from_dense(
+                    _oriented(linear), config.v, config.m, mask=_oriented(linear, masks[name]))
         if index + 1 < len(blocks) and inputs:
             _advance(block, inputs)
         del block
     return compressed
+
+
+def _outputs(block: nn.Module, inputs: list[list], states: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The block's outputs on `states` in place of the stored inputs' hidden states."""
+    with torch.no_grad():
+        return [_first_output(block(state, *args[1:], **kwargs)) for state, (args, kwargs) in zip(states, inputs)]
+
+
+def _first_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -161,8 +192,7 @@ def _advance(block: nn.Module, inputs: list[list]) -> None:
     with torch.no_grad():
         for stored in inputs:
             args, kwargs = stored
-            output = block(*args, **kwargs)
-            args[0] = output[0] if isinstance(output, (tuple, list)) else output
+            args[0] = _first_output(block(*args, **kwargs))
 
 
 def _to(value: Any, device) -> Any:
