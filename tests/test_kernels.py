@@ -248,3 +248,27 @@ def test_gpu_inductor_emits_the_kernel(kernels, untuned, tokens):
     y, code = run_and_get_code(compiled, x)
     assert ("vnm_decode_kernel" if tokens <= 16 else "vnm_prefill_kernel") in "\n".join(code)
     assert relative_error(y, ref) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.gpu
+def test_gpu_dynamic_token_count_dispatches_per_call(kernels):
+    """With a symbolic token count the op defers to vnm.linear_at_run_time: one graph serves every
+    token count, each call picks its kernel and config from its real size, and the results stay right."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    weight, _, bias, _ = make_case(1024, 512, 64, 8, 1, torch.float16, seed=3)
+    module = SparseLinear(weight, bias)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(module, dynamic=True, fullgraph=True)
+    for index, tokens in enumerate((3, 17, 300, 2048, 1)):
+        x = torch.randn(tokens, 512, device="cuda", dtype=torch.float16)
+        ref = torch.nn.functional.gelu(x.double() @ weight.to_dense().double().T + bias.double())
+        if index == 0:
+            y, code = run_and_get_code(compiled, x)
+            assert "vnm.linear_at_run_time" in "\n".join(code)
+        else:
+            y = compiled(x)
+        assert relative_error(y, ref) < TOLERANCE[torch.float16], tokens
+    assert counters["stats"]["unique_graphs"] == 1

@@ -15,18 +15,9 @@ def interpreting() -> bool:
     return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def size_hint(size) -> int:
-    """An int for a size that may be symbolic (torch.compile with dynamic shapes): its example value,
-    read without adding a guard, so kernel choices made from it do not specialise the graph."""
-    if isinstance(size, int):
-        return size
-    hint = getattr(getattr(size, "node", None), "hint", None)
-    return int(hint) if hint is not None else 8192
-
-
 def token_bucket(tokens) -> int:
     """Tokens rounded up to a power of two, at most 8192: the autotuning key's token dimension."""
-    return min(8192, triton.next_power_of_2(max(1, size_hint(tokens))))
+    return min(8192, triton.next_power_of_2(max(1, tokens)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

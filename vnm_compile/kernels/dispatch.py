@@ -27,12 +27,9 @@ DEFAULT_RULES = {"decode_max_tokens": 16, "dense_when_m_at_most": 5}
 def choose_path(
     rows: int, cols: int, tokens: int, v: int, m: int, dtype: torch.dtype, device: torch.device, has_dense: bool
 ) -> str:
-    """One of PATHS for this problem; 'dense' only when has_dense. A symbolic token count (dynamic
-    shapes) follows the rules, whose one threshold is the only guard it adds."""
+    """One of PATHS for this problem; 'dense' only when has_dense."""
     table = load_table(gpu_slug(device))
-    measured = None
-    if isinstance(tokens, int):
-        measured = table["dispatch"].get(table_key(rows, cols, token_bucket(tokens), v, m, dtype))
+    measured = table["dispatch"].get(table_key(rows, cols, token_bucket(tokens), v, m, dtype))
     if measured is not None:
         if has_dense and measured["dense_us"] < measured["sparse_us"]:
             return "dense"

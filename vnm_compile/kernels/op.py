@@ -3,7 +3,8 @@
 It is a `triton_op`: torch.compile traces its body, so Inductor sees the Triton kernel launch
 (through `wrap_triton`), writes the kernel into its generated code, and compiles the model with no
 graph break. On CUDA the body dispatches to the Triton kernels (or dense cuBLAS, see dispatch.py);
-on other devices it runs the reference implementation, registered as the CPU kernel too.
+on other devices it runs the reference implementation, registered as the CPU kernel too. In a graph
+with a symbolic token count the body defers to `linear_at_run_time`, which dispatches per call.
 """
 
 from __future__ import annotations
@@ -56,11 +57,44 @@ def linear(
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
     if x.device.type != "cuda":
         return linear_reference(x, values, columns, metadata, bias, v, m, in_features)
+    if not all(isinstance(size, int) for size in x.shape):
+        return linear_at_run_time(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels)
     from .dispatch import vnm_matmul  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
 
     y = vnm_matmul(x.reshape(-1, in_features), values, columns, metadata, bias, v, m, in_features,
                    dense=dense, expanded=expanded, channels=channels, wrap=wrap_triton)
     return y.reshape(*x.shape[:-1], values.shape[0])
+
+
+@torch.library.custom_op("vnm::linear_at_run_time", mutates_args=())
+def linear_at_run_time(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    metadata: torch.Tensor,
+    bias: torch.Tensor | None,
+    v: int,
+    m: int,
+    in_features: int,
+    dense: torch.Tensor | None,
+    expanded: torch.Tensor | None,
+    channels: torch.Tensor | None,
+) -> torch.Tensor:
+    """vnm.linear for graphs whose token count is symbolic (dynamic shapes): an operator tracing does
+    not enter, so the kernel, its config and the dense-or-sparse choice are picked per call from the
+    real token count and the measured tables. Traced into such a graph, the kernels would be tuned
+    once for the first token count seen and run with that config for every other one, and each
+    token-count threshold of the dispatcher would add a guard (a recompile)."""
+    from .dispatch import vnm_matmul
+
+    y = vnm_matmul(x.reshape(-1, in_features), values, columns, metadata, bias, v, m, in_features,
+                   dense=dense, expanded=expanded, channels=channels)
+    return y.reshape(*x.shape[:-1], values.shape[0])
+
+
+@linear_at_run_time.register_fake
+def _(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels):
+    return x.new_empty(*x.shape[:-1], values.shape[0])
 
 
 @linear.register_kernel("cpu")

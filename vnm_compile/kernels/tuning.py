@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
-from .common import interpreting, size_hint
+from .common import interpreting
 from .decode import vnm_decode_kernel
 from .prefill import vnm_prefill_kernel
 
@@ -126,9 +126,9 @@ def _prune(path: str):
         if interpreting():
             return [INTERPRETER_CONFIGS[path]]
         rows, cols, groups, m = (named_args[k] for k in ("R", "C", "G", "M"))
-        tokens = size_hint(named_args["T"])
+        tokens = named_args["T"]
         x = next(iter(named_args.values()))  # the activations: their dtype is the key's (as Triton's)
-        key = f"{path} " + table_key(rows, cols, size_hint(named_args["TOKEN_BUCKET"]), kwargs["V"], m, x.dtype)
+        key = f"{path} " + table_key(rows, cols, named_args["TOKEN_BUCKET"], kwargs["V"], m, x.dtype)
         known = load_table(gpu_slug(x.device))["autotune"].get(key)
         fitting = [c for c in configs if any(_same(c, config_record(f))
                                              for f in candidates(path, rows, cols, tokens, groups, kwargs["V"]))]
