@@ -45,6 +45,7 @@ from torch import nn
 import vnm_compile as vnm
 from vnm_compile.backend import vnm_backend
 from vnm_compile.kernels.tuning import gpu_slug
+from timing import graph_us
 
 warnings.filterwarnings("ignore", message="column_select='optimal'")
 ROOT = Path(__file__).resolve().parent
@@ -225,27 +226,7 @@ def time_step(step: Callable, units: int, device: str) -> tuple[float, str]:
         return 1e3 * (time.perf_counter() - start), "wall (cpu, one call)"
     calls = 1 if units >= 512 else 8  # fill the graph with enough work to time
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                step()
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(15):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / calls)
-        del graph
-        return sorted(times)[len(times) // 2], f"cuda graph of {calls} calls"
+        return graph_us([step] * calls, replays=15) / 1e3, f"cuda graph of {calls} calls"
     except Exception as error:  # not capturable (a host sync, a library that allocates): time it as called
         torch.cuda.synchronize()
         from triton.testing import do_bench

@@ -12,6 +12,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
 
 
 def _load():
+    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: its sibling modules import
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("e2e_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
