@@ -108,3 +108,6 @@ def test_rejects_bad_input():
         vnm.VNMConfig(refine_lr=1.5)
     with pytest.raises(ValueError, match="refine_steps"):
         vnm.sparsify(torch.nn.Linear(64, 64), torch.randn(2, 64), vnm.VNMConfig(refine_steps=4))
+    with pytest.raises(Exception, match="refine_steps"):  # the backend too (Dynamo wraps the error)
+        with torch.no_grad():
+            torch.compile(torch.nn.Linear(64, 64), backend="vnm", options={"refine_steps": 4})(torch.randn(2, 64))

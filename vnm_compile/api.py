@@ -37,9 +37,6 @@ def sparsify(
         raise ValueError(f"config must be a VNMConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    if config.refine_steps:
-        raise ValueError("refine_steps > 0 needs the block-by-block path (vnm_compile.sequential.compress_sequential); "
-                         "sparsify compresses layer by layer")
     if calibration is not None and not isinstance(calibration, Calibration):
         raise ValueError(f"calibration must come from vnm_compile.calibrate, got {type(calibration).__name__}")
     args, kwargs = arguments(example_inputs)

@@ -61,6 +61,9 @@ def transform(
     """Run discover, score, permute, fold, sparsify (and verify) on a Dynamo graph whose parameters
     are `found` (`graph_parameters`, taken while Dynamo's metadata is still on the graph)."""
     compressor(config.method)  # an unavailable method fails here, before any work
+    if config.refine_steps:
+        raise ValueError("refine_steps > 0 needs the block-by-block path (vnm_compile.sequential.compress_sequential); "
+                         "the passes compress one layer at a time")
     names = {node: name for node, (name, _) in found.items()}
     snapshots = {name: tensor.detach().clone() for name, tensor in found.values()}
     placeholders = {node: snapshots[name] for node, name in names.items()}
