@@ -59,10 +59,15 @@ def linear(
         return linear_reference(x, values, columns, metadata, bias, v, m, in_features)
     if not all(isinstance(size, int) for size in x.shape):
         return linear_at_run_time(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels)
+    return _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, wrap_triton)
+
+
+def _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, wrap=None):
+    """The CUDA body: x flattened to [T, C] for the dispatcher, its leading dims restored."""
     from .dispatch import vnm_matmul  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
 
     y = vnm_matmul(x.reshape(-1, in_features), values, columns, metadata, bias, v, m, in_features,
-                   dense=dense, expanded=expanded, channels=channels, wrap=wrap_triton)
+                   dense=dense, expanded=expanded, channels=channels, wrap=wrap)
     return y.reshape(*x.shape[:-1], values.shape[0])
 
 
@@ -85,11 +90,7 @@ def linear_at_run_time(
     real token count and the measured tables. Traced into such a graph, the kernels would be tuned
     once for the first token count seen and run with that config for every other one, and each
     token-count threshold of the dispatcher would add a guard (a recompile)."""
-    from .dispatch import vnm_matmul
-
-    y = vnm_matmul(x.reshape(-1, in_features), values, columns, metadata, bias, v, m, in_features,
-                   dense=dense, expanded=expanded, channels=channels)
-    return y.reshape(*x.shape[:-1], values.shape[0])
+    return _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels)
 
 
 @linear_at_run_time.register_fake
