@@ -34,13 +34,12 @@ def _add(a, b):  # tl.sum's combine function; tl.sum itself is a helper the inte
 
 @triton.jit
 def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k: tl.constexpr, IN_BOUNDS: tl.constexpr):
-    """[1, BLOCK_J, BLOCK_T] fp32 activations of slot k of the groups (their k-th kept channel)."""
+    """[BLOCK_J, BLOCK_T] activations of slot k of the groups (their k-th kept channel)."""
     channel = group * M + ((words >> (8 * k)) & 0xFF)
     x_mask = token_ok[None, :]
     if not IN_BOUNDS:  # padding columns, or groups past the end
         x_mask = x_mask & (channel < C)[:, None]
-    x_k = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
-    return x_k.to(tl.float32)[None, :, :]
+    return tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
 
 
 @triton.jit
@@ -120,11 +119,7 @@ def vnm_decode_kernel(
             group = 2 * offs_j + h
             if USE_DOT:
                 for k in tl.static_range(4):
-                    channel = group * M + ((words >> (8 * k)) & 0xFF)
-                    x_mask = token_ok[None, :]
-                    if not (EVEN_C and EVEN_K):  # padding columns, or groups past the end
-                        x_mask = x_mask & (channel < C)[:, None]
-                    x_k = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+                    x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
                     w_k = slot_weight(lo, hi, s0, s1, k, dtype)
                     if DOT_IN_FP32:
                         w_k = w_k.to(tl.float32)
@@ -135,17 +130,15 @@ def vnm_decode_kernel(
                 x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 1, EVEN_C and EVEN_K)
                 x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 2, EVEN_C and EVEN_K)
                 x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 3, EVEN_C and EVEN_K)
+                x0, x1 = x0.to(tl.float32)[None, :, :], x1.to(tl.float32)[None, :, :]
+                x2, x3 = x2.to(tl.float32)[None, :, :], x3.to(tl.float32)[None, :, :]
                 first = lo.to(dtype, bitcast=True).to(tl.float32)
                 second = hi.to(dtype, bitcast=True).to(tl.float32)
                 acc3 += first[:, :, None] * _select_slot(s0[:, :, None], x0, x1, x2, x3)
                 acc3 += second[:, :, None] * _select_slot(s1[:, :, None], x0, x1, x2, x3)
             else:  # the same slot split on the FMA units: no padding of the tokens to 16
                 for k in tl.static_range(4):
-                    channel = group * M + ((words >> (8 * k)) & 0xFF)
-                    x_mask = token_ok[None, :]
-                    if not (EVEN_C and EVEN_K):
-                        x_mask = x_mask & (channel < C)[:, None]
-                    x_k = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+                    x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
                     w_k = slot_weight(lo, hi, s0, s1, k, dtype).to(tl.float32)
                     acc3 += w_k[:, :, None] * x_k.to(tl.float32)[None, :, :]
 
