@@ -188,7 +188,7 @@ def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct:
     compress_seconds = time.perf_counter() - start
     value = task.evaluate(compressed_copy(model, weights))
     return {"model": task.name, "criterion": criterion, "pattern": pattern, "v": v, "m": m,
-            "reconstruct": reconstruct, "permute": permute, "sparsity": round(sparsity(weights), 4),
+            "calibration": len(task.batches), "reconstruct": reconstruct, "permute": permute, "sparsity": round(sparsity(weights), 4),
             "solver": "refit" if reconstruct else None, "refine_steps": refine_steps,
             "refine_lr": refine_lr if refine_steps else None,
             "predicted_speedup": round(vnm.analytic_speedup(v, m), 3), task.metric: value,
@@ -210,22 +210,28 @@ def configurations(args: argparse.Namespace):
 
 
 def _key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ("model", "criterion", "pattern", "reconstruct", "permute", "refine_steps"))
+    return tuple(row.get(k) for k in ("model", "criterion", "pattern", "calibration", "reconstruct", "permute",
+                                      "refine_steps"))
+
+
+_CALIBRATION_SETTING = {"smollm": "calibration_windows", "minilm": "calibration_paragraphs"}
 
 
 def write_results(rows: list[dict], settings: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "accuracy.json"
     previous = json.loads(path.read_text()) if path.exists() else {"settings": {}, "results": []}
-    # Rows measured on other text sizes are not comparable: start afresh.
-    sizes = ("calibration_windows", "eval_windows", "calibration_paragraphs", "eval_paragraphs")
-    same_sizes = all(previous["settings"].get(k) == settings[k] for k in sizes)
+    # Rows evaluated on other text sizes are not comparable: start afresh. The calibration size is
+    # a column of its own (older files kept it in the settings).
+    before = previous["settings"]
+    same_sizes = all(before.get(k) == settings[k] for k in ("eval_windows", "eval_paragraphs"))
     previous = previous["results"] if same_sizes else []
+    for row in previous:
+        row.setdefault("refine_steps", 0)
+        if row["pattern"] != "dense":
+            row.setdefault("calibration", before.get(_CALIBRATION_SETTING[row["model"]]))
     merged = {_key(row): row for row in previous}
     merged.update({_key(row): row for row in rows})
-    for row in merged.values():  # rows from before refinement existed had none
-        row.setdefault("refine_steps", 0)
-    merged = {_key(row): row for row in merged.values()}
     ordered = sorted(merged.values(), key=lambda r: (r["model"], r["pattern"] != "dense", r["m"] or 0,
                                                      r["permute"], r["reconstruct"], r["refine_steps"],
                                                      r["criterion"]))
@@ -251,22 +257,22 @@ def _markdown(document: dict) -> str:
     ]
     for model, metric, detail in (
         ("smollm", "perplexity", f"SmolLM2-135M, perplexity over {s['eval_windows']} windows of {WINDOW} "
-                                 f"tokens (lower is better); calibration {s['calibration_windows']} windows"),
+                                 f"tokens (lower is better); calibration in windows of {WINDOW} tokens"),
         ("minilm", "cosine_to_dense", f"all-MiniLM-L6-v2, mean cosine of sentence embeddings to dense over "
-                                      f"{s['eval_paragraphs']} paragraphs (higher is better); calibration "
-                                      f"{s['calibration_paragraphs']} paragraphs"),
+                                      f"{s['eval_paragraphs']} paragraphs (higher is better); calibration in paragraphs"),
     ):
         rows = [r for r in document["results"] if r["model"] == model]
         if not rows:
             continue
         lines += [f"## {detail}", "", f"| pattern | sparsity | pred. speedup | criterion | permute | reconstruct "
-                  f"| solver | refine | {metric} | seconds | permute s |",
-                  "| --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+                  f"| calibration | solver | refine | {metric} | seconds | permute s |",
+                  "| --- | ---: | ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
         for r in rows:
             solver = r.get("solver") or ("pass" if r["reconstruct"] else "")
             refine = f"{r['refine_steps']} ({r['refine_lr']:g})" if r["refine_steps"] else ""
             lines.append(f"| {r['pattern']} | {r['sparsity']:.3f} | {r['predicted_speedup'] or 1:.2f} | "
-                         f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {solver} | {refine} | "
+                         f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {r.get('calibration') or ''} | "
+                         f"{solver} | {refine} | "
                          f"{r[metric]:.4g} | {r['seconds']} | {r.get('permute_seconds', '')} |")
         lines.append("")
     return "\n".join(lines)
@@ -356,8 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     settings = {"date": datetime.date.today().isoformat(), "device": _device(),
                 "torch": torch.__version__, "python": platform.python_version(),
-                **{k: getattr(args, k) for k in ("calibration_windows", "eval_windows",
-                                                 "calibration_paragraphs", "eval_paragraphs")}}
+                **{k: getattr(args, k) for k in ("eval_windows", "eval_paragraphs")}}
     rows = []
     for name in args.models:
         task = Task(name, args)
