@@ -129,11 +129,23 @@ DECODE_CONFIGS = [(*cfg, False, select_x) for cfg in FMA_DECODE for select_x in 
 ]
 
 
+# round 6: the prefill kernel on few tokens, x read in place (row-major, no transpose), streaming the
+# expanded weight (4/M of dense) with no 2:4 expansion work: (BLOCK_N, BLOCK_T, BLOCK_K, W_LEFT,
+# num_warps, num_stages, GROUP_N)
+ROWX_CONFIGS = [
+    (16, 16, 128, False, 4, 4, 1), (16, 16, 256, False, 4, 3, 1), (16, 16, 64, False, 4, 6, 1),
+    (16, 16, 128, False, 2, 5, 1), (32, 16, 128, False, 4, 4, 1), (32, 16, 256, False, 4, 3, 1),
+    (32, 16, 128, False, 4, 6, 1), (64, 16, 128, True, 4, 4, 1), (64, 16, 128, False, 4, 4, 1),
+    (64, 16, 256, True, 8, 3, 1), (16, 32, 128, False, 4, 4, 1), (32, 32, 128, False, 4, 4, 1),
+]
+
+
 def fits(cfg, v):
     return cfg[0] <= v
 
 
 def run_prefill(layout, cfg, expanded, bias=None, out=None):
+    """layout["xt"]: x.T from `transpose`, or the view x.t() of a row-major x."""
     bn, bt, bk, w_left, warps, stages, group_n = cfg
     weight = layout["weight"]
     return launch_prefill(
@@ -162,9 +174,10 @@ def compile_job(job):
     torch.cuda.init()
     weight = fake_weight(rows, cols, v, m)
     try:
-        if kind == "prefill":
+        if kind in ("prefill", "rowx"):
             x = torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16)
-            layout = {"xt": transpose(x), "weight": weight, "channels": channel_index(weight.columns, m)}
+            layout = {"xt": transpose(x) if kind == "prefill" else x.t(), "weight": weight,
+                      "channels": channel_index(weight.columns, m)}
             run_prefill(layout, cfg, expand_weight(weight.values, weight.metadata))
         else:
             run_decode(torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16), weight, cfg)
@@ -232,6 +245,22 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
              "dense_bytes": rows * cols * 2}
     entry["dense_ms"] = graph_ms([lambda d=d: F.linear(x, d) for d in denses])
     entry["variants"] = {}
+    expanded = expand_weight(weight.values, weight.metadata)
+    expanded_copies = [expanded] + [expanded.clone() for _ in range(max(1, -(-3 * L2_BYTES // expanded.nbytes)) - 1)]
+    layout = {"xt": x.t(), "weight": weight, "channels": channel_index(weight.columns, m)}
+    for cfg in ROWX_CONFIGS:
+        if not fits(cfg, v) or cfg[1] < min(16, triton.next_power_of_2(tokens)):
+            continue
+        name = f"rowx {cfg}"
+        try:
+            y = torch.full((tokens, rows), float("nan"), device=DEVICE, dtype=dtype)
+            run_prefill(layout, cfg, expanded, out=y)
+            err = check(y, x, weight)
+            stats = compiled_stats()
+            ms = graph_ms([lambda e=e: run_prefill(layout, cfg, e) for e in expanded_copies])
+            entry["variants"][name] = {"ms": ms, "err": err, "GBps": expanded.nbytes / ms / 1e6, **stats}
+        except Exception as error:
+            entry["variants"][name] = {"error": repr(error)[:300]}
     for cfg in DECODE_CONFIGS:
         if not fits(cfg, v) or not decode_fits(cfg, tokens):
             continue
@@ -250,11 +279,11 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
         f"compressed {weight.nbytes/2**20:.1f} MiB")
     for name, r in sorted(entry["variants"].items(), key=lambda kv: kv[1].get("ms", 1e9)):
         if "ms" in r:
-            log(f"  {name:28s} {r['ms']*1e3:7.2f}us {dense_ms/r['ms']:.2f}x dense {r['GBps']:.0f} GB/s err "
+            log(f"  {name:40s} {r['ms']*1e3:7.2f}us {dense_ms/r['ms']:.2f}x dense {r['GBps']:.0f} GB/s err "
                 f"{r['err']:.1e} regs {r.get('regs')} spills {r.get('spills')} cp {r.get('cp_async')} "
                 f"ld {r.get('ld_global')} mma {r.get('mma_sync')}")
         else:
-            log(f"  {name:28s} ERROR {r['error']}")
+            log(f"  {name:40s} ERROR {r['error']}")
     results["decode"][key] = entry
 
 
@@ -302,6 +331,8 @@ def main():
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--decode-only", action="store_true", help="skip the prefill cases")
     parser.add_argument("--decode-tokens", default="1,2,4,8,16")
+    parser.add_argument("--decode-shapes", default="4096x4096,11008x4096,4096x11008")
+    parser.add_argument("--decode-m", default="8", help="M of the 64:2:M decode cases, comma-separated")
     parser.add_argument("--profile", help="JSON list of [kind, case, variant, config] to run once each")
     parser.add_argument("--profile-best", help="a results JSON: run its fastest prefill and decode variants once")
     args = parser.parse_args()
@@ -319,7 +350,8 @@ def main():
     first = (4096, 4096, 8192, 64, 8)
     others = [(4096, 4096, 8192, 64, 16), (4096, 4096, 2048, 64, 8), (4096, 4096, 256, 64, 8),
               (4096, 4096, 64, 64, 8), (768, 3072, 2048, 64, 8), (3072, 768, 256, 64, 8), (4096, 4096, 8192, 128, 8)]
-    decode_shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    decode_shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.decode_shapes.split(",")]
+    decode_ms = [int(m) for m in args.decode_m.split(",")]
     decode_tokens = [int(t) for t in args.decode_tokens.split(",")]
     if args.smoke:
         first, others = (128, 96, 130, 64, 8), [(130, 77, 40, 32, 5)]
@@ -328,8 +360,11 @@ def main():
     if not args.skip_precompile and not args.smoke:
         jobs = [] if args.decode_only else [("prefill", *first, variant, cfg) for variant, cfg in first_variants
                                             if fits(cfg, first[3])]
-        jobs += [("decode", r, c, t, 64, 8, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
-                 for t in decode_tokens for cfg in DECODE_CONFIGS if decode_fits(cfg, t)]
+        jobs += [("decode", r, c, t, 64, m, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
+                 for t in decode_tokens for m in decode_ms for cfg in DECODE_CONFIGS if decode_fits(cfg, t)]
+        jobs += [("rowx", r, c, t, 64, m, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
+                 for t in decode_tokens for m in decode_ms for cfg in ROWX_CONFIGS
+                 if cfg[1] >= min(16, triton.next_power_of_2(t))]
         precompile(compile_job, jobs)
     if args.decode_only:
         first, others = None, []
@@ -356,8 +391,8 @@ def main():
         prefill_case(*case, case_variants(case), results)
         json.dump(results, open(args.out, "w"), indent=1)
     log(f"[{time.time() - start:.0f}s]")
-    for (rows, cols), tokens in itertools.product(decode_shapes, decode_tokens):
-        decode_case(rows, cols, tokens, 64, 8, results)
+    for (rows, cols), m, tokens in itertools.product(decode_shapes, decode_ms, decode_tokens):
+        decode_case(rows, cols, tokens, 64, m, results)
         json.dump(results, open(args.out, "w"), indent=1)
     log(f"done in {time.time() - start:.0f}s")
 

@@ -58,14 +58,19 @@ def make_case(rows, cols, v, m, tokens, dtype, seed):
     return weight, x, bias, ref
 
 
-def run_path(kernels, path, weight, x, bias, kernel=None, **config):
-    """One launch of `path` (autotuned unless `kernel` and its config are given) into a poisoned output."""
+def run_path(kernels, path, weight, x, bias, kernel=None, channel_major=None, **config):
+    """One launch of `path` (autotuned unless `kernel` and its config are given) into a poisoned output.
+    The prefill kernel reads x as the dispatcher hands it over (transposed beyond
+    ROW_MAJOR_MAX_TOKENS, in place below), unless `channel_major` says which."""
     decode, prefill, tuning = kernels["decode"], kernels["prefill"], kernels["tuning"]
     kernel = kernel or tuning.AUTOTUNED[path]
     poisoned = torch.full((x.shape[0], weight.out_features), float("nan"), dtype=x.dtype, device=x.device)
     if path == "prefill":
         layout = vnm.kernels.prefill_layout(weight)
-        y = prefill.launch_prefill(kernel, prefill.transpose(x), layout.expanded, layout.channels, bias, weight.v,
+        if channel_major is None:
+            channel_major = x.shape[0] > prefill.ROW_MAJOR_MAX_TOKENS
+        xt = prefill.transpose(x) if channel_major else x.t()
+        y = prefill.launch_prefill(kernel, xt, layout.expanded, layout.channels, bias, weight.v,
                                    weight.m, weight.in_features, out=poisoned, **config)
         assert y is poisoned
     else:  # a split decode accumulates into zeros, so its check is the float64 comparison alone
@@ -110,10 +115,12 @@ def test_interpreted_decode_variants(kernels, use_dot, select_x, block_t, tokens
 
 @interpreter_only
 @pytest.mark.parametrize("w_left", [True, False])
-def test_interpreted_prefill_orientations(kernels, w_left):
+@pytest.mark.parametrize("channel_major", [True, False])
+def test_interpreted_prefill_orientations(kernels, w_left, channel_major):
+    """Weight or tokens on the MMA's M side; x transposed or read in place (row-major)."""
     weight, x, bias, ref = make_case(90, 100, 32, 8, 20, torch.float16, seed=7)
     y = run_path(kernels, "prefill", weight, x, bias, kernels["prefill"].vnm_prefill_kernel,
-                 BLOCK_N=32, BLOCK_T=16, BLOCK_K=32, W_LEFT=w_left, GROUP_N=2)
+                 channel_major=channel_major, BLOCK_N=32, BLOCK_T=16, BLOCK_K=32, W_LEFT=w_left, GROUP_N=2)
     assert relative_error(y, ref) < TOLERANCE[torch.float16]
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .common import token_bucket
 from .decode import launch_decode
-from .prefill import channel_index, expand_weight, launch_prefill, transpose, transpose_kernel
+from .prefill import ROW_MAJOR_MAX_TOKENS, channel_index, expand_weight, launch_prefill, transpose, transpose_kernel
 from .tuning import AUTOTUNED, gpu_slug, load_table, remember_tuned, table_key
 
 PATHS = ("decode", "decode_split", "prefill", "dense")
@@ -76,7 +76,7 @@ def vnm_matmul(
     if path == "prefill":
         expanded = expand_weight(values, metadata) if expanded is None else expanded
         channels = channel_index(columns, m) if channels is None else channels
-        xt = transpose(x, wrap(transpose_kernel))
+        xt = x.t() if tokens <= ROW_MAJOR_MAX_TOKENS else transpose(x, wrap(transpose_kernel))
         y = launch_prefill(wrap(AUTOTUNED[path]), xt, expanded, channels, bias, v, m, in_features)
     else:
         split_k = DECODE_SPLIT_K if path == "decode_split" else 1

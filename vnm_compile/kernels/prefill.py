@@ -14,7 +14,9 @@ block, so they share those channels) and BLOCK_T tokens; per BLOCK_K step it loa
     channel is a contiguous run of tokens, so the gather is 16-byte vector loads that Triton
     pipelines like a dense tile (from row-major x each element would be its own 2-byte load);
 and multiplies them with one tl.dot, fp32 accumulation, bias and cast fused in the epilogue.
-`transpose` writes x.T with a tiled Triton kernel (one read and one write of x).
+`transpose` writes x.T with a tiled Triton kernel (one read and one write of x). For a few tokens
+(at most ROW_MAJOR_MAX_TOKENS) x is small enough to stay in L2, its gathers are cheap next to the
+weight stream, and the kernel reads it in place (a strided view) instead: no transpose launch.
 
 Only builtins of triton.language are called, none of its @triton.jit helpers (tl.cdiv, tl.zeros):
 an interpreted kernel (TRITON_INTERPRET=1, CPU tests) cannot call helpers that were compiled when
@@ -34,8 +36,9 @@ from .common import dot_precision, grid_order, interpreting, token_bucket
 @triton.heuristics({"EVEN_K": lambda a: (4 * a["G"]) % a["BLOCK_K"] == 0})
 @triton.jit
 def vnm_prefill_kernel(
-    xt_ptr, w_ptr, channel_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, channel_ptr, bias_ptr, y_ptr,
     R, C, T, G,
+    stride_xc, stride_xt,  # x as [C, T]: (T, 1) for x.T, (1, C) for row-major x read in place
     M, TOKEN_BUCKET,  # only autotuning keys (the group width; T rounded up to a power of two)
     V: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -73,7 +76,7 @@ def vnm_prefill_kernel(
         x_mask = token_ok[None, :]
         if not (EVEN_C and EVEN_K):  # padding columns, or steps past the end (channel = C)
             x_mask = x_mask & (channel < C)[:, None]
-        x = tl.load(xt_ptr + channel[:, None] * T + offs_t[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_ptr + channel[:, None] * stride_xc + offs_t[None, :] * stride_xt, mask=x_mask, other=0.0)
         if DOT_IN_FP32:
             w = w.to(tl.float32)
             x = x.to(tl.float32)
@@ -97,6 +100,9 @@ def transpose_kernel(x_ptr, xt_ptr, T, C, BLOCK_T: tl.constexpr, BLOCK_C: tl.con
     mask = (offs_t < T)[:, None] & (offs_c < C)[None, :]
     tile = tl.load(x_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask)
     tl.store(xt_ptr + offs_c[None, :] * T + offs_t[:, None], tile, mask=mask)
+
+
+ROW_MAJOR_MAX_TOKENS = 32
 
 
 def transpose(x: torch.Tensor, kernel=transpose_kernel) -> torch.Tensor:
@@ -137,8 +143,9 @@ def launch_prefill(
     out: torch.Tensor | None = None,
     **config,
 ) -> torch.Tensor:
-    """y [T, R] from channel-major xt [C, T], the expanded weight [R, 4G] and its channel index
-    [ceil(R/V), 4G]; `kernel` is vnm_prefill_kernel (config: its blocks) or an autotuned wrapper."""
+    """y [T, R] from xt [C, T] (x.T, either channel-major from `transpose` or the strided view
+    `x.t()` of a row-major x), the expanded weight [R, 4G] and its channel index [ceil(R/V), 4G];
+    `kernel` is vnm_prefill_kernel (config: its blocks) or an autotuned wrapper."""
     tokens = xt.shape[1]
     rows, groups = expanded.shape[0], expanded.shape[1] // KEPT_COLUMNS
     y = torch.empty(tokens, rows, dtype=xt.dtype, device=xt.device) if out is None else out
@@ -148,7 +155,7 @@ def launch_prefill(
 
     kernel[grid](
         xt, expanded, channels, bias if bias is not None else expanded, y,
-        rows, in_features, tokens, groups, m, token_bucket(tokens),
+        rows, in_features, tokens, groups, xt.stride(0), xt.stride(1), m, token_bucket(tokens),
         V=v, HAS_BIAS=bias is not None, EVEN_C=in_features == groups * m,
         DOT_PRECISION=dot_precision(xt.dtype), DOT_IN_FP32=xt.dtype == torch.bfloat16 and interpreting(),
         **config,
