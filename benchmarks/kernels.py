@@ -89,7 +89,7 @@ class Problem:
         """Closures running one explicit kernel config of `path` on each weight copy."""
         if path == "prefill":
             def call(layout):
-                xt = prefill.transpose(x)
+                xt = x.t() if x.shape[0] <= prefill.ROW_MAJOR_MAX_TOKENS else prefill.transpose(x)
                 return prefill.launch_prefill(prefill.vnm_prefill_kernel, xt, layout.expanded, layout.channels, None,
                                               self.v, self.m, self.cols, **config_args(config))
             return [lambda layout=layout: call(layout) for layout in self.layouts]
@@ -108,7 +108,7 @@ def config_args(config: triton.Config) -> dict:
 
 
 def candidate_list(problem_shape, tokens):
-    """(path, config) pairs timed for a key: decode paths up to 64 tokens, prefill from 16."""
+    """(path, config) pairs timed for a key: decode paths up to 64 tokens, prefill at every count."""
     rows, cols, v, m = problem_shape
     groups = -(-cols // m)
     found = []
@@ -116,8 +116,7 @@ def candidate_list(problem_shape, tokens):
         found += [("decode", c) for c in tuning.candidates("decode", rows, cols, tokens, groups, v)]
         found += [("decode_split", c) for c in SPLIT_CONFIGS if c.kwargs["BLOCK_N"] <= v
                   and (c.kwargs["USE_DOT"] or c.kwargs["BLOCK_T"] == tuning.token_block(tokens))]
-    if tokens >= DECODE_MAX_TOKENS:
-        found += [("prefill", c) for c in tuning.candidates("prefill", rows, cols, tokens, groups, v)]
+    found += [("prefill", c) for c in tuning.candidates("prefill", rows, cols, tokens, groups, v)]
     return found
 
 
@@ -132,7 +131,8 @@ def compile_job(job):
     try:
         if path == "prefill":
             layout = prefill_layout(weight)
-            prefill.launch_prefill(prefill.vnm_prefill_kernel, prefill.transpose(x), layout.expanded, layout.channels,
+            xt = x.t() if tokens <= prefill.ROW_MAJOR_MAX_TOKENS else prefill.transpose(x)
+            prefill.launch_prefill(prefill.vnm_prefill_kernel, xt, layout.expanded, layout.channels,
                                    None, v, m, cols, **config_args(config))
         else:
             decode.launch_decode(decode.vnm_decode_kernel, x, weight.values, weight.columns, weight.metadata, None,
@@ -219,6 +219,8 @@ def run(args) -> None:
         shapes, tokens_list, patterns = [(100, 77), (64, 128)], [1, 3, 17, 70], [(16, 4), (16, 5), (32, 8)]
     if args.patterns:
         patterns = [tuple(int(n) for n in p.split(":2:")) for p in args.patterns.split(",")]
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
     if args.tokens:
         tokens_list = [int(t) for t in args.tokens.split(",")]
     table = {"device": device, "autotune": {}, "dispatch": {}}
@@ -376,6 +378,7 @@ def main():
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--patterns", help="e.g. 32:2:8,64:2:8 (default: all)")
     parser.add_argument("--tokens", help="e.g. 1,16 (default: all)")
+    parser.add_argument("--shapes", help="weights RxC, e.g. 12288x4096,22016x4096 (default: the sweep's)")
     parser.add_argument("--merge", action="store_true",
                         help="with --tune: update only the swept keys of the shipped table")
     args = parser.parse_args()

@@ -23,7 +23,7 @@ import triton
 
 from .common import interpreting
 from .decode import vnm_decode_kernel
-from .prefill import vnm_prefill_kernel
+from .prefill import ROW_MAJOR_MAX_TOKENS, vnm_prefill_kernel
 
 TABLES = Path(__file__).with_name("tables")
 USER_CACHE = Path(os.environ.get("VNM_CACHE_DIR", Path.home() / ".cache" / "vnm_compile"))
@@ -48,6 +48,12 @@ PREFILL_CONFIGS = [
     _prefill(64, 64, 128, True, 4, 3, 64), _prefill(64, 64, 64, True, 4, 3, 64),
     _prefill(32, 128, 64, False, 4, 4, 128), _prefill(32, 64, 64, False, 4, 3, 128),
     _prefill(16, 64, 64, False, 4, 3, 128),
+] + [
+    # a few tokens (x read in place, row-major): 16-token tiles, narrow row tiles for enough programs
+    # (round 6: they beat the decode kernel from 4 tokens on where C = 4096 and R >= 11008)
+    _prefill(32, 16, 256, False, 4, 3, 1), _prefill(16, 16, 256, False, 4, 3, 1),
+    _prefill(64, 16, 256, True, 8, 3, 1), _prefill(64, 16, 128, True, 4, 4, 1),
+    _prefill(64, 16, 128, False, 4, 4, 1), _prefill(32, 16, 128, False, 4, 4, 1),
 ]
 # FMA configs per token block (their [BLOCK_N, BLOCK_J, BLOCK_T] accumulator stays <= 64 registers a
 # thread) and tensor-core configs (tokens padded to 16).
@@ -79,8 +85,11 @@ def token_block(tokens: int) -> int:
 def candidates(path: str, rows: int, cols: int, tokens: int, groups: int, v: int) -> list[triton.Config]:
     """The configs of `path` worth timing for this shape (the same list the benchmark times)."""
     if path == "prefill":
-        largest_t = max(64, triton.next_power_of_2(tokens))
-        return [c for c in PREFILL_CONFIGS if c.kwargs["BLOCK_N"] <= v and c.kwargs["BLOCK_T"] <= largest_t]
+        if tokens <= ROW_MAJOR_MAX_TOKENS:
+            block_t = (16, 16)
+        else:
+            block_t = (64, max(64, triton.next_power_of_2(tokens)))
+        return [c for c in PREFILL_CONFIGS if c.kwargs["BLOCK_N"] <= v and block_t[0] <= c.kwargs["BLOCK_T"] <= block_t[1]]
     block_t = token_block(tokens)
     return [c for c in DECODE_CONFIGS if c.kwargs["BLOCK_N"] <= v and c.kwargs["BLOCK_J"] <= max(16, groups)
             and (c.kwargs["USE_DOT"] or c.kwargs["BLOCK_T"] == block_t)]
