@@ -7,15 +7,22 @@ Dynamo hands over the graph and, as example inputs, the real parameters. They ar
 ignores the live parameters, which are never written to. `options` are VNMConfig's fields, plus
 "calibration": the result of `vnm_compile.calibrate(model, batches)`, and "explain": the path of an
 HTML report (`vnm_compile.explain`) to write for each compiled graph.
+
+Dynamo compiles one model into several graphs (another input shape, the dynamic-shape graph, the
+decode graph). A graph that reads the same parameter tensors, unchanged, under the same config as
+an earlier one takes that compile's work (`Reuse`): one permutation search, one compressed copy of
+each weight, and the same buffers in every graph. The compiled graphs hold it; it is freed with them.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,7 +32,7 @@ from torch import fx
 from .calibration import Calibration
 from .config import VNMConfig
 from .passes import discover, fold, permute, score, sparsify, verify
-from .passes.common import concrete_inputs, graph_parameters
+from .passes.common import Reuse, concrete_inputs, graph_parameters
 from .passes.diff import StageRecorder
 from .passes.fold import Folded
 from .passes.sparsify import compressor
@@ -57,15 +64,21 @@ def transform(
     config: VNMConfig,
     calibration: Calibration | None = None,
     extra_skips: dict[str, str] | None = None,
+    reuse: Reuse | None = None,
 ) -> Transformed:
     """Run discover, score, permute, fold, sparsify (and verify) on a Dynamo graph whose parameters
-    are `found` (`graph_parameters`, taken while Dynamo's metadata is still on the graph)."""
+    are `found` (`graph_parameters`, taken while Dynamo's metadata is still on the graph).
+
+    `reuse`, made for exactly these parameters and this config (`_reuse_for`), lends the work of
+    earlier compiles and keeps this one's; the report's `reused` says what was taken."""
     compressor(config.method)  # an unavailable method fails here, before any work
     if config.refine_steps:
         raise ValueError("refine_steps > 0 needs the block-by-block path (vnm_compile.sequential.compress_sequential); "
                          "the passes compress one layer at a time")
     names = {node: name for node, (name, _) in found.items()}
-    snapshots = {name: tensor.detach().clone() for name, tensor in found.values()}
+    earlier = reuse.tally() if reuse is not None else {}
+    snapshots = {name: reuse.cached("snapshots", id(tensor), tensor.detach().clone) if reuse is not None
+                 else tensor.detach().clone() for name, tensor in found.values()}
     placeholders = {node: snapshots[name] for node, name in names.items()}
     inputs: Callable[[], list[Any]] = lambda: concrete_inputs(gm, example_inputs, placeholders)
     seconds: dict[str, float] = {}
@@ -84,21 +97,23 @@ def transform(
         scores = score(gm, discovery, snapshots, inputs(), config, calibration)
     stages.record("score", gm)
     with timed("permute"):
-        permutations = permute(discovery, scores, config)
+        permutations = permute(discovery, scores, config, reuse)
     stages.record("permute", gm)
     with timed("fold"):
-        folded = fold(gm, discovery, names, snapshots, permutations)
+        folded = fold(gm, discovery, names, snapshots, permutations, reuse)
     stages.record("fold", folded.gm)
     sparse = None
     if config.sparsify:
         with timed("sparsify"):
-            sparse = sparsify(folded, discovery, scores, permutations, config)
+            sparse = sparsify(folded, discovery, scores, permutations, config, reuse)
         stages.record("sparsify", sparse.gm)
     verification = None
     if config.verify:
         with timed("verify"):
             verification = verify(gm, folded.gm, sparse, discovery, permutations, inputs)
-    report = build_report(config, discovery, scores, permutations, sparse, verification, seconds, stages.stages)
+    reused = reuse.tally(since=earlier) if reuse is not None else None
+    report = build_report(config, discovery, scores, permutations, sparse, verification, seconds, stages.stages,
+                          reused)
     _REPORTS.append(report)
     log.info("%s", report)
     return Transformed(sparse.gm if sparse is not None else folded.gm, report, folded, stages)
@@ -138,13 +153,41 @@ def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
         raise ValueError("the vnm backend needs modules inlined into the graph; leave "
                          "torch._dynamo.config.inline_inbuilt_nn_modules at its default (True)")
     found = graph_parameters(gm, example_inputs)
-    transformed = transform(gm, example_inputs, found, config, calibration)
+    reuse = _reuse_for(found, config, calibration)
+    transformed = transform(gm, example_inputs, found, config, calibration, reuse=reuse)
     compiled = lower(transformed, example_inputs, record=explain_path is not None) if config.inductor else transformed.gm
     if explain_path is not None:
         from .explain import write_explanation
 
         write_explanation(transformed, gm, example_inputs, found, explain_path)
-    return _inference_only(compiled)
+    return _inference_only(compiled, reuse)
+
+
+# Reuse by parameters (id, version, data pointer), config and calibration. Held weakly: the compiled
+# graphs hold their Reuse, so it lives while one of them does, and no longer.
+_REUSE: weakref.WeakValueDictionary[tuple, Reuse] = weakref.WeakValueDictionary()
+# How a graph is lowered or checked, not what it computes.
+_NOT_IN_SOLUTION = ("mode", "inductor", "verify")
+
+
+def _reuse_for(found: dict[str, tuple[str, torch.Tensor]], config: VNMConfig,
+               calibration: Calibration | None) -> Reuse | None:
+    """The Reuse of earlier compiles of exactly these parameter tensors, unchanged since, under the
+    same config and calibration; a new one (registered) if there is none. None where a tensor keeps
+    no version counter (an inference tensor), so that a change could not be seen."""
+    tensors = list({id(tensor): tensor for _, tensor in found.values()}.values())
+    try:
+        versions = Reuse.versions(tensors)
+    except RuntimeError:
+        return None
+    solution = tuple((field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
+                     if field.name not in _NOT_IN_SOLUTION)
+    key = (solution, id(calibration), tuple((id(tensor), version) for tensor, version in versions))
+    reuse = _REUSE.get(key)
+    if reuse is None or not reuse.serves(tensors, calibration):  # ids recycled by other tensors
+        reuse = Reuse(tensors, calibration)
+        _REUSE[key] = reuse
+    return reuse
 
 
 _FROZEN_MESSAGE = (
@@ -167,7 +210,7 @@ class _FrozenSnapshot(torch.autograd.Function):
         raise RuntimeError(_FROZEN_MESSAGE)
 
 
-def _inference_only(compiled: Callable) -> Callable:
+def _inference_only(compiled: Callable, reuse: Reuse | None = None) -> Callable:
     def run(*args: Any) -> Any:
         anchor = next((arg for arg in args if isinstance(arg, torch.Tensor) and arg.requires_grad), None)
         if anchor is None or not torch.is_grad_enabled():
@@ -178,4 +221,5 @@ def _inference_only(compiled: Callable) -> Callable:
         wrapped = iter(_FrozenSnapshot.apply(anchor, *[out for out, d in zip(outputs, differentiable) if d]))
         return type(outputs)(next(wrapped) if d else out for out, d in zip(outputs, differentiable))
 
+    run.reuse = reuse  # the work shared with the model's other compiled graphs lives as long as one of them
     return run

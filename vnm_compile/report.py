@@ -94,6 +94,9 @@ class Report:
     blockers: dict[str, str]         # FX node -> why it kept a channel space from being permuted
     stages: list[StageDiff] = field(default_factory=list)  # graph code before/after each stage
     output_error: float | None = None  # relative error of the graph's outputs vs dense (explain)
+    # what came from earlier compiles of the same parameters (the vnm backend): per table (snapshots,
+    # permutations, folded, compressed, buffers), (entries taken from them, entries looked up)
+    reused: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def sparse_layers(self) -> list[LayerReport]:
@@ -141,6 +144,9 @@ class Report:
             lines.append(f"kept order, {len(ids)} group(s) ({', '.join(map(str, ids))}): {reason}")
         if self.permute_stopped:
             lines.append(f"permutation search stopped early: {self.permute_stopped}")
+        if any(hits for hits, _ in self.reused.values()):
+            lines.append("reused from an earlier compile of the same parameters: "
+                         + ", ".join(f"{table} {hits}/{lookups}" for table, (hits, lookups) in self.reused.items()))
         if self.verification is not None:
             check = self.verification
             sparse = "" if check.sparse_error is None else f", sparse vs masked dense {check.sparse_error:.2g}"
@@ -196,6 +202,7 @@ def build_report(
     verification: Verification | None,
     seconds: dict[str, float],
     stages: list[StageDiff] | None = None,
+    reused: dict[str, tuple[int, int]] | None = None,
 ) -> Report:
     layers = []
     for site in discovery.linears.values():
@@ -226,4 +233,4 @@ def build_report(
             gain=search.gain if search else None))
     # the recorder's own list: the lower stage, recorded once Inductor has run, lands in the report too
     return Report(config, layers, groups, seconds, verification, permutations.stopped, discovery.blockers,
-                  stages if stages is not None else [])
+                  stages if stages is not None else [], reused=reused or {})

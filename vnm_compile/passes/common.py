@@ -1,12 +1,16 @@
-"""What every pass shares: the graph's parameters by module name, and running the graph on real inputs."""
+"""What every pass shares: the graph's parameters by module name, running the graph on real inputs,
+and the work of earlier compiles of the same parameters (`Reuse`)."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+import weakref
+from typing import Any, Callable, Hashable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import fx
+
+T = TypeVar("T")
 
 _SOURCE_ATTRIBUTES = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]")
 _SUBSCRIPTS = re.compile(r"\['([^']*)'\]|\[(\d+)\]")
@@ -154,3 +158,65 @@ class _Interpreter(fx.Interpreter):
     def _cast_dtypes(self, args, kwargs):
         cast = lambda value: self._cast(value) if isinstance(value, torch.dtype) else value
         return fx.node.map_aggregate(args, cast), fx.node.map_aggregate(kwargs, cast)
+
+
+class Reuse:
+    """What earlier compiles of one set of parameters, under one config, computed: the graphs Dynamo
+    compiles for one model (other input shapes, the dynamic-shape graph, the decode graph) share
+    its snapshots, permutations, permuted parameters, compressed weights and buffers, so the model
+    gets one sparse version, searched and stored once.
+
+    It serves only the very tensors it was made for, unchanged since (`serves`). Ids in its keys are
+    those of these tensors or of objects the entries keep alive (`keep`), or that earlier tables
+    keep: an id in a key is never one recycled by another object.
+    """
+
+    def __init__(self, parameters: list[torch.Tensor], calibration: object | None = None):
+        self._parameters = [(weakref.ref(tensor), version) for tensor, version in self.versions(parameters)]
+        self._calibration = weakref.ref(calibration) if calibration is not None else None
+        self._tables: dict[str, dict[Hashable, Any]] = {}
+        self._counts: dict[str, tuple[int, int]] = {}  # table -> (hits, lookups), over every compile
+
+    @staticmethod
+    def versions(parameters: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Each tensor, in the order of their ids, with what says it is unchanged: its version
+        counter (bumped by in-place writes) and its data pointer (which `tensor.data = ...` moves
+        without a bump). Raises RuntimeError for a tensor that keeps neither (an inference tensor)."""
+        return [(tensor, (tensor._version, tensor.data_ptr())) for tensor in sorted(parameters, key=id)]
+
+    def serves(self, parameters: list[torch.Tensor], calibration: object | None) -> bool:
+        """Whether these are the tensors (and calibration) it was made for, all unchanged since."""
+        current = self.versions(parameters)
+        same_calibration = (calibration is None if self._calibration is None else self._calibration() is calibration)
+        return same_calibration and len(current) == len(self._parameters) and all(
+            ref() is tensor and version == recorded for (ref, recorded), (tensor, version) in zip(self._parameters, current))
+
+    def cached(self, table: str, key: Hashable, compute: Callable[[], T], keep: Any = None) -> T:
+        """The value stored under `key`, or `compute()` stored there; `keep` (the objects whose ids
+        the key holds) lives as long as the entry."""
+        entries = self._tables.setdefault(table, {})
+        found = key in entries
+        self._count(table, int(found), 1)
+        if not found:
+            entries[key] = (keep, compute())
+        return entries[key][1]
+
+    def recall(self, table: str, keys: Iterable[Hashable]) -> dict[Hashable, Any] | None:
+        """The values of all `keys`, or None if any is missing (then all are computed again)."""
+        entries, keys = self._tables.setdefault(table, {}), list(keys)
+        found = all(key in entries for key in keys)
+        self._count(table, len(keys) if found else 0, len(keys))
+        return {key: entries[key][1] for key in keys} if found else None
+
+    def store(self, table: str, values: dict[Hashable, Any]) -> None:
+        self._tables.setdefault(table, {}).update({key: (None, value) for key, value in values.items()})
+
+    def tally(self, since: dict[str, tuple[int, int]] | None = None) -> dict[str, tuple[int, int]]:
+        """Per table, (entries found, entries looked up) over its life, or after `since` (an earlier tally)."""
+        since = since or {}
+        return {table: (hits - since.get(table, (0, 0))[0], lookups - since.get(table, (0, 0))[1])
+                for table, (hits, lookups) in self._counts.items() if lookups > since.get(table, (0, 0))[1]}
+
+    def _count(self, table: str, hits: int, lookups: int) -> None:
+        before = self._counts.get(table, (0, 0))
+        self._counts[table] = (before[0] + hits, before[1] + lookups)

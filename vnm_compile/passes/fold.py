@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .common import attribute_name, copied_graph
+from .common import Reuse, attribute_name, copied_graph
 from .discover import Discovery
 from .permute import Permutations
 
@@ -30,19 +30,23 @@ def fold(
     parameters: dict[str, str],
     snapshots: dict[str, torch.Tensor],
     permutations: Permutations,
+    reuse: Reuse | None = None,
 ) -> Folded:
     """A copy of `gm` that reads every parameter from a permuted snapshot held as a buffer.
 
     parameters maps FX nodes to parameter names, snapshots the parameter names to their tensors.
+    With `reuse`, a snapshot permuted the same way by an earlier compile is that same tensor.
     """
     tensors, permuted = {}, set()
-    for name, tensor in snapshots.items():
-        for dim in range(tensor.dim()):
-            perm = permutations.of(discovery.parameter_groups.get((name, dim)))
-            if perm is not None:
-                tensor = tensor.index_select(dim, perm.to(tensor.device))
-                permuted.add(name)
-        tensors[name] = tensor
+    for name, snapshot in snapshots.items():
+        perms = [permutations.of(discovery.parameter_groups.get((name, dim))) for dim in range(snapshot.dim())]
+        if any(perm is not None for perm in perms):
+            permuted.add(name)
+        if reuse is None:
+            tensors[name] = _permuted(snapshot, perms)
+        else:
+            key = (id(snapshot), tuple(None if perm is None else perm.cpu().numpy().tobytes() for perm in perms))
+            tensors[name] = reuse.cached("folded", key, lambda: _permuted(snapshot, perms), keep=snapshot)
     holder = torch.nn.Module()
     attributes = {}
     for name, tensor in tensors.items():
@@ -65,3 +69,11 @@ def fold(
         node.replace_all_uses_with(read)
         after = read
     return Folded(fx.GraphModule(holder, graph), tensors, attributes, permuted)
+
+
+def _permuted(tensor: torch.Tensor, perms: list[torch.Tensor | None]) -> torch.Tensor:
+    """`tensor` with dimension d reordered by perms[d] where that is not None."""
+    for dim, perm in enumerate(perms):
+        if perm is not None:
+            tensor = tensor.index_select(dim, perm.to(tensor.device))
+    return tensor

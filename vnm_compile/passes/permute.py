@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..config import VNMConfig
 from ..format import KEPT_COLUMNS, KEPT_PER_ROW, vnm_mask
+from .common import Reuse
 from .discover import Discovery, Group
 from .score import Scores
 
@@ -72,17 +73,47 @@ class Permutations:
         return None if group is None else self.perms.get(group)
 
 
-def permute(discovery: Discovery, scores: Scores, config: VNMConfig) -> Permutations:
-    """Search one permutation per permutable group that holds linears to sparsify."""
+def permute(discovery: Discovery, scores: Scores, config: VNMConfig, reuse: Reuse | None = None) -> Permutations:
+    """Search one permutation per permutable group that holds linears to sparsify.
+
+    With `reuse`, the permutations an earlier compile of the same parameters found are taken if it
+    searched every group of this graph (a group known by the parameter dimensions it holds and its
+    size, whatever discovery numbered it); otherwise all groups are searched and stored for the next."""
     members = scores.importance
     groups = [group for group in discovery.groups.values()
               if group.permutable and group.size > 1 and _members(group, members)]
     if not config.permute or not config.permute_rounds or not groups:
         return Permutations({}, {}, {})
     search = _Search(discovery, scores, config)
-    perms: dict[int, torch.Tensor] = {}
     involved = {node for group in groups for node in _members(group, members)}
-    before = {node: search.retained(node, perms) for node in involved}
+    before = {node: search.retained(node, {}) for node in involved}
+    signatures = {group.id: (frozenset(group.dims), group.size) for group in groups}
+    recalled = reuse.recall("permutations", signatures.values()) if reuse is not None else None
+    if recalled is not None:
+        perms = {group: recalled[signature] for group, signature in signatures.items()
+                 if recalled[signature] is not None}
+        current = {node: search.retained(node, perms) for node in involved}
+        steps, stopped = {group.id: [0, 0, 0.0] for group in groups}, None
+    else:
+        perms, current, steps, stopped = _search_groups(groups, search, before, config)
+        if reuse is not None:  # a group searched and left in order is stored too, as None
+            reuse.store("permutations", {signatures[group.id]: perms.get(group.id) for group in groups})
+    searches = {}
+    for group in groups:
+        nodes = _members(group, members)
+        total = sum(float(members[node].sum(dtype=torch.float64)) for node in nodes)
+        count, kept, seconds = steps[group.id]
+        searches[group.id] = GroupSearch(group.id, total, sum(before[node] for node in nodes),
+                                         sum(current[node] for node in nodes), count, kept, seconds)
+    return Permutations(perms, searches, before, stopped)
+
+
+def _search_groups(groups: list[Group], search: "_Search", before: dict[str, float], config: VNMConfig
+                   ) -> tuple[dict[int, torch.Tensor], dict[str, float], dict[int, list], str | None]:
+    """Alternating group steps, config.permute_rounds times: the permutations, each linear's retained
+    importance under them, per group [steps, steps kept, seconds], and why the search stopped early."""
+    members = search.importance
+    perms: dict[int, torch.Tensor] = {}
     current = dict(before)
     steps = {group.id: [0, 0, 0.0] for group in groups}
     deadline = time.monotonic() + config.permute_budget_s
@@ -109,14 +140,7 @@ def permute(discovery: Discovery, scores: Scores, config: VNMConfig) -> Permutat
                 progress.update()
             if stopped:
                 break
-    searches = {}
-    for group in groups:
-        nodes = _members(group, members)
-        total = sum(float(members[node].sum(dtype=torch.float64)) for node in nodes)
-        count, kept, seconds = steps[group.id]
-        searches[group.id] = GroupSearch(group.id, total, sum(before[node] for node in nodes),
-                                         sum(current[node] for node in nodes), count, kept, seconds)
-    return Permutations(perms, searches, before, stopped)
+    return perms, current, steps, stopped
 
 
 def _members(group: Group, members: dict) -> list[str]:

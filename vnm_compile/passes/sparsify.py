@@ -14,6 +14,7 @@ weight (the dense bytes; lets the dispatcher run cuBLAS where that measured fast
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from ..format import VNMWeight, concat_rows
 from ..kernels.op import prefill_layout
 from ..reconstruct import reconstruct
 from .discover import Discovery, LinearSite
-from .common import attribute_name, copied_graph
+from .common import Reuse, attribute_name, copied_graph
 from .fold import Folded
 from .permute import Permutations
 from .score import Scores, oriented_weight
@@ -82,11 +83,15 @@ class Sparsified:
 
 
 def sparsify(
-    folded: Folded, discovery: Discovery, scores: Scores, permutations: Permutations, config: VNMConfig
+    folded: Folded, discovery: Discovery, scores: Scores, permutations: Permutations, config: VNMConfig,
+    reuse: Reuse | None = None,
 ) -> Sparsified:
     """A copy of `folded.gm` in which every eligible linear calls torch.ops.vnm.linear on its
     compressed weight, unless its estimated error exceeds config.max_layer_error. With config.fuse,
-    the sparse linears that read one input run as one vnm.linear on their concatenated rows."""
+    the sparse linears that read one input run as one vnm.linear on their concatenated rows.
+
+    With `reuse`, a weight an earlier compile compressed (the same permuted tensor from `fold`)
+    keeps that result, and the buffers emitted for the same compressed weights are those tensors."""
     compress = compressor(config.method)
     gm = fx.GraphModule(folded.gm, copied_graph(folded.gm))
     nodes = {node.name: node for node in gm.graph.nodes}
@@ -94,8 +99,13 @@ def sparsify(
     for site in discovery.linears.values():
         if site.skip_reason is not None:
             layers[site.node] = LayerResult(site.node, site.name, False, site.skip_reason, None, None, None)
-        else:
+        elif reuse is None:
             layers[site.node] = _compress(site, folded, scores, permutations, config, compress)
+        else:  # fold gives one tensor per parameter and permutations: its id names both
+            weight = folded.tensors[site.weight]
+            compute = lambda: _compress(site, folded, scores, permutations, config, compress)
+            result = reuse.cached("compressed", (id(weight), site.transposed), compute, keep=weight)
+            layers[site.node] = dataclasses.replace(result, node=site.node, name=site.name)
     readers: dict[str, list[str]] = {}  # input node -> its sparse linears, in graph order
     for node in gm.graph.nodes:
         if node.name in layers and layers[node.name].sparse:
@@ -104,14 +114,14 @@ def sparsify(
     for x, linears in readers.items():
         reason = _unfusable([nodes[name] for name in linears], [layers[name].weight for name in linears], gm)
         if config.fuse and reason is None:
-            _rewrite_fused(result, [nodes[name] for name in linears], nodes[x], config)
+            _rewrite_fused(result, [nodes[name] for name in linears], nodes[x], config, reuse)
             continue
         if config.fuse and len(linears) > 1:
             result.unfused[x] = reason
             log.info("sparsify: %s stay separate linears: %s", ", ".join(layers[n].name for n in linears), reason)
         for name in linears:
             node = nodes[name]
-            sparse = _emit(gm, node, nodes[x], layers[name].weight, _bias(node), name, config)
+            sparse = _emit(gm, node, nodes[x], [layers[name].weight], _bias(node), name, config, reuse)
             sparse.meta = dict(node.meta)
             node.replace_all_uses_with(sparse)
             gm.graph.erase_node(node)
@@ -173,21 +183,28 @@ def _unfusable(linears: list[fx.Node], weights: list[VNMWeight], gm: fx.GraphMod
     return None
 
 
-def _rewrite_fused(result: Sparsified, linears: list[fx.Node], x: fx.Node, config: VNMConfig) -> None:
+def _rewrite_fused(result: Sparsified, linears: list[fx.Node], x: fx.Node, config: VNMConfig,
+                   reuse: Reuse | None) -> None:
     """One vnm.linear on the linears' concatenated rows, split back into their outputs."""
     gm = result.gm
     weights = [result.layers[node.name].weight for node in linears]
     biases = [_bias(node) for node in linears]
     bias = None
     if any(b is not None for b in biases):
-        parts = [gm.get_buffer(b.target) if b is not None else w.values.new_zeros(w.out_features)
-                 for b, w in zip(biases, weights)]
+        parts = [gm.get_buffer(b.target) if b is not None else None for b in biases]
+        concatenated = lambda: torch.cat([part if part is not None else w.values.new_zeros(w.out_features)
+                                          for part, w in zip(parts, weights)])
+        if reuse is None:
+            fused_bias = concatenated()
+        else:
+            key = (tuple(map(id, weights)), tuple(None if part is None else id(part) for part in parts))
+            fused_bias = reuse.cached("fused biases", key, concatenated, keep=(weights, parts))
         bias_name = attribute_name(f"{linears[0].name}_fused_bias", dict(gm.named_buffers()))
-        gm.register_buffer(bias_name, torch.cat(parts))
+        gm.register_buffer(bias_name, fused_bias)
         with gm.graph.inserting_before(linears[0]):
             bias = gm.graph.get_attr(bias_name)
     name = "_".join(node.name for node in linears)
-    fused = _emit(gm, linears[0], x, concat_rows(weights), bias, name, config)
+    fused = _emit(gm, linears[0], x, weights, bias, name, config, reuse)
     with gm.graph.inserting_before(linears[0]):
         pieces = gm.graph.call_function(torch.split, (fused, [w.out_features for w in weights]), {"dim": -1})
         for index, node in enumerate(linears):
@@ -200,16 +217,15 @@ def _rewrite_fused(result: Sparsified, linears: list[fx.Node], x: fx.Node, confi
     result.fused[fused.name] = [node.name for node in linears]
 
 
-def _emit(gm: fx.GraphModule, before: fx.Node, x: fx.Node, weight: VNMWeight, bias: fx.Node | None,
-          name: str, config: VNMConfig) -> fx.Node:
-    """A vnm.linear node (before `before`) on `weight`, held as buffers with the layouts the config keeps."""
-    tensors = {part: getattr(weight, part) for part in ("values", "columns", "metadata")}
-    keep_layout = config.prefill_layout if config.prefill_layout is not None else weight.device.type == "cuda"
-    if config.keep_dense:
-        tensors["dense"] = weight.to_dense().contiguous()
-    if keep_layout:
-        layout = prefill_layout(weight)
-        tensors["expanded"], tensors["channels"] = layout.expanded, layout.channels
+def _emit(gm: fx.GraphModule, before: fx.Node, x: fx.Node, weights: list[VNMWeight], bias: fx.Node | None,
+          name: str, config: VNMConfig, reuse: Reuse | None) -> fx.Node:
+    """A vnm.linear node (before `before`) on `weights`' concatenated rows, held as buffers with the
+    layouts the config keeps: with `reuse`, the buffers an earlier compile emitted for these weights."""
+    if reuse is None:
+        tensors = _buffers(weights, config)
+    else:
+        tensors = reuse.cached("buffers", tuple(map(id, weights)), lambda: _buffers(weights, config), keep=weights)
+    weight = weights[0]
     reads = {}
     with gm.graph.inserting_before(before):
         for part, tensor in tensors.items():
@@ -220,6 +236,19 @@ def _emit(gm: fx.GraphModule, before: fx.Node, x: fx.Node, weight: VNMWeight, bi
             torch.ops.vnm.linear.default,
             (x, reads["values"], reads["columns"], reads["metadata"], bias, weight.v, weight.m, weight.in_features,
              reads.get("dense"), reads.get("expanded"), reads.get("channels")))
+
+
+def _buffers(weights: list[VNMWeight], config: VNMConfig) -> dict[str, torch.Tensor]:
+    """The tensors a vnm.linear on `weights`' concatenated rows reads, by the op's argument."""
+    weight = concat_rows(weights) if len(weights) > 1 else weights[0]
+    tensors = {part: getattr(weight, part) for part in ("values", "columns", "metadata")}
+    keep_layout = config.prefill_layout if config.prefill_layout is not None else weight.device.type == "cuda"
+    if config.keep_dense:
+        tensors["dense"] = weight.to_dense().contiguous()
+    if keep_layout:
+        layout = prefill_layout(weight)
+        tensors["expanded"], tensors["channels"] = layout.expanded, layout.channels
+    return tensors
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
