@@ -177,12 +177,12 @@ class Task:
 
 
 def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct: bool, permute: bool,
-        refine_steps: int = 0, refine_lr: float = 3e-3) -> dict:
+        refine_steps: int = 0, refine_lr: float = 3e-3, refine_batch: int = 1) -> dict:
     """Compress `model` (the task's, or its permuted copy) block by block and evaluate it."""
     v, m = PATTERNS[pattern]
     method = "sparsegpt" if reconstruct else "mask"
     config = vnm.VNMConfig(v=v, m=m, criterion="ria" if criterion == OBS else criterion, method=method,
-                           refine_steps=refine_steps, refine_lr=refine_lr)
+                           refine_steps=refine_steps, refine_lr=refine_lr, refine_batch=refine_batch)
     start = time.perf_counter()
     weights = compress_sequential(model, task.batches, config, progress=False)
     compress_seconds = time.perf_counter() - start
@@ -190,7 +190,7 @@ def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct:
     return {"model": task.name, "criterion": criterion, "pattern": pattern, "v": v, "m": m,
             "calibration": len(task.batches), "reconstruct": reconstruct, "permute": permute, "sparsity": round(sparsity(weights), 4),
             "solver": "refit" if reconstruct else None, "refine_steps": refine_steps,
-            "refine_lr": refine_lr if refine_steps else None,
+            "refine_lr": refine_lr if refine_steps else None, "refine_batch": refine_batch if refine_steps else None,
             "predicted_speedup": round(vnm.analytic_speedup(v, m), 3), task.metric: value,
             "compress_seconds": round(compress_seconds, 1), "seconds": round(time.perf_counter() - start, 1)}
 
@@ -211,7 +211,7 @@ def configurations(args: argparse.Namespace):
 
 def _key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ("model", "criterion", "pattern", "calibration", "reconstruct", "permute",
-                                      "refine_steps"))
+                                      "refine_steps", "refine_batch", "refine_lr"))
 
 
 _CALIBRATION_SETTING = {"smollm": "calibration_windows", "minilm": "calibration_paragraphs"}
@@ -228,6 +228,7 @@ def write_results(rows: list[dict], settings: dict) -> None:
     previous = previous["results"] if same_sizes else []
     for row in previous:
         row.setdefault("refine_steps", 0)
+        row.setdefault("refine_batch", 1 if row["refine_steps"] else None)
         if row["pattern"] != "dense":
             row.setdefault("calibration", before.get(_CALIBRATION_SETTING[row["model"]]))
     merged = {_key(row): row for row in previous}
@@ -252,7 +253,8 @@ def _markdown(document: dict) -> str:
         "block on the compressed prefix. `obs`: reconstruction (SparseGPT-style) choosing the mask by the "
         "OBS saliency. solver `refit`: the SparseGPT pass, then each row's kept weights solved exactly on the "
         "final mask; `pass`: the pass alone (rows measured before the refit existed). refine: Adam steps per "
-        "block of block-wise refinement towards the dense model's block outputs (learning rate in brackets).",
+        "block of block-wise refinement towards the dense model's block outputs x calibration inputs per "
+        "step (learning rate in brackets).",
         "",
     ]
     for model, metric, detail in (
@@ -269,7 +271,8 @@ def _markdown(document: dict) -> str:
                   "| --- | ---: | ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
         for r in rows:
             solver = r.get("solver") or ("pass" if r["reconstruct"] else "")
-            refine = f"{r['refine_steps']} ({r['refine_lr']:g})" if r["refine_steps"] else ""
+            refine = (f"{r['refine_steps']} x {r.get('refine_batch') or 1} ({r['refine_lr']:g})"
+                      if r["refine_steps"] else "")
             lines.append(f"| {r['pattern']} | {r['sparsity']:.3f} | {r['predicted_speedup'] or 1:.2f} | "
                          f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {r.get('calibration') or ''} | "
                          f"{solver} | {refine} | "
@@ -355,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-steps", type=int, default=0,
                         help="block-wise refinement: Adam steps per block after compression (0: off)")
     parser.add_argument("--refine-lr", type=float, default=3e-3, help="learning rate of the refinement")
+    parser.add_argument("--refine-batch", type=int, default=1, help="calibration inputs per refinement step")
     args = parser.parse_args(argv)
     args.reconstruct = [choice == "on" for choice in args.reconstruct]
     args.permute = [choice == "on" for choice in args.permute]
@@ -382,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
                     permuted = {(criterion, pattern): task.permuted(criterion, pattern)}
                     permute_seconds = round(time.perf_counter() - start, 1)
                 model = permuted[criterion, pattern]
-            row = run(task, model, criterion, pattern, reconstruct, permute, args.refine_steps, args.refine_lr)
+            row = run(task, model, criterion, pattern, reconstruct, permute, args.refine_steps, args.refine_lr,
+                      args.refine_batch)
             if permute:
                 row["permute_seconds"] = permute_seconds
             rows.append(row)

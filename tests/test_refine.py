@@ -93,6 +93,24 @@ def test_sequential_refinement_lowers_the_model_error():
     assert error_refined < 0.85 * error_one_shot
 
 
+def test_a_step_averages_its_batch():
+    """A step of `batch` inputs is one Adam step on the mean of their losses, whatever order they come in."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    mask = torch.rand(16, 32) > 0.5
+    inputs = [[[torch.randn(5, 32)], {}] for _ in range(4)]
+    targets = [torch.randn(5, 16) for _ in range(4)]
+    manual = copy.deepcopy(block)
+    weight = manual[0].weight
+    optimizer = torch.optim.Adam([weight], lr=1e-2)
+    relative = [(manual(*args) - t).square().mean() / t.square().mean() for (args, _), t in zip(inputs, targets)]
+    torch.stack(relative).mean().backward()
+    optimizer.step()
+    losses = refine_block(block, {"0": mask}, inputs, targets, steps=1, lr=1e-2, batch=4)
+    assert losses == pytest.approx([float(torch.stack(relative).mean())], rel=1e-5)
+    torch.testing.assert_close(block[0].weight.detach(), weight.detach() * mask, rtol=1e-5, atol=1e-6)
+
+
 def test_rejects_bad_input():
     block = torch.nn.Sequential(torch.nn.Linear(4, 4))
     inputs, targets, masks = [[[torch.randn(2, 4)], {}]], [torch.randn(2, 4)], {"0": torch.ones(4, 4, dtype=torch.bool)}
@@ -102,6 +120,10 @@ def test_rejects_bad_input():
         refine_block(block, masks, inputs, targets, steps=1, lr=0)
     with pytest.raises(ValueError, match="targets"):
         refine_block(block, masks, inputs, [], steps=1, lr=1e-3)
+    with pytest.raises(ValueError, match="batch"):
+        refine_block(block, masks, inputs, targets, steps=1, lr=1e-3, batch=0)
+    with pytest.raises(ValueError, match="refine_batch"):
+        vnm.VNMConfig(refine_batch=0)
     with pytest.raises(ValueError, match="refine_steps"):
         vnm.VNMConfig(refine_steps=-1)
     with pytest.raises(ValueError, match="refine_lr"):

@@ -65,6 +65,8 @@ class VNMConfig:
     their kept weights, masks fixed, to match the dense model's block outputs; 0 turns it off.
     `sparsify`, which compresses layer by layer, rejects refine_steps > 0.
     refine_lr: the Adam learning rate of that refinement (decayed to zero along a cosine).
+    refine_batch: calibration inputs whose gradients each refinement step averages (one short
+    input per step follows its noise).
     """
 
     v: int = 64
@@ -92,6 +94,7 @@ class VNMConfig:
     keep_dense: bool = False
     refine_steps: int = 0
     refine_lr: float = 3e-3
+    refine_batch: int = 1
 
     def __post_init__(self) -> None:
         check_pattern(self.v, self.m, self.allow_small_v)
@@ -127,6 +130,8 @@ class VNMConfig:
             raise ValueError(f"max_layer_error must be None or a positive number, got {self.max_layer_error!r}")
         if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer (Adam steps per block), got {self.refine_steps!r}")
+        if not isinstance(self.refine_batch, int) or isinstance(self.refine_batch, bool) or self.refine_batch < 1:
+            raise ValueError(f"refine_batch must be a positive integer (calibration inputs per step), got {self.refine_batch!r}")
         if not _is_positive_number(self.refine_lr) or self.refine_lr >= 1:
             raise ValueError(f"refine_lr must be a number in (0, 1) (Adam learning rate), got {self.refine_lr!r}")
         if self.mode not in INDUCTOR_MODES:

@@ -23,19 +23,23 @@ def refine_block(
     targets: list[torch.Tensor],
     steps: int,
     lr: float,
+    batch: int = 1,
     seed: int = 0,
 ) -> list[float]:
     """Train, in place, the weights of `block`'s submodules named in `masks` (weights laid out as
     the modules store them, True = kept) so that block(*args, **kwargs)'s first output matches
     `targets` (one per stored (args, kwargs) input). Pruned weights stay exactly zero; every
-    other parameter of the block stays as it is. Each step is one calibration input, in a
-    shuffled order; the learning rate decays to zero along a cosine. Returns the loss of each step,
-    relative to the target's mean square.
+    other parameter of the block stays as it is. Each step averages the gradients of `batch`
+    calibration inputs, drawn in a shuffled order (inputs may differ in length, so they are not
+    stacked); the learning rate decays to zero along a cosine. Returns the loss of each step (the
+    mean over its inputs), relative to the target's mean square.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < 1:
         raise ValueError(f"lr must be a number in (0, 1), got {lr!r}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be a positive integer (calibration inputs per step), got {batch!r}")
     if len(inputs) != len(targets) or not inputs:
         raise ValueError(f"inputs and targets must be non-empty and of one length, got {len(inputs)} and {len(targets)}")
     weights = {name: block.get_submodule(name).weight for name in masks}
@@ -51,20 +55,23 @@ def refine_block(
     try:
         with torch.enable_grad():
             for _ in range(steps):
-                if not order:
-                    order = torch.randperm(len(inputs), generator=generator).tolist()
-                index = order.pop()
-                args, kwargs = inputs[index]
-                target = targets[index]
-                loss = (_first(block(*args, **kwargs)) - target).square().mean() / target.square().mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = 0.0
+                for _ in range(batch):
+                    if not order:
+                        order = torch.randperm(len(inputs), generator=generator).tolist()
+                    index = order.pop()
+                    args, kwargs = inputs[index]
+                    target = targets[index]
+                    one = (_first(block(*args, **kwargs)) - target).square().mean() / target.square().mean()
+                    (one / batch).backward()
+                    loss += one.item() / batch
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():
                     for name, weight in weights.items():
                         weight.mul_(masks[name])
-                losses.append(loss.item())
+                losses.append(loss)
     finally:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)

@@ -85,7 +85,8 @@ def compress_sequential(
             compressed[f"{block_name}.{name}"] = weight
         if dense_states and masks:
             start = time.perf_counter()
-            losses = refine_block(block, masks, inputs, dense_states, config.refine_steps, config.refine_lr)
+            losses = refine_block(block, masks, inputs, dense_states, config.refine_steps, config.refine_lr,
+                                  config.refine_batch)
             log.info("%s refined in %.1f s: relative output error %.4g at the first step, %.4g at the last",
                      block_name, time.perf_counter() - start, losses[0], losses[-1])
             for name, linear in linears.items():
