@@ -219,19 +219,21 @@ def weight_bytes(variant: str, module: nn.Module, reports: list) -> int:
 
 
 # ------------------------------------------------------------------------------------------- timing
-def time_step(step: Callable, units: int, device: str) -> tuple[float, str]:
-    """Median milliseconds of one call of `step` (already warmed up), and how it was timed."""
+def time_step(step: Callable, units: int, device: str, mode: str) -> tuple[float, str]:
+    """Median milliseconds of one call of `step` (already called twice), and how it was timed."""
     if device == "cpu":
         start = time.perf_counter()
         step()
         return 1e3 * (time.perf_counter() - start), "wall (cpu, one call)"
+    from triton.testing import do_bench
+
+    if mode == "reduce-overhead":  # replays its own CUDA graph trees, recorded by now
+        return do_bench(step, warmup=25, rep=200, return_mode="median"), "do_bench (as called)"
     calls = 1 if units >= 512 else 8  # fill the graph with enough work to time
     try:
         return graph_us([step] * calls, replays=15) / 1e3, f"cuda graph of {calls} calls"
     except Exception as error:  # not capturable (a host sync, a library that allocates): time it as called
         torch.cuda.synchronize()
-        from triton.testing import do_bench
-
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
         return do_bench(step, warmup=25, rep=200, return_mode="median"), f"do_bench (capture failed: {reason})"
 
@@ -280,8 +282,8 @@ def run_variant(variant: str, model: nn.Module, workloads: list[Workload], smoke
                 if device == "cuda":
                     torch.cuda.synchronize()
                 row["first_call_s"] = time.perf_counter() - start
-                step()
-                ms, method = time_step(step, workload.units, device)
+                step()  # the second call: Dynamo's recompile for a dynamic shape, CUDA graph trees' recording
+                ms, method = time_step(step, workload.units, device, mode)
                 row.update(latency_ms=ms, throughput=workload.units / ms * 1e3, unit=f"{workload.unit}/s", timing=method)
                 if device == "cuda":
                     row["kernels"] = top_kernels(step)
@@ -310,34 +312,12 @@ def run_variant(variant: str, model: nn.Module, workloads: list[Workload], smoke
 
 
 def reduce_overhead_rows(model, workloads, smoke, device, deadline) -> list[dict]:
-    """Decode steps compiled with mode="reduce-overhead" (CUDA graph trees), timed as called."""
-    from triton.testing import do_bench
-
-    rows = []
-    for variant in ("inductor", "vnm-64:2:8"):
-        torch._dynamo.reset()
-        try:
-            run, _ = build(variant, model, smoke, "reduce-overhead")
-        except Exception as error:
-            rows += [dict(variant=f"{variant} (reduce-overhead, as called)", workload=w.name,
-                          error=f"{type(error).__name__}: {error}"[:400]) for w in workloads if w.name.startswith("decode")]
-            continue
-        for workload in (w for w in workloads if w.name.startswith("decode")):
-            row = dict(variant=f"{variant} (reduce-overhead, as called)", workload=workload.name, shape=workload.shape)
-            if time.monotonic() > deadline:
-                rows.append({**row, "skipped": "time budget"})
-                continue
-            try:
-                with torch.no_grad():
-                    step = workload.make(run)
-                    for _ in range(3):  # cudagraph trees record on the second or third call
-                        step()
-                    ms = do_bench(step, warmup=25, rep=200, return_mode="median")
-                row.update(latency_ms=ms, throughput=workload.units / ms * 1e3, unit="tokens/s", timing="do_bench")
-            except Exception as error:
-                row["error"] = f"{type(error).__name__}: {error}"[:400]
-            rows.append(row)
-    return rows
+    """Decode steps of inductor dense and vnm 64:2:8 compiled with mode="reduce-overhead" (CUDA graph
+    trees), timed as called."""
+    decode = [w for w in workloads if w.name.startswith("decode")]
+    return [{**row, "variant": f"{variant} (reduce-overhead, as called)"}
+            for variant in ("inductor", "vnm-64:2:8")
+            for row in run_variant(variant, model, decode, smoke, "reduce-overhead", device, deadline)]
 
 
 # ----------------------------------------------------------------------------------------- reports
