@@ -154,6 +154,17 @@ def test_dispatch_rules(kernels):
     assert choose(4096, 4096, 4096, 64, 4, torch.float16, cpu, has_dense=False) == "prefill"
 
 
+def test_dispatch_keeps_dense_unless_sparse_measured_clearly_faster(kernels, monkeypatch):
+    dispatch, tuning = kernels["dispatch"], kernels["tuning"]
+    key = tuning.table_key(4096, 4096, kernels["common"].token_bucket(4), 64, 8, torch.float16)
+    entries = {"dispatch": {key: {"path": "decode_split", "sparse_us": 10.0, "dense_us": 10.3}}, "rules": {}}
+    monkeypatch.setattr(dispatch, "load_table", lambda slug: entries)
+    choose = lambda has_dense: dispatch.choose_path(4096, 4096, 4, 64, 8, torch.float16, torch.device("cpu"), has_dense)
+    assert choose(has_dense=True) == "dense" and choose(has_dense=False) == "decode_split"
+    entries["dispatch"][key]["dense_us"] = 10.0 * dispatch.SPARSE_MARGIN * 1.01
+    assert choose(has_dense=True) == "decode_split"
+
+
 def test_shipped_tables_are_consistent(kernels):
     """Every shipped table entry names a known path and a config among the candidates."""
     tuning = kernels["tuning"]
