@@ -107,7 +107,7 @@ def test_a_step_averages_its_batch():
     torch.stack(relative).mean().backward()
     optimizer.step()
     losses = refine_block(block, {"0": mask}, inputs, targets, steps=1, lr=1e-2, batch=4)
-    assert losses == pytest.approx([float(torch.stack(relative).mean())], rel=1e-5)
+    assert losses == pytest.approx([float(torch.stack(relative).mean().detach())], rel=1e-5)
     torch.testing.assert_close(block[0].weight.detach(), weight.detach() * mask, rtol=1e-5, atol=1e-6)
 
 
