@@ -16,6 +16,9 @@ copy of the model, from the dense model's activation norms) and that copy is the
     python benchmarks/accuracy.py --models smollm --criteria ria --patterns 64:2:8 --eval-windows 2
     python benchmarks/accuracy.py --models smollm --patterns 64:2:8 --reconstruct on --permute off \
         --criteria ria --refine-steps 64 --refine-lr 3e-3   # reconstruction + block-wise refinement
+    python benchmarks/accuracy.py --models minilm --patterns 64:2:6 --reconstruct on --permute off \
+        --criteria ria --calibration-paragraphs 932 --refine-steps 256 --refine-batch 16 --refine-lr 2e-3 \
+        --distill-steps 300 --distill-lr 3e-4             # ... then end-to-end refinement of the whole model
 Runs merge into the existing results (same configuration = replaced). Reconstruction rows measured
 before the exact refit of the kept weights (`reconstruct`) carry solver "pass" in the table.
 """
@@ -176,21 +179,57 @@ class Task:
         return vnm.sparsify(self.model, self.batches[0], config, calibration=self._calibration)
 
 
+class _FirstOutput(nn.Module):
+    """The model with its first output only (last_hidden_state, logits), as `refine_block` trains it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs) -> torch.Tensor:
+        output = self.model(**kwargs)
+        return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def distill(task: Task, model: nn.Module, weights: dict[str, vnm.VNMWeight], steps: int, lr: float,
+            batch: int) -> tuple[nn.Module, dict[str, vnm.VNMWeight]]:
+    """End-to-end refinement after the block-wise pass: the compressed model's kept weights, masks
+    fixed, trained by `refine_block` on the whole model towards the dense model's first output on
+    the calibration batches (post-training, no labels). Returns the refined copy and its weights."""
+    from vnm_compile.refine import refine_block
+
+    student = _FirstOutput(compressed_copy(model, weights))
+    with torch.no_grad():
+        targets = [_FirstOutput(model)(**inputs) for inputs in task.batches]
+    masks = {f"model.{name}": weight.mask() for name, weight in weights.items()}
+    refine_block(student, masks, [[[], inputs] for inputs in task.batches], targets, steps, lr, batch)
+    refined = {name: vnm.VNMWeight.from_dense(student.model.get_submodule(name).weight.detach(), w.v, w.m,
+                                              mask=masks[f"model.{name}"]) for name, w in weights.items()}
+    return student.model, refined
+
+
 def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct: bool, permute: bool,
-        refine_steps: int = 0, refine_lr: float = 3e-3, refine_batch: int = 1) -> dict:
-    """Compress `model` (the task's, or its permuted copy) block by block and evaluate it."""
+        args: argparse.Namespace) -> dict:
+    """Compress `model` (the task's, or its permuted copy) block by block, refine it end to end
+    with --distill-steps, and evaluate it."""
     v, m = PATTERNS[pattern]
     method = "sparsegpt" if reconstruct else "mask"
     config = vnm.VNMConfig(v=v, m=m, criterion="ria" if criterion == OBS else criterion, method=method,
-                           refine_steps=refine_steps, refine_lr=refine_lr, refine_batch=refine_batch)
+                           refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_batch=args.refine_batch)
     start = time.perf_counter()
     weights = compress_sequential(model, task.batches, config, progress=False)
+    compressed = compressed_copy(model, weights)
+    if args.distill_steps:
+        compressed, weights = distill(task, model, weights, args.distill_steps, args.distill_lr, args.refine_batch)
     compress_seconds = time.perf_counter() - start
-    value = task.evaluate(compressed_copy(model, weights))
+    value = task.evaluate(compressed)
+    refine, distilled = args.refine_steps, args.distill_steps
     return {"model": task.name, "criterion": criterion, "pattern": pattern, "v": v, "m": m,
             "calibration": len(task.batches), "reconstruct": reconstruct, "permute": permute, "sparsity": round(sparsity(weights), 4),
-            "solver": "refit" if reconstruct else None, "refine_steps": refine_steps,
-            "refine_lr": refine_lr if refine_steps else None, "refine_batch": refine_batch if refine_steps else None,
+            "solver": "refit" if reconstruct else None, "refine_steps": refine,
+            "refine_lr": args.refine_lr if refine else None,
+            "refine_batch": args.refine_batch if refine or distilled else None,
+            "distill_steps": distilled, "distill_lr": args.distill_lr if distilled else None,
             "predicted_speedup": round(vnm.analytic_speedup(v, m), 3), task.metric: value,
             "compress_seconds": round(compress_seconds, 1), "seconds": round(time.perf_counter() - start, 1)}
 
@@ -211,7 +250,7 @@ def configurations(args: argparse.Namespace):
 
 def _key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ("model", "criterion", "pattern", "calibration", "reconstruct", "permute",
-                                      "refine_steps", "refine_batch", "refine_lr"))
+                                      "refine_steps", "refine_batch", "refine_lr", "distill_steps", "distill_lr"))
 
 
 _CALIBRATION_SETTING = {"smollm": "calibration_windows", "minilm": "calibration_paragraphs"}
@@ -229,12 +268,13 @@ def write_results(rows: list[dict], settings: dict) -> None:
     for row in previous:
         row.setdefault("refine_steps", 0)
         row.setdefault("refine_batch", 1 if row["refine_steps"] else None)
+        row.setdefault("distill_steps", 0)
         if row["pattern"] != "dense":
             row.setdefault("calibration", before.get(_CALIBRATION_SETTING[row["model"]]))
     merged = {_key(row): row for row in previous}
     merged.update({_key(row): row for row in rows})
     ordered = sorted(merged.values(), key=lambda r: (r["model"], r["pattern"] != "dense", r["m"] or 0,
-                                                     r["permute"], r["reconstruct"], r["refine_steps"],
+                                                     r["permute"], r["reconstruct"], r["refine_steps"], r["distill_steps"],
                                                      r["criterion"]))
     document = {"settings": settings, "results": ordered}
     path.write_text(json.dumps(document, indent=1) + "\n")
@@ -254,7 +294,8 @@ def _markdown(document: dict) -> str:
         "OBS saliency. solver `refit`: the SparseGPT pass, then each row's kept weights solved exactly on the "
         "final mask; `pass`: the pass alone (rows measured before the refit existed). refine: Adam steps per "
         "block of block-wise refinement towards the dense model's block outputs x calibration inputs per "
-        "step (learning rate in brackets).",
+        "step (learning rate in brackets); `+ e2e`: then Adam steps on the whole compressed model towards "
+        "the dense model's output (last hidden state or logits).",
         "",
     ]
     for model, metric, detail in (
@@ -273,6 +314,8 @@ def _markdown(document: dict) -> str:
             solver = r.get("solver") or ("pass" if r["reconstruct"] else "")
             refine = (f"{r['refine_steps']} x {r.get('refine_batch') or 1} ({r['refine_lr']:g})"
                       if r["refine_steps"] else "")
+            if r.get("distill_steps"):
+                refine += f" + e2e {r['distill_steps']} x {r['refine_batch']} ({r['distill_lr']:g})"
             lines.append(f"| {r['pattern']} | {r['sparsity']:.3f} | {r['predicted_speedup'] or 1:.2f} | "
                          f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {r.get('calibration') or ''} | "
                          f"{solver} | {refine} | "
@@ -301,7 +344,7 @@ def _plot(rows: list[dict], path: Path) -> None:
                 marker = {"abs": "s", "wanda": "^", "ria": "o", OBS: "*"}[r["criterion"]]
                 color = ("tab:red" if r["reconstruct"] else "tab:blue") if not r["permute"] else (
                     "tab:purple" if r["reconstruct"] else "tab:green")
-                if r["refine_steps"]:
+                if r["refine_steps"] or r["distill_steps"]:
                     color = "tab:orange"
                 axis.scatter(r[x_key], r[metric], marker=marker, color=color, s=60 if marker == "*" else 30)
                 axis.annotate(r["pattern"], (r[x_key], r[metric]), fontsize=6, alpha=0.6)
@@ -359,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="block-wise refinement: Adam steps per block after compression (0: off)")
     parser.add_argument("--refine-lr", type=float, default=3e-3, help="learning rate of the refinement")
     parser.add_argument("--refine-batch", type=int, default=1, help="calibration inputs per refinement step")
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="then end-to-end refinement: Adam steps on the whole compressed model (0: off)")
+    parser.add_argument("--distill-lr", type=float, default=3e-4, help="learning rate of the end-to-end refinement")
     args = parser.parse_args(argv)
     args.reconstruct = [choice == "on" for choice in args.reconstruct]
     args.permute = [choice == "on" for choice in args.permute]
@@ -374,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         value = task.evaluate(task.model)
         rows.append({"model": name, "criterion": "-", "pattern": "dense", "v": None, "m": None,
                      "reconstruct": False, "permute": False, "sparsity": 0.0, "predicted_speedup": None,
-                     "refine_steps": 0,
+                     "refine_steps": 0, "distill_steps": 0,
                      task.metric: value, "compress_seconds": 0.0, "seconds": round(time.perf_counter() - start, 1)})
         print(f"{name} dense {task.metric} {value:.4f}", flush=True)
         permuted = {}
@@ -386,8 +432,7 @@ def main(argv: list[str] | None = None) -> None:
                     permuted = {(criterion, pattern): task.permuted(criterion, pattern)}
                     permute_seconds = round(time.perf_counter() - start, 1)
                 model = permuted[criterion, pattern]
-            row = run(task, model, criterion, pattern, reconstruct, permute, args.refine_steps, args.refine_lr,
-                      args.refine_batch)
+            row = run(task, model, criterion, pattern, reconstruct, permute, args)
             if permute:
                 row["permute_seconds"] = permute_seconds
             rows.append(row)

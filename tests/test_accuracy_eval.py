@@ -51,3 +51,33 @@ def test_pydoc_split_is_disjoint_by_topic():
     names = sorted(topics.topics)
     assert topics.topics[names[0]] in calibration and topics.topics[names[0]] not in evaluation
     assert topics.topics[names[1]] in evaluation and topics.topics[names[1]] not in calibration
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(32, 64), nn.Linear(64, 32)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](torch.relu(self.layers[0](x)))
+
+
+def test_distill_fits_the_whole_compressed_model_to_the_dense_one():
+    torch.manual_seed(0)
+    model = _TwoLayers()
+    task = type("CalibrationOnly", (), {"batches": [{"x": torch.randn(9, 32)} for _ in range(8)]})()
+    weights = {name: vnm.VNMWeight.from_dense(model.get_submodule(name).weight.detach(), 16, 8)
+               for name in ("layers.0", "layers.1")}
+    before = {name: p.clone() for name, p in model.named_parameters()}
+
+    def error(module):
+        with torch.no_grad():
+            return sum(float((module(**b) - model(**b)).square().mean()) for b in task.batches)
+
+    one_shot = error(accuracy.compressed_copy(model, weights))
+    refined, refined_weights = accuracy.distill(task, model, weights, steps=60, lr=3e-3, batch=4)
+    assert error(refined) < 0.5 * one_shot
+    for name, weight in refined_weights.items():
+        assert torch.equal(weight.mask(), weights[name].mask())
+        torch.testing.assert_close(weight.to_dense(), refined.get_submodule(name).weight.detach())
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # the dense model is left alone
