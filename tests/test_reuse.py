@@ -97,7 +97,6 @@ def test_second_input_shape_takes_the_first_compile_work(steps, lowered):
     first, second = vnm.reports()[-2:]
     assert not _hits(first)
     assert second.reused["permutations"] == (1, 1) and second.reused["compressed"] == (3, 3)
-    assert second.reused["scores"] == (3, 3)
     assert all(hits == lookups for hits, lookups in second.reused.values())
     assert "reused from an earlier compile" in str(second) and "reused" not in str(first)
     assert any(group.permuted for group in second.groups)
@@ -108,30 +107,6 @@ def test_second_input_shape_takes_the_first_compile_work(steps, lowered):
     assert {t.data_ptr() for t in lowered[0].buffers()} == {t.data_ptr() for t in lowered[1].buffers()}
     for x, out in zip(xs, (first_out, second_out)):  # the fresh graphs run as FX graphs, not lowered
         torch.testing.assert_close(out, _fresh(model, x, inductor=False), rtol=1e-5, atol=1e-6)
-
-
-def test_graphs_of_one_model_share_its_scores(monkeypatch):
-    """With input-dependent scores (ria), a later graph takes the first graph's scores and the
-    importance figures computed on them: its report describes the sparse version it runs, and
-    it neither runs the graph to measure its inputs nor recomputes a mask for the figures."""
-    import importlib
-
-    score, permute = (importlib.import_module(f"vnm_compile.passes.{name}") for name in ("score", "permute"))
-    measured, figures = [], []
-    input_stats, retained = score._input_stats, permute._Search.retained
-    monkeypatch.setattr(score, "_input_stats", lambda *args: measured.append(1) or input_stats(*args))
-    monkeypatch.setattr(permute._Search, "retained", lambda self, *args: figures.append(1) or retained(self, *args))
-    model = _model()
-    compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "criterion": "ria", "inductor": False},
-                             dynamic=False)
-    with torch.no_grad():
-        compiled(torch.randn(32, 64))
-        counts = len(measured), len(figures)
-        compiled(100 * torch.randn(3, 1, 64) + 5)  # other activation norms
-    first, second = vnm.reports()[-2:]
-    assert counts[0] == 1 and counts[1] > 0 and (len(measured), len(figures)) == counts
-    assert second.reused["scores"] == (3, 3) and second.reused["retained"][0] == second.reused["retained"][1] > 0
-    assert first.table().splitlines()[1:] == second.table().splitlines()[1:-1]  # [0] has timings, [-1] reuse
 
 
 def test_changed_parameter_is_compiled_afresh(steps):

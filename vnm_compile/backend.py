@@ -94,7 +94,7 @@ def transform(
         discovery = discover(gm, names, config, extra_skips)
     stages.record("discover", gm)
     with timed("score"):
-        scores = score(gm, discovery, snapshots, inputs, config, calibration, reuse)
+        scores = score(gm, discovery, snapshots, inputs(), config, calibration)
     stages.record("score", gm)
     with timed("permute"):
         permutations = permute(discovery, scores, config, reuse)

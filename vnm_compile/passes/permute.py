@@ -86,31 +86,18 @@ def permute(discovery: Discovery, scores: Scores, config: VNMConfig, reuse: Reus
         return Permutations({}, {}, {})
     search = _Search(discovery, scores, config)
     involved = {node for group in groups for node in _members(group, members)}
-
-    def retained(node: str, perms: dict[int, torch.Tensor], known: float | None = None) -> float:
-        """The importance node's mask keeps under perms; with `reuse`, a figure an earlier compile
-        computed for the same scores (a graph that took its scores) and permutations is taken."""
-        compute = (lambda: known) if known is not None else (lambda: search.retained(node, perms))
-        if reuse is None:
-            return compute()
-        site = discovery.linears[node]
-        held = (members[node], perms.get(site.in_group), perms.get(site.out_group))
-        return reuse.cached("retained", tuple(map(id, held)), compute, keep=held)
-
-    before = {node: retained(node, {}) for node in involved}
+    before = {node: search.retained(node, {}) for node in involved}
     signatures = {group.id: (frozenset(group.dims), group.size) for group in groups}
     recalled = reuse.recall("permutations", signatures.values()) if reuse is not None else None
     if recalled is not None:
         perms = {group: recalled[signature] for group, signature in signatures.items()
                  if recalled[signature] is not None}
-        current = {node: retained(node, perms) for node in involved}
+        current = {node: search.retained(node, perms) for node in involved}
         steps, stopped = {group.id: [0, 0, 0.0] for group in groups}, None
     else:
         perms, current, steps, stopped = _search_groups(groups, search, before, config)
         if reuse is not None:  # a group searched and left in order is stored too, as None
             reuse.store("permutations", {signatures[group.id]: perms.get(group.id) for group in groups})
-            for node in involved:
-                retained(node, perms, known=current[node])
     searches = {}
     for group in groups:
         nodes = _members(group, members)

@@ -1,14 +1,13 @@
 """score: importance of every weight of the linears to sparsify, from their inputs' statistics.
 
 The statistics come from `calibrate(model, batches)` when given (by module name), otherwise from
-running the graph once on the example inputs and measuring each linear's input; a graph that
-reuses an earlier compile's work takes that compile's.
+running the graph once on the example inputs and measuring each linear's input.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -16,7 +15,7 @@ from torch import fx
 from ..calibration import Calibration, LayerStats
 from ..config import VNMConfig
 from ..scoring import importance
-from .common import Reuse, node_outputs
+from .common import node_outputs
 from .discover import Discovery
 
 
@@ -36,24 +35,15 @@ def score(
     gm: fx.GraphModule,
     discovery: Discovery,
     weights: dict[str, torch.Tensor],
-    inputs: Callable[[], list[Any]],
+    inputs: list[Any],
     config: VNMConfig,
     calibration: Calibration | None = None,
-    reuse: Reuse | None = None,
 ) -> Scores:
     """Importance per weight of every eligible linear (config.criterion), and the statistics behind it.
 
-    weights holds the parameters by name; inputs() gives concrete inputs for one run of `gm`.
-    With `reuse`, weights an earlier compile scored keep that compile's scores and statistics, so
-    that the graphs of one model describe (and search for) one sparse version, whatever inputs
-    each graph was traced with; the graph then does not run at all.
+    weights holds the parameters by name; inputs are concrete inputs for one run of `gm`.
     """
     eligible = [site for site in discovery.linears.values() if site.skip_reason is None]
-    keys = {site.node: (id(weights[site.weight]), site.transposed) for site in eligible}
-    recalled = reuse.recall("scores", keys.values()) if reuse is not None and eligible else None
-    if recalled is not None:
-        found = {node: recalled[key] for node, key in keys.items()}
-        return Scores(*({node: entry[i] for node, entry in found.items()} for i in range(3)))
     stats: dict[str, LayerStats] = {}
     source: dict[str, str] = {}
     hessians = config.method == "sparsegpt"
@@ -67,15 +57,13 @@ def score(
                 stats[site.node], source[site.node] = layer, "calibration"
     missing = [site for site in eligible if site.node not in stats]
     if missing:
-        for node, layer in _input_stats(gm, missing, inputs(), hessians).items():
+        for node, layer in _input_stats(gm, missing, inputs, hessians).items():
             stats[node], source[node] = layer, "example inputs"
     scores = {}
     for site in eligible:
         weight = oriented_weight(weights[site.weight], site.transposed)
         act_norm = stats[site.node].act_norm.to(weight.device)
         scores[site.node] = importance(weight, config.criterion, act_norm, config.a)
-    if reuse is not None:  # the keys' ids are the snapshots', which the reuse keeps
-        reuse.store("scores", {keys[node]: (scores[node], stats[node], source[node]) for node in keys})
     return Scores(scores, stats, source)
 
 
