@@ -63,9 +63,9 @@ def refine_block(
                     index = order.pop()
                     args, kwargs = inputs[index]
                     target = targets[index]
-                    one = (_first(block(*args, **kwargs)) - target).square().mean() / target.square().mean()
-                    (one / batch).backward()
-                    loss += one.item() / batch
+                    error = (_first(block(*args, **kwargs)) - target).square().mean() / target.square().mean()
+                    (error / batch).backward()
+                    loss += error.item() / batch
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():
