@@ -187,6 +187,19 @@ def compile_job(job):
         return f"{job}: {error!r}"[:400]
 
 
+def measure(run, timed, x, weight, rows, dtype, nbytes=None) -> dict:
+    """One variant: `run(out)` into an output poisoned with NaN, checked against float64, then
+    `timed()` in ms (GB/s over `nbytes` if given); an error is recorded, not raised."""
+    try:
+        y = run(torch.full((x.shape[0], rows), float("nan"), device=DEVICE, dtype=dtype))
+        err = check(y, x, weight)
+        stats = compiled_stats()
+        ms = timed()
+        return {"ms": ms, "err": err, **({"GBps": nbytes / ms / 1e6} if nbytes else {}), **stats}
+    except Exception as error:
+        return {"error": repr(error)[:300]}
+
+
 def prefill_case(rows, cols, tokens, v, m, variants, results, dtype=torch.float16):
     key = f"{rows}x{cols}@{tokens} {v}:2:{m}"
     weight = random_weight(rows, cols, v, m, dtype)
@@ -206,17 +219,9 @@ def prefill_case(rows, cols, tokens, v, m, variants, results, dtype=torch.float1
     for variant, cfg in variants:
         if not fits(cfg, v):
             continue
-        name = f"{variant} {cfg}"
-        exp = expanded
-        try:
-            y = torch.full((tokens, rows), float("nan"), device=DEVICE, dtype=dtype)
-            run_prefill(layout, cfg, exp, out=y)
-            err = check(y, x, weight)
-            stats = compiled_stats()
-            ms = median_ms(lambda: run_prefill(layout, cfg, exp))
-            entry["variants"][name] = {"ms": ms, "err": err, **stats}
-        except Exception as error:
-            entry["variants"][name] = {"error": repr(error)[:300]}
+        entry["variants"][f"{variant} {cfg}"] = measure(
+            lambda y: run_prefill(layout, cfg, expanded, out=y),
+            lambda: median_ms(lambda: run_prefill(layout, cfg, expanded)), x, weight, rows, dtype)
     dense_ms, tr = entry["dense_ms"], entry["transpose_ms"]
     log(f"\n{key}: dense {dense_ms*1e3:.1f}us  condensed bound {entry['condensed_ms']*1e3:.1f}us "
         f"({dense_ms/entry['condensed_ms']:.2f}x)  transpose triton {tr*1e3:.1f}us torch "
@@ -251,29 +256,18 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
     for cfg in ROWX_CONFIGS:
         if not fits(cfg, v) or cfg[1] < min(16, triton.next_power_of_2(tokens)):
             continue
-        name = f"rowx {cfg}"
-        try:
-            y = torch.full((tokens, rows), float("nan"), device=DEVICE, dtype=dtype)
-            run_prefill(layout, cfg, expanded, out=y)
-            err = check(y, x, weight)
-            stats = compiled_stats()
-            ms = graph_ms([lambda e=e: run_prefill(layout, cfg, e) for e in expanded_copies])
-            entry["variants"][name] = {"ms": ms, "err": err, "GBps": expanded.nbytes / ms / 1e6, **stats}
-        except Exception as error:
-            entry["variants"][name] = {"error": repr(error)[:300]}
+        entry["variants"][f"rowx {cfg}"] = measure(
+            lambda y: run_prefill(layout, cfg, expanded, out=y),
+            lambda: graph_ms([lambda e=e: run_prefill(layout, cfg, e) for e in expanded_copies]),
+            x, weight, rows, dtype, expanded.nbytes)
     for cfg in DECODE_CONFIGS:
         if not fits(cfg, v) or not decode_fits(cfg, tokens):
             continue
         name = f"{'dot' if cfg[5] else 'fmax' if cfg[6] else 'fma'} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
-        try:
-            y = torch.full((tokens, rows), float("nan"), device=DEVICE, dtype=dtype)
-            y = run_decode(x, weight, cfg, out=y)
-            err = check(y, x, weight)
-            stats = compiled_stats()
-            ms = graph_ms([lambda w=w: run_decode(x, w, cfg) for w in weights])
-            entry["variants"][name] = {"ms": ms, "err": err, "GBps": weight.nbytes / ms / 1e6, **stats}
-        except Exception as error:
-            entry["variants"][name] = {"error": repr(error)[:300]}
+        entry["variants"][name] = measure(
+            lambda y: run_decode(x, weight, cfg, out=y),
+            lambda: graph_ms([lambda w=w: run_decode(x, w, cfg) for w in weights]), x, weight, rows, dtype,
+            weight.nbytes)
     dense_ms = entry["dense_ms"]
     log(f"\n{key}: dense {dense_ms*1e3:.1f}us ({entry['dense_bytes']/dense_ms/1e6:.0f} GB/s), "
         f"compressed {weight.nbytes/2**20:.1f} MiB")
