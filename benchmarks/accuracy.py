@@ -218,9 +218,10 @@ def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct:
                            refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_batch=args.refine_batch)
     start = time.perf_counter()
     weights = compress_sequential(model, task.batches, config, progress=False)
-    compressed = compressed_copy(model, weights)
     if args.distill_steps:
         compressed, weights = distill(task, model, weights, args.distill_steps, args.distill_lr, args.refine_batch)
+    else:
+        compressed = compressed_copy(model, weights)
     compress_seconds = time.perf_counter() - start
     value = task.evaluate(compressed)
     refine, distilled = args.refine_steps, args.distill_steps
