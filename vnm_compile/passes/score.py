@@ -7,7 +7,7 @@ running the graph once on the example inputs and measuring each linear's input.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import fx
@@ -16,14 +16,38 @@ from ..calibration import Calibration, LayerStats
 from ..config import VNMConfig
 from ..scoring import importance
 from .common import node_outputs
-from .discover import Discovery
+from .discover import Discovery, LinearSite
 
 
 @dataclass
 class Scores:
-    importance: dict[str, torch.Tensor]  # linear node -> [out_features, in_features] float32, graph order
-    stats: dict[str, LayerStats]         # linear node -> statistics of its input
-    source: dict[str, str]               # linear node -> "calibration" or "example inputs"
+    importance: Mapping[str, torch.Tensor]  # linear node -> [out_features, in_features] float32, graph order
+    stats: dict[str, LayerStats]            # linear node -> statistics of its input
+    source: dict[str, str]                  # linear node -> "calibration" or "example inputs"
+
+
+class _Importance(Mapping[str, torch.Tensor]):
+    """Each linear's importance, computed from its weight and input statistics on every access:
+    held for all linears at once, float32 scores would take twice the bytes of a half-precision model."""
+
+    def __init__(self, sites: dict[str, LinearSite], weights: dict[str, torch.Tensor], stats: dict[str, LayerStats],
+                 config: VNMConfig):
+        self._sites, self._weights, self._stats, self._config = sites, weights, stats, config
+
+    def __getitem__(self, node: str) -> torch.Tensor:
+        site = self._sites[node]
+        weight = oriented_weight(self._weights[site.weight], site.transposed)
+        act_norm = self._stats[node].act_norm.to(weight.device)
+        return importance(weight, self._config.criterion, act_norm, self._config.a)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._sites
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
 
 
 def oriented_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -59,12 +83,7 @@ def score(
     if missing:
         for node, layer in _input_stats(gm, missing, inputs, hessians).items():
             stats[node], source[node] = layer, "example inputs"
-    scores = {}
-    for site in eligible:
-        weight = oriented_weight(weights[site.weight], site.transposed)
-        act_norm = stats[site.node].act_norm.to(weight.device)
-        scores[site.node] = importance(weight, config.criterion, act_norm, config.a)
-    return Scores(scores, stats, source)
+    return Scores(_Importance({site.node: site for site in eligible}, weights, stats, config), stats, source)
 
 
 def _input_stats(gm: fx.GraphModule, sites: list, inputs: list[Any], hessians: bool) -> dict[str, LayerStats]:
