@@ -2,9 +2,10 @@
 
     model = torch.compile(model, backend="vnm", options={"v": 64, "m": 8})
 
-Dynamo hands over the graph and, as example inputs, the real parameters. They are snapshotted
-(inference only, like Inductor's freezing): the compiled graph reads permuted, compressed copies and
-ignores the live parameters, which are never written to. `options` are VNMConfig's fields, plus
+Dynamo hands over the graph and, as example inputs, the real parameters. The passes read them in
+place, never writing to them; the compiled graph is frozen (inference only, like Inductor's
+freezing): it reads permuted, compressed copies, and clones of the parameters it reads unchanged,
+and ignores the live parameters. No dense copy of a compressed weight outlives its compile. `options` are VNMConfig's fields, plus
 "calibration": the result of `vnm_compile.calibrate(model, batches)`, and "explain": the path of an
 HTML report (`vnm_compile.explain`) to write for each compiled graph.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -77,9 +79,9 @@ def transform(
                          "the passes compress one layer at a time")
     names = {node: name for node, (name, _) in found.items()}
     earlier = reuse.tally() if reuse is not None else {}
-    snapshots = {name: reuse.cached("snapshots", id(tensor), tensor.detach().clone) if reuse is not None
-                 else tensor.detach().clone() for name, tensor in found.values()}
-    placeholders = {node: snapshots[name] for node, name in names.items()}
+    weights = {name: reuse.cached("parameters", id(tensor), tensor.detach) if reuse is not None else tensor.detach()
+               for name, tensor in found.values()}
+    placeholders = {node: weights[name] for node, name in names.items()}
     inputs: Callable[[], list[Any]] = lambda: concrete_inputs(gm, example_inputs, placeholders)
     seconds: dict[str, float] = {}
 
@@ -94,13 +96,13 @@ def transform(
         discovery = discover(gm, names, config, extra_skips)
     stages.record("discover", gm)
     with timed("score"):
-        scores = score(gm, discovery, snapshots, inputs(), config, calibration)
+        scores = score(gm, discovery, weights, inputs(), config, calibration)
     stages.record("score", gm)
     with timed("permute"):
         permutations = permute(discovery, scores, config, reuse)
     stages.record("permute", gm)
     with timed("fold"):
-        folded = fold(gm, discovery, names, snapshots, permutations, reuse)
+        folded = fold(gm, discovery, names, weights, permutations, reuse)
     stages.record("fold", folded.gm)
     sparse = None
     if config.sparsify:
@@ -155,12 +157,29 @@ def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
     found = graph_parameters(gm, example_inputs)
     reuse = _reuse_for(found, config, calibration)
     transformed = transform(gm, example_inputs, found, config, calibration, reuse=reuse)
+    _freeze(transformed.gm, [tensor for _, tensor in found.values()], reuse)
     compiled = lower(transformed, example_inputs, record=explain_path is not None) if config.inductor else transformed.gm
     if explain_path is not None:
         from .explain import write_explanation
 
         write_explanation(transformed, gm, example_inputs, found, explain_path)
+    # The permuted dense weights live in graph modules, which are reference cycles: free them now,
+    # not at some later collection, so that they never hold memory the model runs with.
+    del transformed
+    gc.collect()
     return _inference_only(compiled, reuse)
+
+
+def _freeze(gm: fx.GraphModule, parameters: list[torch.Tensor], reuse: Reuse | None) -> None:
+    """Give `gm` clones of the live parameters it reads unchanged (norms, embeddings, the linears
+    that stay dense), so that later writes to the model never reach the compiled graph. With
+    `reuse`, every graph of the model reads the same clone."""
+    storages = {tensor.untyped_storage().data_ptr() for tensor in parameters}
+    for name, buffer in list(gm.named_buffers()):
+        if buffer.untyped_storage().data_ptr() in storages:
+            clone = (reuse.cached("snapshots", id(buffer), buffer.clone) if reuse is not None else buffer.clone())
+            owner, _, leaf = name.rpartition(".")
+            gm.get_submodule(owner).register_buffer(leaf, clone)
 
 
 # Reuse by parameters (id, version, data pointer), config and calibration. Held weakly: the compiled

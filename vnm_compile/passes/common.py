@@ -11,6 +11,7 @@ import torch
 from torch import fx
 
 T = TypeVar("T")
+_MISSING = object()
 
 _SOURCE_ATTRIBUTES = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]")
 _SUBSCRIPTS = re.compile(r"\['([^']*)'\]|\[(\d+)\]")
@@ -86,15 +87,15 @@ def _fetch_attr(module: torch.nn.Module, target: str) -> Any:
     return module
 
 
-def concrete_inputs(gm: fx.GraphModule, example_inputs: list[Any], snapshots: dict[str, torch.Tensor]) -> list[Any]:
+def concrete_inputs(gm: fx.GraphModule, example_inputs: list[Any], parameters: dict[str, torch.Tensor]) -> list[Any]:
     """Inputs to run a Dynamo graph eagerly: symbolic sizes become their example values, parameter
-    placeholders get `snapshots` (by FX node name), other tensors are copied, so that a graph that
+    placeholders get `parameters` (by FX node name), other tensors are copied, so that a graph that
     writes to an input cannot touch the caller's."""
     placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
     concrete = []
     for name, value in zip(placeholders, example_inputs):
-        if name in snapshots:
-            value = snapshots[name]
+        if name in parameters:
+            value = parameters[name]
         elif isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             value = value.node.hint
         elif isinstance(value, torch.Tensor):
@@ -163,7 +164,7 @@ class _Interpreter(fx.Interpreter):
 class Reuse:
     """What earlier compiles of one set of parameters, under one config, computed: the graphs Dynamo
     compiles for one model (other input shapes, the dynamic-shape graph, the decode graph) share
-    its snapshots, permutations, permuted parameters, compressed weights and buffers, so the model
+    its permutations, permuted parameters, compressed weights, frozen clones and buffers, so the model
     gets one sparse version, searched and stored once.
 
     It serves only the very tensors it was made for, unchanged since (`serves`). Ids in its keys are
@@ -191,15 +192,20 @@ class Reuse:
         return same_calibration and len(current) == len(self._parameters) and all(
             ref() is tensor and version == recorded for (ref, recorded), (tensor, version) in zip(self._parameters, current))
 
-    def cached(self, table: str, key: Hashable, compute: Callable[[], T], keep: Any = None) -> T:
+    def cached(self, table: str, key: Hashable, compute: Callable[[], T], keep: Any = None, weak: bool = False) -> T:
         """The value stored under `key`, or `compute()` stored there; `keep` (the objects whose ids
-        the key holds) lives as long as the entry."""
+        the key holds) lives as long as the entry. A `weak` entry holds its value only while
+        something else does (a compiled graph reading it), so intermediate copies die with their compile."""
         entries = self._tables.setdefault(table, {})
-        found = key in entries
-        self._count(table, int(found), 1)
-        if not found:
-            entries[key] = (keep, compute())
-        return entries[key][1]
+        value = entries[key][1] if key in entries else _MISSING
+        if weak and value is not _MISSING:
+            value = value()
+            value = _MISSING if value is None else value  # died with the compile that read it
+        self._count(table, int(value is not _MISSING), 1)
+        if value is _MISSING:
+            value = compute()
+            entries[key] = (keep, weakref.ref(value) if weak else value)
+        return value
 
     def recall(self, table: str, keys: Iterable[Hashable]) -> dict[Hashable, Any] | None:
         """The values of all `keys`, or None if any is missing (then all are computed again)."""

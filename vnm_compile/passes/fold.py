@@ -1,12 +1,14 @@
 """fold: apply the permutations to the parameters, so that nothing is permuted at run time.
 
 Every parameter dimension of a permuted group is reordered once, here; the rewritten graph reads the
-reordered snapshots as attributes and ignores the live parameters that Dynamo still passes in.
+reordered copies as attributes and ignores the live parameters that Dynamo still passes in (a
+parameter no permutation touches is read as it is, until the backend freezes the final graph).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable
 
 import torch
 from torch import fx
@@ -19,34 +21,38 @@ from .permute import Permutations
 @dataclass
 class Folded:
     gm: fx.GraphModule
-    tensors: dict[str, torch.Tensor]   # parameter name -> snapshot with the permutations applied
+    tensors: dict[str, torch.Tensor]   # parameter name -> the parameter with the permutations applied
     attributes: dict[str, str]         # parameter name -> the gm attribute that holds it
     permuted: set[str]                 # the parameters a permutation reordered
+    sources: dict[str, Hashable]       # parameter name -> (its tensor's id, its permutations): what
+                                       # its folded tensor is, in every compile of the same parameters
 
 
 def fold(
     gm: fx.GraphModule,
     discovery: Discovery,
     parameters: dict[str, str],
-    snapshots: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor],
     permutations: Permutations,
     reuse: Reuse | None = None,
 ) -> Folded:
-    """A copy of `gm` that reads every parameter from a permuted snapshot held as a buffer.
+    """A copy of `gm` that reads every parameter from a permuted copy held as a buffer.
 
-    parameters maps FX nodes to parameter names, snapshots the parameter names to their tensors.
-    With `reuse`, a snapshot permuted the same way by an earlier compile is that same tensor.
+    parameters maps FX nodes to parameter names, weights the parameter names to their tensors.
+    With `reuse`, a tensor permuted the same way by an earlier compile is that same tensor while a
+    compiled graph still reads it; a permuted weight that only fed its compression is not kept.
     """
-    tensors, permuted = {}, set()
-    for name, snapshot in snapshots.items():
-        perms = [permutations.of(discovery.parameter_groups.get((name, dim))) for dim in range(snapshot.dim())]
+    tensors, permuted, sources = {}, set(), {}
+    for name, weight in weights.items():
+        perms = [permutations.of(discovery.parameter_groups.get((name, dim))) for dim in range(weight.dim())]
         if any(perm is not None for perm in perms):
             permuted.add(name)
+        sources[name] = (id(weight), tuple(None if perm is None else perm.cpu().numpy().tobytes() for perm in perms))
         if reuse is None:
-            tensors[name] = _permuted(snapshot, perms)
+            tensors[name] = _permuted(weight, perms)
         else:
-            key = (id(snapshot), tuple(None if perm is None else perm.cpu().numpy().tobytes() for perm in perms))
-            tensors[name] = reuse.cached("folded", key, lambda: _permuted(snapshot, perms), keep=snapshot)
+            tensors[name] = reuse.cached("folded", sources[name], lambda: _permuted(weight, perms), keep=weight,
+                                         weak=True)
     holder = torch.nn.Module()
     attributes = {}
     for name, tensor in tensors.items():
@@ -68,7 +74,7 @@ def fold(
         read.meta = dict(node.meta)
         node.replace_all_uses_with(read)
         after = read
-    return Folded(fx.GraphModule(holder, graph), tensors, attributes, permuted)
+    return Folded(fx.GraphModule(holder, graph), tensors, attributes, permuted, sources)
 
 
 def _permuted(tensor: torch.Tensor, perms: list[torch.Tensor | None]) -> torch.Tensor:

@@ -90,8 +90,8 @@ def sparsify(
     compressed weight, unless its estimated error exceeds config.max_layer_error. With config.fuse,
     the sparse linears that read one input run as one vnm.linear on their concatenated rows.
 
-    With `reuse`, a weight an earlier compile compressed (the same permuted tensor from `fold`)
-    keeps that result, and the buffers emitted for the same compressed weights are those tensors."""
+    With `reuse`, a weight an earlier compile compressed (the same parameter, permuted the same
+    way) keeps that result, and the buffers emitted for the same compressed weights are those tensors."""
     compress = compressor(config.method)
     gm = fx.GraphModule(folded.gm, copied_graph(folded.gm))
     nodes = {node.name: node for node in gm.graph.nodes}
@@ -101,10 +101,9 @@ def sparsify(
             layers[site.node] = LayerResult(site.node, site.name, False, site.skip_reason, None, None, None)
         elif reuse is None:
             layers[site.node] = _compress(site, folded, scores, permutations, config, compress)
-        else:  # fold gives one tensor per parameter and permutations: its id names both
-            weight = folded.tensors[site.weight]
+        else:
             compute = lambda: _compress(site, folded, scores, permutations, config, compress)
-            result = reuse.cached("compressed", (id(weight), site.transposed), compute, keep=weight)
+            result = reuse.cached("compressed", (folded.sources[site.weight], site.transposed), compute)
             layers[site.node] = dataclasses.replace(result, node=site.node, name=site.name)
     readers: dict[str, list[str]] = {}  # input node -> its sparse linears, in graph order
     for node in gm.graph.nodes:
