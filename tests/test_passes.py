@@ -231,6 +231,38 @@ def test_permutation_never_loses_and_usually_gains(v, m):
     assert retained == pytest.approx(search.after, rel=1e-9)
 
 
+def _chains(seed):
+    """Two independent problems: up -> mid -> down (two groups sharing mid) and a -> b (one group)."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = {"up": (64, 32), "mid": (48, 64), "down": (32, 48), "a": (80, 32), "b": (32, 80)}
+    scores = {name: torch.rand(*shape, generator=generator).pow(3) for name, shape in sizes.items()}
+    groups_of = {"up": (None, 0), "mid": (0, 1), "down": (1, None), "a": (None, 2), "b": (2, None)}  # in, out
+    linears = {name: LinearSite(name, name, "x", f"{name}.weight", False, *sizes[name], *groups_of[name])
+               for name in sizes}
+    groups = {0: Group(0, 64, readers=["mid"], writers=["up"]), 1: Group(1, 48, readers=["down"], writers=["mid"]),
+              2: Group(2, 80, readers=["b"], writers=["a"])}
+    return Discovery(linears, groups, {}, {}, {}), Scores(scores, {}, {})
+
+
+def test_independent_groups_are_searched_apart_with_the_same_result(monkeypatch):
+    from vnm_compile.passes.permute import _components
+
+    discovery, scores = _chains(seed=1)
+    assert [[group.id for group in component] for component in _components(list(discovery.groups.values()),
+                                                                           scores.importance)] == [[0, 1], [2]]
+    config = vnm.VNMConfig(v=16, m=8, permute_rounds=3)
+    parallel = permute(discovery, scores, config)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)  # one thread: the components one after the other
+    sequential = permute(discovery, scores, config)
+    alone = {2: Group(2, 80, readers=["b"], writers=["a"])}  # the second problem without the first
+    single = permute(Discovery(discovery.linears, alone, {}, {}, {}), scores, config)
+    assert set(parallel.perms) == {0, 1, 2}
+    for group in parallel.perms:
+        assert torch.equal(parallel.perms[group], sequential.perms[group])
+    assert torch.equal(parallel.perms[2], single.perms[2])
+    assert parallel.searches[2].after == single.searches[2].after > single.searches[2].before
+
+
 def test_permutation_respects_the_time_budget():
     discovery, scores = _two_layer_problem(48, 96, 40, seed=0)
     found = permute(discovery, scores, vnm.VNMConfig(v=16, m=8, permute_budget_s=1e-9))

@@ -26,8 +26,11 @@ than MAX_ASSIGNMENT positions is cut into consecutive chunks solved one by one.
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -86,18 +89,31 @@ def permute(discovery: Discovery, scores: Scores, config: VNMConfig, reuse: Reus
         return Permutations({}, {}, {})
     search = _Search(discovery, scores, config)
     involved = {node for group in groups for node in _members(group, members)}
-    before = {node: search.retained(node, {}) for node in involved}
+
+    def retained(node: str, perms: dict[int, torch.Tensor], known: float | None = None) -> float:
+        """search.retained, kept in `reuse` for permutations it holds (by their ids): a reused graph
+        takes the numbers of the compile that found its permutations instead of masking every weight again."""
+        compute = (lambda: known) if known is not None else (lambda: search.retained(node, perms))
+        if reuse is None:
+            return compute()
+        site = discovery.linears[node]
+        used = [perms.get(group) for group in (site.out_group, site.in_group)]
+        key = (site.weight, site.transposed, *(None if perm is None else id(perm) for perm in used))
+        return reuse.cached("retained", key, compute, keep=used)
+
+    before = {node: retained(node, {}) for node in involved}
     signatures = {group.id: (frozenset(group.dims), group.size) for group in groups}
     recalled = reuse.recall("permutations", signatures.values()) if reuse is not None else None
     if recalled is not None:
         perms = {group: recalled[signature] for group, signature in signatures.items()
                  if recalled[signature] is not None}
-        current = {node: search.retained(node, perms) for node in involved}
+        current = {node: retained(node, perms) for node in involved}
         steps, stopped = {group.id: [0, 0, 0.0] for group in groups}, None
     else:
         perms, current, steps, stopped = _search_groups(groups, search, before, config)
         if reuse is not None:  # a group searched and left in order is stored too, as None
             reuse.store("permutations", {signatures[group.id]: perms.get(group.id) for group in groups})
+            current = {node: retained(node, perms, known=current[node]) for node in involved}
     searches = {}
     for group in groups:
         nodes = _members(group, members)
@@ -111,26 +127,29 @@ def permute(discovery: Discovery, scores: Scores, config: VNMConfig, reuse: Reus
 def _search_groups(groups: list[Group], search: "_Search", before: dict[str, float], config: VNMConfig
                    ) -> tuple[dict[int, torch.Tensor], dict[str, float], dict[int, list], str | None]:
     """Alternating group steps, config.permute_rounds times: the permutations, each linear's retained
-    importance under them, per group [steps, steps kept, seconds], and why the search stopped early."""
-    members = search.importance
-    perms: dict[int, torch.Tensor] = {}
-    current = dict(before)
-    steps = {group.id: [0, 0, 0.0] for group in groups}
+    importance under them, per group [steps, steps kept, seconds], and why the search stopped early.
+
+    Groups that share no linear (those of different layers) do not see each other's permutations,
+    so each connected set of groups is searched on a thread of its own, with the very steps a
+    sequential search takes: the assignments (scipy, which releases the GIL) run side by side."""
+    components = _components(groups, search.importance)
     deadline = time.monotonic() + config.permute_budget_s
-    stopped = None
     progress = tqdm(total=config.permute_rounds * len(groups), desc="vnm permute", unit="group",
                     disable=None, leave=False)
-    with progress:
+
+    def search_component(component: list[Group]) -> tuple[dict, dict, dict, str | None]:
+        perms: dict[int, torch.Tensor] = {}
+        current: dict[str, float] = {}
+        steps = {group.id: [0, 0, 0.0] for group in component}
         for round_index in range(config.permute_rounds):
-            for group in groups:
+            for group in component:
                 if time.monotonic() > deadline:
-                    stopped = f"time budget of {config.permute_budget_s:g} s spent in round {round_index + 1}"
-                    break
+                    return perms, current, steps, f"time budget of {config.permute_budget_s:g} s spent in round {round_index + 1}"
                 start = time.perf_counter()
                 trial = {**perms, group.id: search.step(group, perms)}
-                nodes = _members(group, members)
+                nodes = _members(group, search.importance)
                 retained = {node: search.retained(node, trial) for node in nodes}
-                kept = sum(retained.values()) > sum(current[node] for node in nodes)
+                kept = sum(retained.values()) > sum(current.get(node, before[node]) for node in nodes)
                 if kept:
                     perms, current = trial, {**current, **retained}
                 record = steps[group.id]
@@ -138,9 +157,39 @@ def _search_groups(groups: list[Group], search: "_Search", before: dict[str, flo
                 record[1] += kept
                 record[2] += time.perf_counter() - start
                 progress.update()
-            if stopped:
-                break
+        return perms, current, steps, None
+
+    perms, current, steps, stopped = {}, dict(before), {}, None
+    with progress, ThreadPoolExecutor(max_workers=min(len(components), os.cpu_count() or 1)) as pool:
+        for found, retained, component_steps, reason in pool.map(search_component, components):
+            perms.update(found)
+            current.update(retained)
+            steps.update(component_steps)
+            stopped = stopped or reason
     return perms, current, steps, stopped
+
+
+def _components(groups: list[Group], members: Mapping[str, torch.Tensor]) -> list[list[Group]]:
+    """The groups split into sets that share linears (a linear's input and output groups are linked),
+    each in graph order."""
+    owner = {group.id: group.id for group in groups}
+
+    def root(group_id: int) -> int:
+        while owner[group_id] != group_id:
+            group_id = owner[group_id]
+        return group_id
+
+    first_group: dict[str, int] = {}
+    for group in groups:
+        for node in _members(group, members):
+            if node in first_group:
+                owner[root(group.id)] = root(first_group[node])
+            else:
+                first_group[node] = group.id
+    components: dict[int, list[Group]] = {}
+    for group in groups:
+        components.setdefault(root(group.id), []).append(group)
+    return list(components.values())
 
 
 def _members(group: Group, members: dict) -> list[str]:
