@@ -63,6 +63,19 @@ def test_optimal_equals_brute_force_on_small_blocks(pattern, rows, cols, seed):
     assert retained(scores, mask) == pytest.approx(brute_force_best(scores, v, m), rel=1e-6)
 
 
+@pytest.mark.parametrize("v,m", [(64, 8), (16, 6), (4, 5)])
+def test_mask_does_not_depend_on_the_search_chunk(monkeypatch, v, m):
+    """The search works chunk by chunk (small on the CPU, large on a GPU): every chunking, the same mask."""
+    from vnm_compile import format
+
+    scores = torch.rand(3 * v + 5, 37 * m + 3, generator=torch.Generator().manual_seed(v + m)) ** 3
+    masks = []
+    for chunk in (v, 1000, 16384, 1 << 19):
+        monkeypatch.setitem(format._SEARCH_CHUNK, "cpu", chunk)
+        masks.append(vnm.vnm_mask(scores, v, m, "optimal"))
+    assert all(torch.equal(mask, masks[0]) for mask in masks[1:])
+
+
 @pytest.mark.parametrize("v,m", [(64, 5), (64, 8), (16, 6), (32, 16)])
 def test_sparsity_is_exact_on_divisible_shapes(v, m):
     scores = torch.rand(2 * v, 3 * m * 4)

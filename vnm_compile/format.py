@@ -21,8 +21,14 @@ KEPT_COLUMNS = 4
 KEPT_PER_ROW = 2
 # "optimal" enumerates every 4-column subset; past this many (M > 12) it falls back to "l1".
 MAX_ENUMERATED_SUBSETS = math.comb(12, 4)
-# Row-groups scored per chunk by the exhaustive search: keeps its temporaries in the CPU's cache.
-_SEARCH_CHUNK = 16384
+# Elements scored per chunk by the exhaustive column search and the row-pair choice. On the CPU a
+# chunk's temporaries stay in cache; on a GPU each chunk costs ~40 kernel launches, so chunks are
+# as large as a few hundred MB of temporaries allow (a 4096 x 11008 weight: 11 chunks, not 350).
+_SEARCH_CHUNK = {"cpu": 16384, "other": 1 << 19}
+
+
+def _search_chunk(device: torch.device) -> int:
+    return _SEARCH_CHUNK["cpu" if device.type == "cpu" else "other"]
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -81,10 +87,11 @@ def _optimal_columns(blocks: torch.Tensor) -> torch.Tensor:
     n_blocks, v, groups, m = blocks.shape
     subsets = _column_subsets(m).to(blocks.device)
     best = torch.empty(n_blocks, groups, dtype=torch.long, device=blocks.device)
-    groups_per_chunk = max(1, _SEARCH_CHUNK // v)
+    chunk_size = _search_chunk(blocks.device)
+    groups_per_chunk = max(1, chunk_size // v)
     for g0 in range(0, groups, groups_per_chunk):
         g1 = min(groups, g0 + groups_per_chunk)
-        blocks_per_chunk = max(1, _SEARCH_CHUNK // (v * (g1 - g0)))
+        blocks_per_chunk = max(1, chunk_size // (v * (g1 - g0)))
         for b0 in range(0, n_blocks, blocks_per_chunk):
             b1 = min(n_blocks, b0 + blocks_per_chunk)
             chunk = blocks[b0:b1, :, g0:g1].permute(3, 0, 2, 1).reshape(m, -1)
@@ -129,9 +136,10 @@ def _best_pair(kept: torch.Tensor) -> torch.Tensor:
     """
     by_slot = kept.movedim(-1, 0).reshape(KEPT_COLUMNS, -1)
     best_index = torch.zeros(by_slot.shape[1], dtype=torch.long, device=kept.device)
-    for start in range(0, by_slot.shape[1], _SEARCH_CHUNK * 4):
-        chunk = by_slot[:, start : start + _SEARCH_CHUNK * 4].contiguous()
-        chunk_index = best_index[start : start + _SEARCH_CHUNK * 4]
+    step = _search_chunk(kept.device) * 4
+    for start in range(0, by_slot.shape[1], step):
+        chunk = by_slot[:, start : start + step].contiguous()
+        chunk_index = best_index[start : start + step]
         best = chunk[0] + chunk[1]
         pair, better = torch.empty_like(best), torch.empty_like(best, dtype=torch.bool)
         for index, (i, j) in enumerate(_SLOT_PAIRS[1:], start=1):
