@@ -244,15 +244,15 @@ def _chains(seed):
     return Discovery(linears, groups, {}, {}, {}), Scores(scores, {}, {})
 
 
-def test_independent_groups_are_searched_apart_with_the_same_result(monkeypatch):
-    from vnm_compile.passes.permute import _components
+def test_groups_sharing_no_linear_step_together_with_the_same_result(monkeypatch):
+    from vnm_compile.passes.permute import _waves
 
     discovery, scores = _chains(seed=1)
-    assert [[group.id for group in component] for component in _components(list(discovery.groups.values()),
-                                                                           scores.importance)] == [[0, 1], [2]]
+    waves = _waves(list(discovery.groups.values()), scores.importance)
+    assert [[group.id for group in wave] for wave in waves] == [[0, 2], [1]]  # 1 shares mid with 0
     config = vnm.VNMConfig(v=16, m=8, permute_rounds=3)
     parallel = permute(discovery, scores, config)
-    monkeypatch.setattr("os.cpu_count", lambda: 1)  # one thread: the components one after the other
+    monkeypatch.setattr("os.cpu_count", lambda: 1)  # one thread: the groups one after the other
     sequential = permute(discovery, scores, config)
     alone = {2: Group(2, 80, readers=["b"], writers=["a"])}  # the second problem without the first
     single = permute(Discovery(discovery.linears, alone, {}, {}, {}), scores, config)

@@ -26,6 +26,7 @@ than MAX_ASSIGNMENT positions is cut into consecutive chunks solved one by one.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -129,67 +130,60 @@ def _search_groups(groups: list[Group], search: "_Search", before: dict[str, flo
     """Alternating group steps, config.permute_rounds times: the permutations, each linear's retained
     importance under them, per group [steps, steps kept, seconds], and why the search stopped early.
 
-    Groups that share no linear (those of different layers) do not see each other's permutations,
-    so each connected set of groups is searched on a thread of its own, with the very steps a
-    sequential search takes: the assignments (scipy, which releases the GIL) run side by side."""
-    components = _components(groups, search.importance)
+    A step reads the permutations of the groups that share a linear with its group, no others. So
+    each round runs in waves (`_waves`): a group's step starts once every neighbour before it in
+    graph order has stepped, beside the other groups that are ready, on threads (scipy's assignment
+    releases the GIL). The steps and their results are those of stepping the groups one by one."""
+    members = search.importance
+    perms: dict[int, torch.Tensor] = {}
+    current = dict(before)
+    steps = {group.id: [0, 0, 0.0] for group in groups}
     deadline = time.monotonic() + config.permute_budget_s
+    waves = _waves(groups, members)
     progress = tqdm(total=config.permute_rounds * len(groups), desc="vnm permute", unit="group",
                     disable=None, leave=False)
 
-    def search_component(component: list[Group]) -> tuple[dict, dict, dict, str | None]:
-        perms: dict[int, torch.Tensor] = {}
-        current: dict[str, float] = {}
-        steps = {group.id: [0, 0, 0.0] for group in component}
+    def step(group: Group, perms: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], float]:
+        start = time.perf_counter()
+        perm = search.step(group, perms)
+        trial = {**perms, group.id: perm}
+        retained = {node: search.retained(node, trial) for node in _members(group, members)}
+        progress.update()
+        return perm, retained, time.perf_counter() - start
+
+    with progress, ThreadPoolExecutor(max_workers=max(1, min(max(map(len, waves)), os.cpu_count() or 1))) as pool:
         for round_index in range(config.permute_rounds):
-            for group in component:
+            for wave in waves:
                 if time.monotonic() > deadline:
-                    return perms, current, steps, f"time budget of {config.permute_budget_s:g} s spent in round {round_index + 1}"
-                start = time.perf_counter()
-                trial = {**perms, group.id: search.step(group, perms)}
-                nodes = _members(group, search.importance)
-                retained = {node: search.retained(node, trial) for node in nodes}
-                kept = sum(retained.values()) > sum(current.get(node, before[node]) for node in nodes)
-                if kept:
-                    perms, current = trial, {**current, **retained}
-                record = steps[group.id]
-                record[0] += 1
-                record[1] += kept
-                record[2] += time.perf_counter() - start
-                progress.update()
-        return perms, current, steps, None
-
-    perms, current, steps, stopped = {}, dict(before), {}, None
-    with progress, ThreadPoolExecutor(max_workers=min(len(components), os.cpu_count() or 1)) as pool:
-        for found, retained, component_steps, reason in pool.map(search_component, components):
-            perms.update(found)
-            current.update(retained)
-            steps.update(component_steps)
-            stopped = stopped or reason
-    return perms, current, steps, stopped
+                    return perms, current, steps, (f"time budget of {config.permute_budget_s:g} s spent in "
+                                                   f"round {round_index + 1}")
+                results = list(pool.map(functools.partial(step, perms=perms), wave))
+                for group, (perm, retained, seconds) in zip(wave, results):
+                    kept = sum(retained.values()) > sum(current[node] for node in retained)
+                    if kept:  # the wave's groups share no linear: their updates are disjoint
+                        perms, current = {**perms, group.id: perm}, {**current, **retained}
+                    record = steps[group.id]
+                    record[0] += 1
+                    record[1] += kept
+                    record[2] += seconds
+    return perms, current, steps, None
 
 
-def _components(groups: list[Group], members: Mapping[str, torch.Tensor]) -> list[list[Group]]:
-    """The groups split into sets that share linears (a linear's input and output groups are linked),
-    each in graph order."""
-    owner = {group.id: group.id for group in groups}
-
-    def root(group_id: int) -> int:
-        while owner[group_id] != group_id:
-            group_id = owner[group_id]
-        return group_id
-
-    first_group: dict[str, int] = {}
+def _waves(groups: list[Group], members: Mapping[str, torch.Tensor]) -> list[list[Group]]:
+    """The groups (in graph order) as waves: each group one wave after the latest of the groups
+    before it that share a linear with it. Groups of one wave share no linear."""
+    wave_of: dict[int, int] = {}
+    last_wave_reading: dict[str, int] = {}  # linear -> the latest wave of a group it belongs to
     for group in groups:
-        for node in _members(group, members):
-            if node in first_group:
-                owner[root(group.id)] = root(first_group[node])
-            else:
-                first_group[node] = group.id
-    components: dict[int, list[Group]] = {}
+        nodes = _members(group, members)
+        wave_of[group.id] = 1 + max((last_wave_reading[node] for node in nodes if node in last_wave_reading),
+                                    default=-1)
+        for node in nodes:
+            last_wave_reading[node] = wave_of[group.id]
+    waves: list[list[Group]] = [[] for _ in range(max(wave_of.values(), default=-1) + 1)]
     for group in groups:
-        components.setdefault(root(group.id), []).append(group)
-    return list(components.values())
+        waves[wave_of[group.id]].append(group)
+    return waves
 
 
 def _members(group: Group, members: dict) -> list[str]:
