@@ -174,9 +174,9 @@ def compile_job(job):
     torch.cuda.init()
     weight = fake_weight(rows, cols, v, m)
     try:
-        if kind in ("prefill", "rowx"):
+        if kind in ("prefill", "rowx", "cmx"):
             x = torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16)
-            layout = {"xt": transpose(x) if kind == "prefill" else x.t(), "weight": weight,
+            layout = {"xt": x.t() if kind == "rowx" else transpose(x), "weight": weight,
                       "channels": channel_index(weight.columns, m)}
             run_prefill(layout, cfg, expand_weight(weight.values, weight.metadata))
         else:
@@ -252,11 +252,17 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
     entry["variants"] = {}
     expanded = expand_weight(weight.values, weight.metadata)
     expanded_copies = [expanded] + [expanded.clone() for _ in range(max(1, -(-3 * L2_BYTES // expanded.nbytes)) - 1)]
-    layout = {"xt": x.t(), "weight": weight, "channels": channel_index(weight.columns, m)}
-    for cfg in ROWX_CONFIGS:
+    # rowx: x read in place (row-major); cmx: x.T given channel-major, as a producer could write it
+    # (round 8; the transpose launch that makes it here is timed on its own)
+    channels = channel_index(weight.columns, m)
+    layouts = {"rowx": {"xt": x.t(), "weight": weight, "channels": channels}}
+    if tokens > 1:
+        layouts["cmx"] = {"xt": transpose(x), "weight": weight, "channels": channels}
+        entry["transpose_ms"] = graph_ms([lambda: transpose(x)])
+    for (name, layout), cfg in itertools.product(layouts.items(), ROWX_CONFIGS):
         if not fits(cfg, v) or cfg[1] < min(16, triton.next_power_of_2(tokens)):
             continue
-        entry["variants"][f"rowx {cfg}"] = measure(
+        entry["variants"][f"{name} {cfg}"] = measure(
             lambda y: run_prefill(layout, cfg, expanded, out=y),
             lambda: graph_ms([lambda e=e: run_prefill(layout, cfg, e) for e in expanded_copies]),
             x, weight, rows, dtype, expanded.nbytes)
@@ -270,7 +276,7 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
             weight.nbytes)
     dense_ms = entry["dense_ms"]
     log(f"\n{key}: dense {dense_ms*1e3:.1f}us ({entry['dense_bytes']/dense_ms/1e6:.0f} GB/s), "
-        f"compressed {weight.nbytes/2**20:.1f} MiB")
+        f"compressed {weight.nbytes/2**20:.1f} MiB, transpose {entry.get('transpose_ms', 0)*1e3:.1f}us")
     for name, r in sorted(entry["variants"].items(), key=lambda kv: kv[1].get("ms", 1e9)):
         if "ms" in r:
             log(f"  {name:40s} {r['ms']*1e3:7.2f}us {dense_ms/r['ms']:.2f}x dense {r['GBps']:.0f} GB/s err "
@@ -356,9 +362,9 @@ def main():
                                             if fits(cfg, first[3])]
         jobs += [("decode", r, c, t, 64, m, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
                  for t in decode_tokens for m in decode_ms for cfg in DECODE_CONFIGS if decode_fits(cfg, t)]
-        jobs += [("rowx", r, c, t, 64, m, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
+        jobs += [(kind, r, c, t, 64, m, "", cfg) for kind in ("rowx", "cmx") for (r, c) in decode_shapes[:1] + decode_shapes[2:]
                  for t in decode_tokens for m in decode_ms for cfg in ROWX_CONFIGS
-                 if cfg[1] >= min(16, triton.next_power_of_2(t))]
+                 if cfg[1] >= min(16, triton.next_power_of_2(t)) and (kind == "rowx" or t > 1)]
         precompile(compile_job, jobs)
     if args.decode_only:
         first, others = None, []
