@@ -5,9 +5,10 @@
 Dynamo hands over the graph and, as example inputs, the real parameters. The passes read them in
 place, never writing to them; the compiled graph is frozen (inference only, like Inductor's
 freezing): it reads permuted, compressed copies, and clones of the parameters it reads unchanged,
-and ignores the live parameters. No dense copy of a compressed weight outlives its compile. `options` are VNMConfig's fields, plus
-"calibration": the result of `vnm_compile.calibrate(model, batches)`, and "explain": the path of an
-HTML report (`vnm_compile.explain`) to write for each compiled graph.
+and ignores the live parameters. No dense copy of a compressed weight outlives its compile.
+`options` are VNMConfig's fields, plus "calibration": the result of
+`vnm_compile.calibrate(model, batches)`, and "explain": the path of an HTML report
+(`vnm_compile.explain`) to write for each compiled graph.
 
 Dynamo compiles one model into several graphs (another input shape, the dynamic-shape graph, the
 decode graph). A graph that reads the same parameter tensors, unchanged, under the same config as
