@@ -43,11 +43,13 @@ def fold(
     compiled graph still reads it; a permuted weight that only fed its compression is not kept.
     """
     tensors, permuted, sources = {}, set(), {}
+    # one device-to-host copy per permutation, not one per parameter dimension it reorders
+    encoded = {id(perm): perm.cpu().numpy().tobytes() for perm in permutations.perms.values()}
     for name, weight in weights.items():
         perms = [permutations.of(discovery.parameter_groups.get((name, dim))) for dim in range(weight.dim())]
         if any(perm is not None for perm in perms):
             permuted.add(name)
-        sources[name] = (id(weight), tuple(None if perm is None else perm.cpu().numpy().tobytes() for perm in perms))
+        sources[name] = (id(weight), tuple(None if perm is None else encoded[id(perm)] for perm in perms))
         if reuse is None:
             tensors[name] = _permuted(weight, perms)
         else:
