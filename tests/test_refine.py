@@ -111,6 +111,19 @@ def test_a_step_averages_its_batch():
     torch.testing.assert_close(block[0].weight.detach(), weight.detach() * mask, rtol=1e-5, atol=1e-6)
 
 
+def test_extra_parameters_train_whole_and_the_rest_stays():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 8))
+    masks = {"0": torch.rand(16, 32) > 0.5}
+    inputs = [[[torch.randn(5, 32)], {}] for _ in range(4)]
+    targets = [torch.randn(5, 8) for _ in range(4)]
+    before = {name: p.clone() for name, p in block.named_parameters()}
+    refine_block(block, masks, inputs, targets, steps=3, lr=1e-2, extra=[block[1].weight, block[1].bias])
+    changed = {name for name, p in block.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {"0.weight", "1.weight", "1.bias"}
+    assert block[0].weight[~masks["0"]].eq(0).all() and block[1].weight.ne(0).all()  # extra ones are not masked
+
+
 def test_rejects_bad_input():
     block = torch.nn.Sequential(torch.nn.Linear(4, 4))
     inputs, targets, masks = [[[torch.randn(2, 4)], {}]], [torch.randn(2, 4)], {"0": torch.ones(4, 4, dtype=torch.bool)}

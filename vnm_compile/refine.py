@@ -10,7 +10,7 @@ no loss beyond the block, one block's activations at a time.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -25,11 +25,13 @@ def refine_block(
     lr: float,
     batch: int = 1,
     seed: int = 0,
+    extra: Iterable[nn.Parameter] = (),
 ) -> list[float]:
     """Train, in place, the weights of `block`'s submodules named in `masks` (weights laid out as
     the modules store them, True = kept) so that block(*args, **kwargs)'s first output matches
-    `targets` (one per stored (args, kwargs) input). Pruned weights stay exactly zero; every
-    other parameter of the block stays as it is. Each step averages the gradients of `batch`
+    `targets` (one per stored (args, kwargs) input). Pruned weights stay exactly zero. The
+    parameters in `extra` (say biases and norms) are trained with them, whole; every other
+    parameter of the block stays as it is. Each step averages the gradients of `batch`
     calibration inputs, drawn in a shuffled order (inputs may differ in length, so they are not
     stacked); the learning rate decays to zero along a cosine. Returns the loss of each step (the
     mean over its inputs), relative to the target's mean square.
@@ -43,11 +45,12 @@ def refine_block(
     if len(inputs) != len(targets) or not inputs:
         raise ValueError(f"inputs and targets must be non-empty and of one length, got {len(inputs)} and {len(targets)}")
     weights = {name: block.get_submodule(name).weight for name in masks}
-    trainable = {id(w) for w in weights.values()}
+    extra = list(extra)
+    trainable = {id(p) for p in [*weights.values(), *extra]}
     requires_grad = {parameter: parameter.requires_grad for parameter in block.parameters()}
     for parameter in requires_grad:
         parameter.requires_grad_(id(parameter) in trainable)
-    optimizer = torch.optim.Adam(weights.values(), lr=lr)
+    optimizer = torch.optim.Adam([*weights.values(), *extra], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
