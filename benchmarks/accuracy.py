@@ -22,6 +22,9 @@ copy of the model, from the dense model's activation norms) and that copy is the
     python benchmarks/accuracy.py --models minilm --patterns 64:2:6 --reconstruct on --permute off \
         --criteria ria --calibration-paragraphs 932 --refine-steps 256 --refine-batch 16 --refine-lr 2e-3 \
         --distill-steps 300 --distill-lr 3e-4             # ... then end-to-end refinement of the whole model
+    python benchmarks/accuracy.py --models minilm --patterns 64:2:6 --reconstruct on --permute off \
+        --criteria ria --calibration-paragraphs 932 --refine-steps 512 --refine-batch 16 --refine-lr 3e-3 \
+        --distill-steps 9600 --distill-target embedding --distill-text windows --device cuda   # MiniLM >= 0.95
 Runs merge into the existing results (same configuration = replaced). Reconstruction rows measured
 before the exact refit of the kept weights (`reconstruct`) carry solver "pass" in the table.
 """
@@ -149,10 +152,11 @@ def paragraphs(text: str, count: int, min_words: int = 8) -> list[str]:
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
     """Mean-pooled last hidden states over the real tokens (sentence-transformers' pooling)."""
+    device = next(model.parameters()).device
     embeddings = []
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                            max_length=256, return_tensors="pt")
+                            max_length=256, return_tensors="pt").to(device)
         embeddings.append(mean_pooled(model(**encoded).last_hidden_state, encoded["attention_mask"]))
     return torch.cat(embeddings)
 
@@ -165,6 +169,27 @@ def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+def random_windows(tokenizer, text: str, count: int, size: int, lengths: list[int], device: torch.device,
+                   seed: int = 0) -> list[dict]:
+    """`count` batches of `size` windows at random places of `text`, each framed by the tokenizer's
+    start and end tokens as a sentence would be, as encoder inputs. Each batch's windows are as
+    long (in tokens, framing included) as one of `lengths` drawn at random."""
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0, 1:-1]
+    if min(lengths) < 3 or ids.numel() <= max(lengths):
+        raise ValueError(f"window lengths must be in [3, {ids.numel()}] (the text's tokens), got {min(lengths)} "
+                         f"to {max(lengths)}")
+    generator = torch.Generator().manual_seed(seed)
+    framing = torch.tensor([tokenizer.cls_token_id]), torch.tensor([tokenizer.sep_token_id])
+    batches = []
+    for _ in range(count):
+        body = lengths[int(torch.randint(len(lengths), (), generator=generator))] - 2
+        starts = torch.randint(0, ids.numel() - body, (size,), generator=generator).tolist()
+        windows = torch.stack([torch.cat([framing[0], ids[s : s + body], framing[1]]) for s in starts])
+        batches.append({"input_ids": windows.to(device), "attention_mask": torch.ones_like(windows, device=device),
+                        "token_type_ids": torch.zeros_like(windows, device=device)})
+    return batches
 
 
 def compressed_copy(model: nn.Module, weights: dict[str, vnm.VNMWeight]) -> nn.Module:
@@ -182,29 +207,39 @@ def sparsity(weights: dict[str, vnm.VNMWeight]) -> float:
 
 
 class Task:
-    """A model with its calibration batches and its evaluation (higher or lower is better)."""
+    """A model with its calibration batches and its evaluation (higher or lower is better), on
+    `args.device`. An encoder also measures its fit: the same metric on calibration paragraphs."""
 
     def __init__(self, name: str, args: argparse.Namespace):
         calibration_text, evaluation_text = pydoc_split()
         if args.calibration_text == "pydoc+docstrings":
             calibration_text += "\n\n" + stdlib_docstrings(evaluation_text)
         self.name = name
+        self.device = torch.device(args.device)
+        self.fit = None
         if name == "smollm":
-            self.model, tokenizer = load_smollm()
+            model, self.tokenizer = load_smollm()
             self.metric = "perplexity"
-            self.batches = [{"input_ids": ids[None], "use_cache": False}
-                            for ids in token_windows(tokenizer, calibration_text, args.calibration_windows)]
-            self.windows = token_windows(tokenizer, evaluation_text, args.eval_windows)
+            self.batches = [{"input_ids": ids[None].to(self.device), "use_cache": False}
+                            for ids in token_windows(self.tokenizer, calibration_text, args.calibration_windows)]
+            self.windows = token_windows(self.tokenizer, evaluation_text, args.eval_windows).to(self.device)
+            self.model = model.to(self.device)
             self.evaluate = lambda model: perplexity(model, self.windows)
         else:
-            self.model, tokenizer = load_minilm()
+            model, tokenizer = load_minilm()
+            self.model, self.tokenizer = model.to(self.device), tokenizer
             self.metric = "cosine_to_dense"
-            self.batches = [dict(tokenizer(text, truncation=True, max_length=256, return_tensors="pt"))
-                            for text in paragraphs(calibration_text, args.calibration_paragraphs)]
-            texts = paragraphs(evaluation_text, args.eval_paragraphs)
-            dense = sentence_embeddings(self.model, tokenizer, texts)
-            self.evaluate = lambda model: mean_cosine(sentence_embeddings(model, tokenizer, texts), dense)
+            calibration = paragraphs(calibration_text, args.calibration_paragraphs)
+            self.batches = [dict(tokenizer(text, truncation=True, max_length=256, return_tensors="pt").to(self.device))
+                            for text in calibration]
+            self.evaluate = self._cosine_to_dense(paragraphs(evaluation_text, args.eval_paragraphs))
+            self.fit = self._cosine_to_dense(calibration[: args.eval_paragraphs])
+        self.calibration_text = calibration_text
         self._calibration = None
+
+    def _cosine_to_dense(self, texts: list[str]):
+        dense = sentence_embeddings(self.model, self.tokenizer, texts)
+        return lambda model: mean_cosine(sentence_embeddings(model, self.tokenizer, texts), dense)
 
     def permuted(self, criterion: str, pattern: str) -> nn.Module:
         """A copy of the model with the channel permutations that `criterion` at `pattern` prefers
@@ -241,19 +276,32 @@ DISTILL_TARGETS = {"first": _FirstOutput, "embedding": _SentenceEmbedding}
 
 
 def distill(task: Task, model: nn.Module, weights: dict[str, vnm.VNMWeight], steps: int, lr: float,
-            batch: int, target: str = "first") -> tuple[nn.Module, dict[str, vnm.VNMWeight]]:
+            batch: int, target: str = "first", params: str = "kept", text: str = "batches",
+            window: int = 0) -> tuple[nn.Module, dict[str, vnm.VNMWeight]]:
     """End-to-end refinement after the block-wise pass: the compressed model's kept weights, masks
-    fixed, trained by `refine_block` on the whole model towards the dense model's output on the
-    calibration batches (post-training, no labels): its first output (last hidden state, logits)
-    or, for an encoder, its sentence embedding (`target`). Returns the refined copy and its weights."""
+    fixed, trained by `refine_block` on the whole model towards the dense model's output
+    (post-training, no labels): its first output (last hidden state, logits) or, for an encoder,
+    its sentence embedding (`target`). params "kept+affine" trains every one-dimensional parameter
+    too (biases, norm scales and shifts). The text is the calibration batches, or with text
+    "windows" `steps` fresh batches of `batch` windows each, drawn from the whole calibration
+    text: the same text, in more distinct inputs. A batch of windows is `window` tokens long, or
+    (0) as long as a calibration batch drawn at random. Returns the refined copy
+    (which holds the trained one-dimensional parameters) and its weights."""
     from vnm_compile.refine import refine_block
 
     output = DISTILL_TARGETS[target]
     student = output(compressed_copy(model, weights))
+    inputs, per_step = task.batches, batch
+    if text == "windows":
+        lengths = [window] if window else [b["input_ids"].shape[-1] for b in task.batches]
+        inputs = random_windows(task.tokenizer, task.calibration_text, steps, batch, lengths, task.device)
+        per_step = 1
     with torch.no_grad():
-        targets = [output(model)(**inputs) for inputs in task.batches]
+        targets = [output(model)(**batch_inputs) for batch_inputs in inputs]
     masks = {f"model.{name}": weight.mask() for name, weight in weights.items()}
-    refine_block(student, masks, [[[], inputs] for inputs in task.batches], targets, steps, lr, batch)
+    extra = [p for p in student.parameters() if p.dim() == 1] if params == "kept+affine" else []
+    refine_block(student, masks, [[[], batch_inputs] for batch_inputs in inputs], targets, steps, lr, per_step,
+                 extra=extra)
     refined = {name: vnm.VNMWeight.from_dense(student.model.get_submodule(name).weight.detach(), w.v, w.m,
                                               mask=masks[f"model.{name}"]) for name, w in weights.items()}
     return student.model, refined
@@ -271,11 +319,12 @@ def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct:
     weights = compress_sequential(model, task.batches, config, progress=False)
     if args.distill_steps:
         compressed, weights = distill(task, model, weights, args.distill_steps, args.distill_lr, args.refine_batch,
-                                      args.distill_target)
+                                      args.distill_target, args.distill_params, args.distill_text, args.distill_window)
     else:
         compressed = compressed_copy(model, weights)
     compress_seconds = time.perf_counter() - start
     value = task.evaluate(compressed)
+    fit = {f"calibration_{task.metric}": task.fit(compressed)} if task.fit else {}
     refine, distilled = args.refine_steps, args.distill_steps
     return {"model": task.name, "criterion": criterion, "pattern": pattern, "v": v, "m": m,
             "calibration": len(task.batches), "calibration_text": args.calibration_text,
@@ -285,8 +334,16 @@ def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct:
             "refine_batch": args.refine_batch if refine or distilled else None,
             "distill_steps": distilled, "distill_lr": args.distill_lr if distilled else None,
             "distill_target": args.distill_target if distilled else None,
-            "predicted_speedup": round(vnm.analytic_speedup(v, m), 3), task.metric: value,
+            "distill_params": args.distill_params if distilled else None,
+            "distill_text": _distill_text(args) if distilled else None,
+            "predicted_speedup": round(vnm.analytic_speedup(v, m), 3), task.metric: value, **fit, "device": _device(task.device),
             "compress_seconds": round(compress_seconds, 1), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _distill_text(args: argparse.Namespace) -> str:
+    if args.distill_text == "batches":
+        return "batches"
+    return f"windows of {args.distill_window}" if args.distill_window else "windows as long as the paragraphs"
 
 
 def configurations(args: argparse.Namespace):
@@ -307,7 +364,7 @@ def _key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ("model", "criterion", "pattern", "calibration", "calibration_text",
                                       "reconstruct", "permute",
                                       "refine_steps", "refine_batch", "refine_lr", "distill_steps", "distill_lr",
-                                      "distill_target"))
+                                      "distill_target", "distill_params", "distill_text"))
 
 
 _CALIBRATION_SETTING = {"smollm": "calibration_windows", "minilm": "calibration_paragraphs"}
@@ -327,6 +384,8 @@ def write_results(rows: list[dict], settings: dict) -> None:
         row.setdefault("refine_batch", 1 if row["refine_steps"] else None)
         row.setdefault("distill_steps", 0)
         row.setdefault("distill_target", "first" if row["distill_steps"] else None)
+        row.setdefault("distill_params", "kept" if row["distill_steps"] else None)
+        row.setdefault("distill_text", "batches" if row["distill_steps"] else None)
         if row["pattern"] != "dense":
             row.setdefault("calibration_text", "pydoc")
             row.setdefault("calibration", before.get(_CALIBRATION_SETTING[row["model"]]))
@@ -335,7 +394,7 @@ def write_results(rows: list[dict], settings: dict) -> None:
     ordered = sorted(merged.values(), key=lambda r: (r["model"], r["pattern"] != "dense", r["m"] or 0,
                                                      r["permute"], r["reconstruct"], r["refine_steps"], r["distill_steps"],
                                                      r["criterion"]))
-    document = {"settings": settings, "results": ordered}
+    document = {"settings": {**before, **settings}, "results": ordered}
     path.write_text(json.dumps(document, indent=1) + "\n")
     (RESULTS / "accuracy.md").write_text(_markdown(document))
     _plot(ordered, RESULTS / "accuracy.png")
@@ -355,7 +414,10 @@ def _markdown(document: dict) -> str:
         "block of block-wise refinement towards the dense model's block outputs x calibration inputs per "
         "step (learning rate in brackets); `+ e2e`: then Adam steps on the whole compressed model towards "
         "the dense model's output (last hidden state or logits; `to embeddings`: the sentence embedding, "
-        "mean-pooled and unit length).",
+        "mean-pooled and unit length; `+ biases and norms`: those trained too; `on windows of 128`: on "
+        "fresh random windows of the calibration text instead of its paragraphs). In brackets after "
+        "a cosine: the same on calibration paragraphs (the fit). Seconds on the CPU above unless a device is "
+        "named.",
         "",
     ]
     for model, metric, detail in (
@@ -377,12 +439,24 @@ def _markdown(document: dict) -> str:
             if r.get("distill_steps"):
                 refine += f" + e2e {r['distill_steps']} x {r['refine_batch']} ({r['distill_lr']:g})"
                 refine += " to embeddings" if r.get("distill_target") == "embedding" else ""
+                refine += ", + biases and norms" if r.get("distill_params") == "kept+affine" else ""
+                refine += f", on {r['distill_text']}" if r.get("distill_text", "batches") != "batches" else ""
             lines.append(f"| {r['pattern']} | {r['sparsity']:.3f} | {r['predicted_speedup'] or 1:.2f} | "
                          f"{r['criterion']} | {r['permute']} | {r['reconstruct']} | {_calibration(r)} | "
                          f"{solver} | {refine} | "
-                         f"{r[metric]:.4g} | {r['seconds']} | {r.get('permute_seconds', '')} |")
+                         f"{_value(r, metric)} | {_seconds(r)} | {r.get('permute_seconds', '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _value(row: dict, metric: str) -> str:
+    fit = row.get(f"calibration_{metric}")
+    return f"{row[metric]:.4g}" + (f" ({fit:.4g})" if fit is not None else "")
+
+
+def _seconds(row: dict) -> str:
+    device = row.get("device", "CPU")
+    return str(row["seconds"]) if device.startswith("CPU") else f"{row['seconds']} on {device}"
 
 
 def _calibration(row: dict) -> str:
@@ -448,7 +522,9 @@ def _pareto(rows: list[dict], x_key: str, metric: str, lower_is_better: bool) ->
     return front
 
 
-def _device() -> str:
+def _device(device: torch.device = torch.device("cpu")) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.exists() else []
@@ -469,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-text", default="pydoc", choices=["pydoc", "pydoc+docstrings"],
                         help="calibration text: the pydoc half, or it followed by the stdlib's docstrings")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu, cuda, cuda:1, ...")
     parser.add_argument("--refine-steps", type=int, default=0,
                         help="block-wise refinement: Adam steps per block after compression (0: off)")
     parser.add_argument("--refine-lr", type=float, default=3e-3, help="learning rate of the refinement")
@@ -479,14 +556,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-target", default="first", choices=list(DISTILL_TARGETS),
                         help="what the end-to-end refinement matches: the first output (last hidden state, "
                              "logits), or an encoder's sentence embedding")
+    parser.add_argument("--distill-params", default="kept", choices=["kept", "kept+affine"],
+                        help="what the end-to-end refinement trains: the kept weights, or also every bias and "
+                             "norm scale and shift")
+    parser.add_argument("--distill-text", default="batches", choices=["batches", "windows"],
+                        help="the end-to-end refinement's inputs: the calibration batches, or fresh random "
+                             "windows of the calibration text (--distill-window tokens, --refine-batch a step)")
+    parser.add_argument("--distill-window", type=int, default=0,
+                        help="tokens per window of --distill-text windows (0: as many as a calibration batch "
+                             "drawn at random)")
     args = parser.parse_args(argv)
     args.reconstruct = [choice == "on" for choice in args.reconstruct]
     args.permute = [choice == "on" for choice in args.permute]
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = {"date": datetime.date.today().isoformat(), "device": _device(),
-                "torch": torch.__version__, "python": platform.python_version(),
-                **{k: getattr(args, k) for k in ("eval_windows", "eval_paragraphs")}}
+    # The settings name the CPU the table's rows ran on; a row run elsewhere names its own device.
+    settings = {"date": datetime.date.today().isoformat(), **{k: getattr(args, k) for k in ("eval_windows", "eval_paragraphs")}}
+    if torch.device(args.device).type == "cpu":
+        settings.update(device=_device(), torch=torch.__version__, python=platform.python_version())
     rows = []
     for name in args.models:
         task = Task(name, args)
@@ -494,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
         value = task.evaluate(task.model)
         rows.append({"model": name, "criterion": "-", "pattern": "dense", "v": None, "m": None,
                      "reconstruct": False, "permute": False, "sparsity": 0.0, "predicted_speedup": None,
-                     "refine_steps": 0, "distill_steps": 0,
+                     "refine_steps": 0, "distill_steps": 0, "device": _device(task.device),
                      task.metric: value, "compress_seconds": 0.0, "seconds": round(time.perf_counter() - start, 1)})
         print(f"{name} dense {task.metric} {value:.4f}", flush=True)
         permuted = {}
@@ -510,8 +597,10 @@ def main(argv: list[str] | None = None) -> None:
             if permute:
                 row["permute_seconds"] = permute_seconds
             rows.append(row)
+            fit = row.get(f"calibration_{task.metric}")
             print(f"{name} {pattern} {criterion} permute={permute} reconstruct={reconstruct} "
-                  f"{task.metric} {row[task.metric]:.4f} ({row['seconds']} s)", flush=True)
+                  f"{task.metric} {row[task.metric]:.4f}{f' (calibration {fit:.4f})' if fit else ''} "
+                  f"({row['seconds']} s)", flush=True)
             write_results(rows, settings)
     write_results(rows, settings)
 

@@ -2,6 +2,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -113,3 +114,32 @@ def test_distill_to_sentence_embeddings_raises_their_cosine_to_dense():
     one_shot = cosine(accuracy.compressed_copy(model, weights))
     refined, _ = accuracy.distill(task, model, weights, steps=60, lr=3e-3, batch=4, target="embedding")
     assert one_shot < 0.99 and cosine(refined) > one_shot + 0.5 * (1 - one_shot)
+
+
+class _CharacterTokenizer:
+    """Character codes as token ids, framed by 1 (start) and 2 (end), as BERT's tokenizer frames a text."""
+
+    cls_token_id, sep_token_id = 1, 2
+
+    def __call__(self, text: str, return_tensors: str, verbose: bool = True):
+        ids = torch.tensor([[1, *map(ord, text), 2]])
+        return type("Encoding", (), {"input_ids": ids})()
+
+
+def test_random_windows_are_framed_spans_of_the_text_with_drawn_lengths():
+    text = "".join(chr(65 + i % 26) + chr(97 + i // 26 % 26) for i in range(400))
+    batches = accuracy.random_windows(_CharacterTokenizer(), text, count=12, size=3, lengths=[5, 9, 17],
+                                      device=torch.device("cpu"))
+    assert len(batches) == 12
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1  # lengths vary between batches
+    for batch in batches:
+        ids = batch["input_ids"]
+        assert ids.shape[0] == 3 and ids.shape[1] in (5, 9, 17)
+        assert (ids[:, 0] == 1).all() and (ids[:, -1] == 2).all()
+        assert batch["attention_mask"].eq(1).all() and batch["token_type_ids"].eq(0).all()
+        for window in ids[:, 1:-1]:
+            assert "".join(map(chr, window.tolist())) in text
+    again = accuracy.random_windows(_CharacterTokenizer(), text, 12, 3, [5, 9, 17], torch.device("cpu"))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))  # seeded
+    with pytest.raises(ValueError, match="window lengths"):
+        accuracy.random_windows(_CharacterTokenizer(), "short", 1, 1, [64], torch.device("cpu"))
