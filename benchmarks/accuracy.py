@@ -414,8 +414,9 @@ def _markdown(document: dict) -> str:
         "block of block-wise refinement towards the dense model's block outputs x calibration inputs per "
         "step (learning rate in brackets); `+ e2e`: then Adam steps on the whole compressed model towards "
         "the dense model's output (last hidden state or logits; `to embeddings`: the sentence embedding, "
-        "mean-pooled and unit length; `+ biases and norms`: those trained too; `on windows of 128`: on "
-        "fresh random windows of the calibration text instead of its paragraphs). In brackets after "
+        "mean-pooled and unit length; `+ biases and norms`: those trained too; `on windows ...`: on "
+        "fresh random windows of the calibration text instead of its paragraphs, 128 tokens or each batch as "
+        "long as a calibration paragraph drawn at random). In brackets after "
         "a cosine: the same on calibration paragraphs (the fit). Seconds on the CPU above unless a device is "
         "named.",
         "",
@@ -566,6 +567,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens per window of --distill-text windows (0: as many as a calibration batch "
                              "drawn at random)")
     args = parser.parse_args(argv)
+    if args.distill_text == "windows" and "smollm" in args.models:
+        parser.error("--distill-text windows frames encoder inputs (start and end tokens): use it with "
+                     "--models minilm; the decoder's calibration batches are windows already")
     args.reconstruct = [choice == "on" for choice in args.reconstruct]
     args.permute = [choice == "on" for choice in args.permute]
     if args.threads:
