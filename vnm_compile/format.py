@@ -21,6 +21,7 @@ KEPT_COLUMNS = 4
 KEPT_PER_ROW = 2
 # "optimal" enumerates every 4-column subset; past this many (M > 12) it falls back to "l1".
 MAX_ENUMERATED_SUBSETS = math.comb(12, 4)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements scored per chunk by the exhaustive column search and the row-pair choice. On the CPU a
 # chunk's temporaries stay in cache; on a GPU each chunk costs ~40 kernel launches, so chunks are
 # as large as a few hundred MB of temporaries allow (a 4096 x 11008 weight: 11 chunks, not 350).
@@ -29,7 +30,6 @@ _SEARCH_CHUNK = {"cpu": 16384, "other": 1 << 19}
 
 def _search_chunk(device: torch.device) -> int:
     return _SEARCH_CHUNK["cpu" if device.type == "cpu" else "other"]
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _padded(t: torch.Tensor, v: int, m: int) -> torch.Tensor:
