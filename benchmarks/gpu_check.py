@@ -117,16 +117,19 @@ PREFILL_CONFIGS = [
     (128, 128, 64, True, 8, 3, 32), (128, 64, 64, True, 8, 3, 32), (32, 128, 64, False, 4, 4, 128),
     (32, 64, 64, False, 4, 3, 128),
 ]
-# decode: (BLOCK_N, BLOCK_J, SPLIT_K, num_warps, num_stages, use_dot, select_x); round 5 times each
-# FMA config with the weights selected by slot (4 products a group) and the activations (2 products)
-FMA_DECODE = [
-    (16, 16, 1, 4, 4), (32, 16, 1, 4, 4), (16, 32, 1, 4, 4), (32, 32, 1, 4, 3), (8, 64, 1, 4, 4),
-    (64, 32, 1, 4, 3), (32, 64, 1, 4, 3), (16, 64, 1, 4, 3), (16, 64, 1, 2, 4), (8, 32, 1, 2, 4),
-    (32, 32, 2, 4, 3), (16, 16, 2, 2, 4), (32, 16, 1, 2, 4),
-]
-DECODE_CONFIGS = [(*cfg, False, select_x) for cfg in FMA_DECODE for select_x in (False, True)] + [
-    (64, 32, 4, 4, 3, True, False), (32, 32, 2, 4, 3, True, False),
-]
+# decode: (BLOCK_N, BLOCK_J, SPLIT_K, num_warps, num_stages, use_dot, select_x, pick, prefetch).
+# Round 9: the activation of each stored value's slot picked from the group's 4 activations packed
+# in two words, by selects (pick 0, round 5's body), shifts (1) or one prmt byte permute (2); and the
+# next tile's weight loads issued before this tile is multiplied (prefetch).
+BASELINE_DECODE = [(8, 64, 1, 4, 4, False, True, 0, False), (8, 64, 1, 4, 4, False, False, 0, False),
+                   (16, 64, 1, 2, 4, False, True, 0, False), (32, 32, 2, 4, 3, True, False, 0, False)]
+PICK_SHAPES = [(8, 64, 1, 4), (16, 64, 1, 2), (16, 64, 1, 4), (32, 32, 1, 4), (8, 32, 1, 2), (16, 32, 1, 2),
+               (8, 32, 1, 1), (16, 16, 1, 1), (8, 64, 2, 4), (16, 32, 2, 2), (8, 32, 4, 2), (16, 64, 4, 4)]
+DECODE_CONFIGS = BASELINE_DECODE + [
+    (bn, bj, sk, warps, 4, False, True, 2, prefetch) for bn, bj, sk, warps in PICK_SHAPES for prefetch in (False, True)
+] + [(bn, bj, sk, warps, 4, False, True, 1, True) for bn, bj, sk, warps in PICK_SHAPES[:4]] + [
+    (bn, bj, sk, warps, 4, False, True, 0, True) for bn, bj, sk, warps in PICK_SHAPES[:4]] + [
+    (8, 64, 1, 4, 4, False, False, 0, True), (32, 32, 2, 4, 3, True, False, 0, True), (64, 32, 4, 4, 3, True, False, 0, True)]
 
 
 # round 6: the prefill kernel on few tokens, x read in place (row-major, no transpose), streaming the
@@ -155,16 +158,17 @@ def run_prefill(layout, cfg, expanded, bias=None, out=None):
 
 
 def run_decode(x, weight, cfg, out=None):
-    bn, bj, split_k, warps, stages, use_dot, select_x = cfg
+    bn, bj, split_k, warps, stages, use_dot, select_x, pick, prefetch = cfg
     block_t = 16 if use_dot else min(16, triton.next_power_of_2(x.shape[0]))
     return launch_decode(KERNEL, x, weight.values, weight.columns, weight.metadata, None, weight.v, weight.m,
                          weight.in_features, split_k=split_k, out=out, USE_DOT=use_dot, SELECT_X=select_x,
+                         PICK=pick, PREFETCH=prefetch,
                          BLOCK_N=bn, BLOCK_T=block_t, BLOCK_J=bj, num_warps=warps, num_stages=stages)
 
 
 def decode_fits(cfg, tokens):
     """FMA configs whose [BLOCK_N, BLOCK_J, tokens] accumulator stays under ~64 registers a thread."""
-    bn, bj, _, warps, _, use_dot, _ = cfg
+    bn, bj, _, warps, _, use_dot, *_ = cfg
     return use_dot or bn * bj * min(16, triton.next_power_of_2(tokens)) <= 64 * 32 * warps
 
 
@@ -174,7 +178,7 @@ def compile_job(job):
     torch.cuda.init()
     weight = fake_weight(rows, cols, v, m)
     try:
-        if kind in ("prefill", "rowx", "cmx"):
+        if kind in ("prefill", "rowx"):
             x = torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16)
             layout = {"xt": x.t() if kind == "rowx" else transpose(x), "weight": weight,
                       "channels": channel_index(weight.columns, m)}
@@ -252,13 +256,9 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
     entry["variants"] = {}
     expanded = expand_weight(weight.values, weight.metadata)
     expanded_copies = [expanded] + [expanded.clone() for _ in range(max(1, -(-3 * L2_BYTES // expanded.nbytes)) - 1)]
-    # rowx: x read in place (row-major); cmx: x.T given channel-major, as a producer could write it
-    # (round 8; the transpose launch that makes it here is timed on its own)
+    # rowx: x read in place (row-major), from 4 tokens on (round 6; round 8 measured a channel-major x.T)
     channels = channel_index(weight.columns, m)
-    layouts = {"rowx": {"xt": x.t(), "weight": weight, "channels": channels}}
-    if tokens > 1:
-        layouts["cmx"] = {"xt": transpose(x), "weight": weight, "channels": channels}
-        entry["transpose_ms"] = graph_ms([lambda: transpose(x)])
+    layouts = {"rowx": {"xt": x.t(), "weight": weight, "channels": channels}} if tokens >= 4 else {}
     for (name, layout), cfg in itertools.product(layouts.items(), ROWX_CONFIGS):
         if not fits(cfg, v) or cfg[1] < min(16, triton.next_power_of_2(tokens)):
             continue
@@ -269,7 +269,8 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
     for cfg in DECODE_CONFIGS:
         if not fits(cfg, v) or not decode_fits(cfg, tokens):
             continue
-        name = f"{'dot' if cfg[5] else 'fmax' if cfg[6] else 'fma'} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
+        body = 'dot' if cfg[5] else ('fmax', 'shift', 'prmt')[cfg[7]] if cfg[6] else 'fma'
+        name = f"{body}{' pf' if cfg[8] else ''} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
         entry["variants"][name] = measure(
             lambda y: run_decode(x, weight, cfg, out=y),
             lambda: graph_ms([lambda w=w: run_decode(x, w, cfg) for w in weights]), x, weight, rows, dtype,
@@ -301,9 +302,12 @@ def best_variants_of(results):
             variant, cfg = name.split(" ", 1)
             spec.append([kind, case, variant, list(eval(cfg))])
         else:
-            kind_name, *parts = name.split()
-            bn, bj, sk, w, st = (int(part[2:] if part[:2] in ("bn", "bj", "sk") else part[1:]) for part in parts)
-            spec.append([kind, case, "", [bn, bj, sk, w, st, kind_name == "dot", kind_name == "fmax"]])
+            body, *parts = name.split()
+            bn, bj, sk, w, st = (int(part[2:] if part[:2] in ("bn", "bj", "sk") else part[1:])
+                                 for part in parts if part != "pf")
+            picks = ("fmax", "shift", "prmt")
+            spec.append([kind, case, "", [bn, bj, sk, w, st, body == "dot", body in picks,
+                                          picks.index(body) if body in picks else 0, "pf" in parts]])
     log("profiling", spec)
     return spec
 
@@ -362,9 +366,8 @@ def main():
                                             if fits(cfg, first[3])]
         jobs += [("decode", r, c, t, 64, m, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
                  for t in decode_tokens for m in decode_ms for cfg in DECODE_CONFIGS if decode_fits(cfg, t)]
-        jobs += [(kind, r, c, t, 64, m, "", cfg) for kind in ("rowx", "cmx") for (r, c) in decode_shapes[:1] + decode_shapes[2:]
-                 for t in decode_tokens for m in decode_ms for cfg in ROWX_CONFIGS
-                 if cfg[1] >= min(16, triton.next_power_of_2(t)) and (kind == "rowx" or t > 1)]
+        jobs += [("rowx", r, c, t, 64, m, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
+                 for t in decode_tokens for m in decode_ms for cfg in ROWX_CONFIGS if t >= 4]
         precompile(compile_job, jobs)
     if args.decode_only:
         first, others = None, []

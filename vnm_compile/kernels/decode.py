@@ -47,6 +47,83 @@ def _select_slot(slot, x0, x1, x2, x3):
     return tl.where(slot < 2, tl.where(slot == 0, x0, x1), tl.where(slot == 2, x2, x3))
 
 
+@triton.jit
+def _bits(x):
+    """The 16 bits of each element of x, zero-extended to int32."""
+    return x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _pick_x(x01, x23, slot, dtype: tl.constexpr):
+    """[BLOCK_N, BLOCK_J, BLOCK_T] activation of each row's `slot` from the packed slot words."""
+    word = tl.where((slot < 2)[:, :, None], x01[None, :, :], x23[None, :, :])
+    return ((word >> (16 * (slot & 1))[:, :, None]).to(tl.int16)).to(dtype, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _pair_product_prmt(acc, pair, x01, x23, nibble, dtype: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
+    """acc + both stored values times the activations of their slots, one byte permute a group:
+    prmt picks the 2+2 bytes of slots s0, s1 from the 8 bytes of x01:x23 (selector nibbles 2s, 2s+1)."""
+    nibble = nibble.to(tl.int32)
+    selector = 0x1010 + (nibble & 3) * 0x22 + (nibble >> 2) * 0x2200
+    shape: tl.constexpr = (BLOCK_N, BLOCK_J, BLOCK_T)
+    args = [tl.broadcast_to(acc, shape), tl.broadcast_to(pair[:, :, None], shape),
+            tl.broadcast_to(x01[None, :, :], shape), tl.broadcast_to(x23[None, :, :], shape),
+            tl.broadcast_to(selector[:, :, None], shape)]
+    if dtype == tl.bfloat16:  # bf16 -> fp32 is a shift
+        asm: tl.constexpr = """{
+        .reg .b32 xs, w0, w1, a0, a1;
+        prmt.b32 xs, $3, $4, $5;
+        shl.b32 w0, $2, 16;
+        and.b32 w1, $2, 0xFFFF0000;
+        shl.b32 a0, xs, 16;
+        and.b32 a1, xs, 0xFFFF0000;
+        fma.rn.f32 $0, w0, a0, $1;
+        fma.rn.f32 $0, w1, a1, $0;
+        }"""
+    else:
+        asm: tl.constexpr = """{
+        .reg .b32 xs;
+        .reg .b16 h0, h1, g0, g1;
+        .reg .f32 w0, w1, a0, a1;
+        prmt.b32 xs, $3, $4, $5;
+        mov.b32 {h0, h1}, $2;
+        mov.b32 {g0, g1}, xs;
+        cvt.f32.f16 w0, h0;
+        cvt.f32.f16 w1, h1;
+        cvt.f32.f16 a0, g0;
+        cvt.f32.f16 a1, g1;
+        fma.rn.f32 $0, w0, a0, $1;
+        fma.rn.f32 $0, w1, a1, $0;
+        }"""
+    return tl.inline_asm_elementwise(asm, "=r,r,r,r,r,r", args, dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _weight_tile(values_ptr, meta_ptr, cols_ptr, offs_n, row_ok, block, j0, half_g, G,
+                 QUADS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Group pairs j0 .. j0 + BLOCK_J of the rows offs_n: metadata bytes, both groups' value pairs,
+    and the column words of the row block."""
+    offs_j = j0 + tl.arange(0, BLOCK_J)
+    w_mask = row_ok[:, None]
+    if not EVEN_K:
+        w_mask = w_mask & (offs_j < half_g)[None, :]
+    meta = tl.load(meta_ptr + offs_n[:, None] * half_g + offs_j[None, :], mask=w_mask, other=0)
+    odd_ok = (2 * offs_j + 1) < G
+    if QUADS:  # both groups' value pairs in one 64-bit word
+        quad = tl.load(values_ptr + offs_n[:, None] * half_g + offs_j[None, :], mask=w_mask, other=0)
+        pair_even = quad.to(tl.int32)
+        pair_odd = (quad >> 32).to(tl.int32)
+    else:
+        pair_even = tl.load(values_ptr + offs_n[:, None] * G + 2 * offs_j[None, :], mask=w_mask, other=0)
+        pair_odd = tl.load(values_ptr + offs_n[:, None] * G + 2 * offs_j[None, :] + 1,
+                           mask=w_mask & odd_ok[None, :], other=0)
+    words_even = tl.load(cols_ptr + block * G + 2 * offs_j, mask=offs_j < half_g, other=0)
+    words_odd = tl.load(cols_ptr + block * G + 2 * offs_j + 1, mask=odd_ok, other=0)
+    return meta, pair_even, pair_odd, words_even, words_odd
+
+
 def _even_k(args) -> bool:
     return ((args["G"] + 1) // 2) % (args["BLOCK_J"] * args["SPLIT_K"]) == 0 and args["G"] % 2 == 0
 
@@ -64,6 +141,8 @@ def vnm_decode_kernel(
     SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     SELECT_X: tl.constexpr,
+    PICK: tl.constexpr,
+    PREFETCH: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -89,28 +168,28 @@ def vnm_decode_kernel(
         acc = tl.full((BLOCK_N, BLOCK_T), 0.0, tl.float32)
     else:  # summed over the groups once, after the loop
         acc3 = tl.full((BLOCK_N, BLOCK_J, BLOCK_T), 0.0, tl.float32)
+    if PREFETCH:
+        meta, pair_even, pair_odd, words_even, words_odd = _weight_tile(
+            values_ptr, meta_ptr, cols_ptr, offs_n, row_ok, block, j_start, half_g, G, QUADS, EVEN_K, BLOCK_J)
     for j0 in range(j_start, j_end, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        w_mask = row_ok[:, None]
-        if not EVEN_K:
-            w_mask = w_mask & (offs_j < half_g)[None, :]
-        meta = tl.load(meta_ptr + offs_n[:, None] * half_g + offs_j[None, :], mask=w_mask, other=0)
-        odd_ok = (2 * offs_j + 1) < G
-        if QUADS:  # both groups' value pairs in one 64-bit word
-            quad = tl.load(values_ptr + offs_n[:, None] * half_g + offs_j[None, :], mask=w_mask, other=0)
-            pair_even = quad.to(tl.int32)
-            pair_odd = (quad >> 32).to(tl.int32)
+        if PREFETCH:  # the next tile's loads are in flight while this one is multiplied
+            j_next = j0 + BLOCK_J
+            if EVEN_K:  # stay in bounds: the last prefetch re-reads the last tile, unused
+                j_next = tl.minimum(j_next, j_end - BLOCK_J)
+            next_meta, next_even, next_odd, next_words_even, next_words_odd = _weight_tile(
+                values_ptr, meta_ptr, cols_ptr, offs_n, row_ok, block, j_next, half_g, G, QUADS, EVEN_K, BLOCK_J)
         else:
-            pair_even = tl.load(values_ptr + offs_n[:, None] * G + 2 * offs_j[None, :], mask=w_mask, other=0)
-            pair_odd = tl.load(values_ptr + offs_n[:, None] * G + 2 * offs_j[None, :] + 1,
-                               mask=w_mask & odd_ok[None, :], other=0)
+            meta, pair_even, pair_odd, words_even, words_odd = _weight_tile(
+                values_ptr, meta_ptr, cols_ptr, offs_n, row_ok, block, j0, half_g, G, QUADS, EVEN_K, BLOCK_J)
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        odd_ok = (2 * offs_j + 1) < G
         for h in tl.static_range(2):
             if h == 0:
                 pair = pair_even
-                words = tl.load(cols_ptr + block * G + 2 * offs_j, mask=offs_j < half_g, other=0)
+                words = words_even
             else:
                 pair = pair_odd
-                words = tl.load(cols_ptr + block * G + 2 * offs_j + 1, mask=odd_ok, other=0)
+                words = words_odd
             nibble = (meta >> (4 * h)) & 15
             s0 = nibble & 3
             s1 = nibble >> 2
@@ -130,17 +209,32 @@ def vnm_decode_kernel(
                 x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 1, EVEN_C and EVEN_K)
                 x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 2, EVEN_C and EVEN_K)
                 x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 3, EVEN_C and EVEN_K)
-                x0, x1 = x0.to(tl.float32)[None, :, :], x1.to(tl.float32)[None, :, :]
-                x2, x3 = x2.to(tl.float32)[None, :, :], x3.to(tl.float32)[None, :, :]
-                first = lo.to(dtype, bitcast=True).to(tl.float32)
-                second = hi.to(dtype, bitcast=True).to(tl.float32)
-                acc3 += first[:, :, None] * _select_slot(s0[:, :, None], x0, x1, x2, x3)
-                acc3 += second[:, :, None] * _select_slot(s1[:, :, None], x0, x1, x2, x3)
+                if PICK == 0 or HALF_BITS == 32:
+                    x0, x1 = x0.to(tl.float32)[None, :, :], x1.to(tl.float32)[None, :, :]
+                    x2, x3 = x2.to(tl.float32)[None, :, :], x3.to(tl.float32)[None, :, :]
+                    first = lo.to(dtype, bitcast=True).to(tl.float32)
+                    second = hi.to(dtype, bitcast=True).to(tl.float32)
+                    acc3 += first[:, :, None] * _select_slot(s0[:, :, None], x0, x1, x2, x3)
+                    acc3 += second[:, :, None] * _select_slot(s1[:, :, None], x0, x1, x2, x3)
+                else:
+                    x01 = _bits(x0) | (_bits(x1) << 16)  # [BLOCK_J, BLOCK_T]: slots 0, 1 in one word
+                    x23 = _bits(x2) | (_bits(x3) << 16)
+                    if PICK == 1:
+                        first = lo.to(dtype, bitcast=True).to(tl.float32)[:, :, None]
+                        second = hi.to(dtype, bitcast=True).to(tl.float32)[:, :, None]
+                        acc3 += first * _pick_x(x01, x23, s0.to(tl.int32), dtype)
+                        acc3 += second * _pick_x(x01, x23, s1.to(tl.int32), dtype)
+                    else:
+                        acc3 = _pair_product_prmt(acc3, pair, x01, x23, nibble, dtype, BLOCK_N, BLOCK_J, BLOCK_T)
             else:  # the same slot split on the FMA units: no padding of the tokens to 16
                 for k in tl.static_range(4):
                     x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
                     w_k = slot_weight(lo, hi, s0, s1, k, dtype).to(tl.float32)
                     acc3 += w_k[:, :, None] * x_k.to(tl.float32)[None, :, :]
+
+        if PREFETCH:
+            meta, pair_even, pair_odd, words_even, words_odd = (
+                next_meta, next_even, next_odd, next_words_even, next_words_odd)
 
     if not USE_DOT:
         acc = tl.reduce(acc3, 1, _add)
