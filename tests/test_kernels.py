@@ -109,7 +109,7 @@ def test_interpreted_decode_variants(kernels, use_dot, select_x, block_t, tokens
     smaller than the tokens, odd G (77 / 5)."""
     weight, x, bias, ref = make_case(70, 77, 16, 5, tokens, dtype, seed=block_t)
     y = run_path(kernels, "decode", weight, x, bias, kernels["decode"].vnm_decode_kernel,
-                 BLOCK_N=16, BLOCK_T=block_t, BLOCK_J=16, USE_DOT=use_dot, SELECT_X=select_x)
+                 BLOCK_N=16, BLOCK_T=block_t, BLOCK_J=16, USE_DOT=use_dot, SELECT_X=select_x, PICK=0, PREFETCH=False)
     assert relative_error(y, ref) < TOLERANCE[dtype]
 
 
@@ -235,7 +235,7 @@ def test_gpu_decode_variants(kernels, path, block_t, use_dot, select_x):
     for rows, cols, v, m, tokens in [(4096, 4096, 64, 8, block_t), (11008, 4096, 64, 16, 1), (768, 3077, 32, 6, 2)]:
         weight, x, bias, ref = make_case(rows, cols, v, m, tokens, torch.float16, seed=cols)
         y = run_path(kernels, path, weight, x, bias, decode.vnm_decode_kernel, BLOCK_N=16, BLOCK_T=block_t,
-                     BLOCK_J=32, USE_DOT=use_dot, SELECT_X=select_x)
+                     BLOCK_J=32, USE_DOT=use_dot, SELECT_X=select_x, PICK=0, PREFETCH=False)
         assert relative_error(y, ref) < TOLERANCE[torch.float16], (rows, cols, tokens)
 
 

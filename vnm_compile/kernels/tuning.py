@@ -35,9 +35,10 @@ def _prefill(block_n, block_t, block_k, w_left, warps, stages, group_n):
                           "GROUP_N": group_n}, num_warps=warps, num_stages=stages)
 
 
-def _decode(block_n, block_t, block_j, use_dot, warps, stages, select_x=False):
+def _decode(block_n, block_t, block_j, use_dot, warps, stages, select_x=False, pick=0, prefetch=False):
     return triton.Config({"BLOCK_N": block_n, "BLOCK_T": block_t, "BLOCK_J": block_j, "USE_DOT": use_dot,
-                          "SELECT_X": select_x}, num_warps=warps, num_stages=stages)
+                          "SELECT_X": select_x, "PICK": pick, "PREFETCH": prefetch},
+                         num_warps=warps, num_stages=stages)
 
 
 # Measured on an H200 (benchmarks/NOTES.md): weight rows on the MMA's M side for row tiles of 64 and
