@@ -121,15 +121,14 @@ PREFILL_CONFIGS = [
 # Round 9: the activation of each stored value's slot picked from the group's 4 activations packed
 # in two words, by selects (pick 0, round 5's body), shifts (1) or one prmt byte permute (2); and the
 # next tile's weight loads issued before this tile is multiplied (prefetch).
-BASELINE_DECODE = [(8, 64, 1, 4, 4, False, True, 0, False), (8, 64, 1, 4, 4, False, False, 0, False),
-                   (16, 64, 1, 2, 4, False, True, 0, False), (32, 32, 2, 4, 3, True, False, 0, False)]
-PICK_SHAPES = [(8, 64, 1, 4), (16, 64, 1, 2), (16, 64, 1, 4), (32, 32, 1, 4), (8, 32, 1, 2), (16, 32, 1, 2),
-               (8, 32, 1, 1), (16, 16, 1, 1), (8, 64, 2, 4), (16, 32, 2, 2), (8, 32, 4, 2), (16, 64, 4, 4)]
+# Round 10: the weights converted once a row and group (not per token), whole rows of groups a tile.
+BASELINE_DECODE = [(8, 64, 1, 4, 4, False, True, 0, True), (8, 64, 1, 4, 4, False, False, 0, False),
+                   (32, 32, 2, 4, 3, True, False, 0, False), (8, 64, 1, 4, 4, False, True, 1, True)]
+PICK_SHAPES = [(8, 64, 1, 4), (16, 64, 1, 4), (16, 64, 1, 2), (8, 32, 1, 1), (16, 32, 1, 2), (8, 128, 1, 4),
+               (16, 128, 1, 4), (8, 256, 1, 4), (16, 256, 1, 8), (8, 256, 1, 8), (8, 128, 1, 2), (32, 128, 1, 8),
+               (4, 256, 1, 4), (4, 128, 1, 2), (16, 16, 1, 1), (8, 64, 2, 4)]
 DECODE_CONFIGS = BASELINE_DECODE + [
-    (bn, bj, sk, warps, 4, False, True, 2, prefetch) for bn, bj, sk, warps in PICK_SHAPES for prefetch in (False, True)
-] + [(bn, bj, sk, warps, 4, False, True, 1, True) for bn, bj, sk, warps in PICK_SHAPES[:4]] + [
-    (bn, bj, sk, warps, 4, False, True, 0, True) for bn, bj, sk, warps in PICK_SHAPES[:4]] + [
-    (8, 64, 1, 4, 4, False, False, 0, True), (32, 32, 2, 4, 3, True, False, 0, True), (64, 32, 4, 4, 3, True, False, 0, True)]
+    (bn, bj, sk, warps, 4, False, True, 2, prefetch) for bn, bj, sk, warps in PICK_SHAPES for prefetch in (False, True)]
 
 
 # round 6: the prefill kernel on few tokens, x read in place (row-major, no transpose), streaming the

@@ -61,43 +61,38 @@ def _pick_x(x01, x23, slot, dtype: tl.constexpr):
 
 
 @triton.jit
-def _pair_product_prmt(acc, pair, x01, x23, nibble, dtype: tl.constexpr,
+def _pair_product_prmt(acc, first, second, x01, x23, nibble, dtype: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
-    """acc + both stored values times the activations of their slots, one byte permute a group:
+    """acc + both stored values (fp32 [BLOCK_N, BLOCK_J]) times the activations of their slots: one
     prmt picks the 2+2 bytes of slots s0, s1 from the 8 bytes of x01:x23 (selector nibbles 2s, 2s+1)."""
     nibble = nibble.to(tl.int32)
     selector = 0x1010 + (nibble & 3) * 0x22 + (nibble >> 2) * 0x2200
     shape: tl.constexpr = (BLOCK_N, BLOCK_J, BLOCK_T)
-    args = [tl.broadcast_to(acc, shape), tl.broadcast_to(pair[:, :, None], shape),
-            tl.broadcast_to(x01[None, :, :], shape), tl.broadcast_to(x23[None, :, :], shape),
-            tl.broadcast_to(selector[:, :, None], shape)]
+    args = [tl.broadcast_to(acc, shape), tl.broadcast_to(first[:, :, None], shape),
+            tl.broadcast_to(second[:, :, None], shape), tl.broadcast_to(x01[None, :, :], shape),
+            tl.broadcast_to(x23[None, :, :], shape), tl.broadcast_to(selector[:, :, None], shape)]
     if dtype == tl.bfloat16:  # bf16 -> fp32 is a shift
         asm: tl.constexpr = """{
-        .reg .b32 xs, w0, w1, a0, a1;
-        prmt.b32 xs, $3, $4, $5;
-        shl.b32 w0, $2, 16;
-        and.b32 w1, $2, 0xFFFF0000;
+        .reg .b32 xs, a0, a1;
+        prmt.b32 xs, $4, $5, $6;
         shl.b32 a0, xs, 16;
         and.b32 a1, xs, 0xFFFF0000;
-        fma.rn.f32 $0, w0, a0, $1;
-        fma.rn.f32 $0, w1, a1, $0;
+        fma.rn.f32 $0, $2, a0, $1;
+        fma.rn.f32 $0, $3, a1, $0;
         }"""
     else:
         asm: tl.constexpr = """{
         .reg .b32 xs;
-        .reg .b16 h0, h1, g0, g1;
-        .reg .f32 w0, w1, a0, a1;
-        prmt.b32 xs, $3, $4, $5;
-        mov.b32 {h0, h1}, $2;
+        .reg .b16 g0, g1;
+        .reg .f32 a0, a1;
+        prmt.b32 xs, $4, $5, $6;
         mov.b32 {g0, g1}, xs;
-        cvt.f32.f16 w0, h0;
-        cvt.f32.f16 w1, h1;
         cvt.f32.f16 a0, g0;
         cvt.f32.f16 a1, g1;
-        fma.rn.f32 $0, w0, a0, $1;
-        fma.rn.f32 $0, w1, a1, $0;
+        fma.rn.f32 $0, $2, a0, $1;
+        fma.rn.f32 $0, $3, a1, $0;
         }"""
-    return tl.inline_asm_elementwise(asm, "=r,r,r,r,r,r", args, dtype=tl.float32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(asm, "=r,r,r,r,r,r,r", args, dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -225,7 +220,10 @@ def vnm_decode_kernel(
                         acc3 += first * _pick_x(x01, x23, s0.to(tl.int32), dtype)
                         acc3 += second * _pick_x(x01, x23, s1.to(tl.int32), dtype)
                     else:
-                        acc3 = _pair_product_prmt(acc3, pair, x01, x23, nibble, dtype, BLOCK_N, BLOCK_J, BLOCK_T)
+                        first = lo.to(dtype, bitcast=True).to(tl.float32)
+                        second = hi.to(dtype, bitcast=True).to(tl.float32)
+                        acc3 = _pair_product_prmt(acc3, first, second, x01, x23, nibble, dtype,
+                                                  BLOCK_N, BLOCK_J, BLOCK_T)
             else:  # the same slot split on the FMA units: no padding of the tokens to 16
                 for k in tl.static_range(4):
                     x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
