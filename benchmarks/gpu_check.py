@@ -117,18 +117,15 @@ PREFILL_CONFIGS = [
     (128, 128, 64, True, 8, 3, 32), (128, 64, 64, True, 8, 3, 32), (32, 128, 64, False, 4, 4, 128),
     (32, 64, 64, False, 4, 3, 128),
 ]
-# decode: (BLOCK_N, BLOCK_J, SPLIT_K, num_warps, num_stages, use_dot, select_x, pick, prefetch).
-# Round 9: the activation of each stored value's slot picked from the group's 4 activations packed
-# in two words, by selects (pick 0, round 5's body), shifts (1) or one prmt byte permute (2); and the
-# next tile's weight loads issued before this tile is multiplied (prefetch).
-# Round 10: the weights converted once a row and group (not per token), whole rows of groups a tile.
-BASELINE_DECODE = [(8, 64, 1, 4, 4, False, True, 0, True), (8, 64, 1, 4, 4, False, False, 0, False),
-                   (32, 32, 2, 4, 3, True, False, 0, False), (8, 64, 1, 4, 4, False, True, 1, True)]
+# decode: (BLOCK_N, BLOCK_J, SPLIT_K, num_warps, num_stages, use_dot, select_x, prefetch). Rounds 9-10:
+# the activation of each stored value's slot picked by one prmt byte permute (select_x), whole rows
+# of group pairs a tile, and the next tile's loads issued before this one is multiplied (prefetch).
+BASELINE_DECODE = [(8, 64, 1, 4, 4, False, False, False), (32, 32, 2, 4, 3, True, False, False)]
 PICK_SHAPES = [(8, 64, 1, 4), (16, 64, 1, 4), (16, 64, 1, 2), (8, 32, 1, 1), (16, 32, 1, 2), (8, 128, 1, 4),
                (16, 128, 1, 4), (8, 256, 1, 4), (16, 256, 1, 8), (8, 256, 1, 8), (8, 128, 1, 2), (32, 128, 1, 8),
                (4, 256, 1, 4), (4, 128, 1, 2), (16, 16, 1, 1), (8, 64, 2, 4)]
 DECODE_CONFIGS = BASELINE_DECODE + [
-    (bn, bj, sk, warps, 4, False, True, 2, prefetch) for bn, bj, sk, warps in PICK_SHAPES for prefetch in (False, True)]
+    (bn, bj, sk, warps, 4, False, True, prefetch) for bn, bj, sk, warps in PICK_SHAPES for prefetch in (False, True)]
 
 
 # round 6: the prefill kernel on few tokens, x read in place (row-major, no transpose), streaming the
@@ -157,11 +154,11 @@ def run_prefill(layout, cfg, expanded, bias=None, out=None):
 
 
 def run_decode(x, weight, cfg, out=None):
-    bn, bj, split_k, warps, stages, use_dot, select_x, pick, prefetch = cfg
+    bn, bj, split_k, warps, stages, use_dot, select_x, prefetch = cfg
     block_t = 16 if use_dot else min(16, triton.next_power_of_2(x.shape[0]))
     return launch_decode(KERNEL, x, weight.values, weight.columns, weight.metadata, None, weight.v, weight.m,
                          weight.in_features, split_k=split_k, out=out, USE_DOT=use_dot, SELECT_X=select_x,
-                         PICK=pick, PREFETCH=prefetch,
+                         PREFETCH=prefetch,
                          BLOCK_N=bn, BLOCK_T=block_t, BLOCK_J=bj, num_warps=warps, num_stages=stages)
 
 
@@ -268,8 +265,8 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
     for cfg in DECODE_CONFIGS:
         if not fits(cfg, v) or not decode_fits(cfg, tokens):
             continue
-        body = 'dot' if cfg[5] else ('fmax', 'shift', 'prmt')[cfg[7]] if cfg[6] else 'fma'
-        name = f"{body}{' pf' if cfg[8] else ''} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
+        body = 'dot' if cfg[5] else 'prmt' if cfg[6] else 'fma'
+        name = f"{body}{' pf' if cfg[7] else ''} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
         entry["variants"][name] = measure(
             lambda y: run_decode(x, weight, cfg, out=y),
             lambda: graph_ms([lambda w=w: run_decode(x, w, cfg) for w in weights]), x, weight, rows, dtype,
@@ -304,9 +301,7 @@ def best_variants_of(results):
             body, *parts = name.split()
             bn, bj, sk, w, st = (int(part[2:] if part[:2] in ("bn", "bj", "sk") else part[1:])
                                  for part in parts if part != "pf")
-            picks = ("fmax", "shift", "prmt")
-            spec.append([kind, case, "", [bn, bj, sk, w, st, body == "dot", body in picks,
-                                          picks.index(body) if body in picks else 0, "pf" in parts]])
+            spec.append([kind, case, "", [bn, bj, sk, w, st, body == "dot", body == "prmt", "pf" in parts]])
     log("profiling", spec)
     return spec
 

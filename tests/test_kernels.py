@@ -101,15 +101,19 @@ def test_interpreted_kernel_matches_float64(kernels, shape, tokens, dtype, path)
 
 
 @interpreter_only
-@pytest.mark.parametrize("use_dot,select_x,block_t,tokens", [
-    (False, False, 1, 1), (False, False, 4, 3), (False, True, 1, 1), (False, True, 2, 5), (True, False, 16, 17)])
+@pytest.mark.parametrize("use_dot,select_x,prefetch,block_t,tokens", [
+    (False, False, False, 1, 1), (False, False, True, 4, 3), (False, True, False, 1, 1), (False, True, True, 2, 5),
+    (False, True, True, 4, 4), (True, False, False, 16, 17), (True, False, True, 16, 3)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_interpreted_decode_variants(kernels, use_dot, select_x, block_t, tokens, dtype):
-    """The decode bodies (FMA selecting weights or activations by slot, tensor cores), token blocks
-    smaller than the tokens, odd G (77 / 5)."""
-    weight, x, bias, ref = make_case(70, 77, 16, 5, tokens, dtype, seed=block_t)
-    y = run_path(kernels, "decode", weight, x, bias, kernels["decode"].vnm_decode_kernel,
-                 BLOCK_N=16, BLOCK_T=block_t, BLOCK_J=16, USE_DOT=use_dot, SELECT_X=select_x, PICK=0, PREFETCH=False)
+@pytest.mark.parametrize("path,shape,block_j", [("decode", (70, 77, 16, 5), 16), ("decode_split", (64, 256, 32, 8), 4)])
+def test_interpreted_decode_variants(kernels, use_dot, select_x, prefetch, block_t, tokens, dtype, path, shape, block_j):
+    """The decode bodies (FMA selecting weights or picking activations by slot, tensor cores), with
+    and without prefetch, token blocks smaller than the tokens; odd G (77 / 5), and an even split of
+    several tiles a program (256 / 8: 16 group pairs, 4 splits of 4), where the prefetch of the last
+    tile stays in bounds."""
+    weight, x, bias, ref = make_case(*shape, tokens, dtype, seed=block_t)
+    y = run_path(kernels, path, weight, x, bias, kernels["decode"].vnm_decode_kernel, BLOCK_N=16, BLOCK_T=block_t,
+                 BLOCK_J=block_j, USE_DOT=use_dot, SELECT_X=select_x, PREFETCH=prefetch)
     assert relative_error(y, ref) < TOLERANCE[dtype]
 
 
@@ -227,16 +231,20 @@ def test_gpu_paths_awkward_shapes(kernels, untuned, path, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path,block_t,use_dot,select_x", [
-    ("decode", 1, False, False), ("decode", 1, False, True), ("decode", 4, False, False), ("decode", 2, False, True),
-    ("decode", 16, True, False), ("decode_split", 2, False, False)])
-def test_gpu_decode_variants(kernels, path, block_t, use_dot, select_x):
+@pytest.mark.parametrize("path,block_t,block_j,use_dot,select_x,prefetch", [
+    ("decode", 1, 32, False, False, False), ("decode", 1, 32, False, True, False), ("decode", 1, 256, False, True, False),
+    ("decode", 1, 64, False, True, True), ("decode", 4, 32, False, False, True), ("decode", 2, 32, False, True, True),
+    ("decode", 4, 64, False, True, False), ("decode", 16, 32, True, False, False), ("decode_split", 2, 32, False, False, False),
+    ("decode_split", 1, 32, False, True, True)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_decode_variants(kernels, path, block_t, block_j, use_dot, select_x, prefetch, dtype):
+    """The decode bodies on real sizes, the byte-permute pick (select_x) in both 16-bit dtypes."""
     decode = kernels["decode"]
     for rows, cols, v, m, tokens in [(4096, 4096, 64, 8, block_t), (11008, 4096, 64, 16, 1), (768, 3077, 32, 6, 2)]:
-        weight, x, bias, ref = make_case(rows, cols, v, m, tokens, torch.float16, seed=cols)
+        weight, x, bias, ref = make_case(rows, cols, v, m, tokens, dtype, seed=cols)
         y = run_path(kernels, path, weight, x, bias, decode.vnm_decode_kernel, BLOCK_N=16, BLOCK_T=block_t,
-                     BLOCK_J=32, USE_DOT=use_dot, SELECT_X=select_x, PICK=0, PREFETCH=False)
-        assert relative_error(y, ref) < TOLERANCE[torch.float16], (rows, cols, tokens)
+                     BLOCK_J=block_j, USE_DOT=use_dot, SELECT_X=select_x, PREFETCH=prefetch)
+        assert relative_error(y, ref) < TOLERANCE[dtype], (rows, cols, tokens)
 
 
 class SparseLinear(torch.nn.Module):

@@ -1,16 +1,21 @@
 """The decode kernel (1-16 tokens): stream the compressed weight once, expand 2:4 in registers.
 
 With few tokens the product is bound by reading the weight, so the kernel reads only the
-compressed bytes (values, metadata, column indices) with contiguous loads that Triton pipelines.
-Groups are taken two at a time: one metadata byte holds both groups' nibbles and, for 16-bit
-weights with an even G, one 64-bit load holds both groups' value pairs, so no load is strided and
-no layout shuffle is needed. The product over a group's 4 kept columns is split by slot:
+compressed bytes (values, metadata, column indices) with contiguous loads. Groups are taken two at
+a time: one metadata byte holds both groups' nibbles and, for 16-bit weights with an even G, one
+64-bit load holds both groups' value pairs, so no load is strided and no layout shuffle is needed.
+The loads are register loads, waited on where they are used; PREFETCH issues the next tile's loads
+before this tile is multiplied, so that two tiles are in flight (a program walks only a few tiles
+of a short row, and the loads in flight set the bandwidth).
+
+Three bodies multiply a tile. The product over a group's 4 kept columns split by slot,
     y[n, t] += sum_k W_k[n, g] * x[t, g*M + columns[b, g, k]],   k = 0..3,
-where W_k[n, g] is the value row n keeps in slot k, or 0 (an elementwise select). The 4 gathered
-activation vectors of a group are shared by all rows of its row block and are L1/L2 hits (x is
-small). USE_DOT runs each slot's [BLOCK_N, pairs] x [pairs, 16] product on the tensor cores
-(tokens padded to 16); without it the products run on the FMA units with a [BLOCK_N, BLOCK_J,
-BLOCK_T] accumulator summed once at the end, which suits 1-2 tokens.
+where W_k[n, g] is the value row n keeps in slot k, or 0 (an elementwise select), runs on the
+tensor cores with USE_DOT (each slot's [BLOCK_N, pairs] x [pairs, 16] product, tokens padded to
+16), or on the FMA units with a [BLOCK_N, BLOCK_J, BLOCK_T] accumulator summed once at the end.
+SELECT_X (16-bit weights) instead multiplies each of the 2 stored values by the activation of its
+slot: the group's 4 activations (shared by the row block, L1/L2 hits: x is small) are packed into
+two 32-bit words, and one prmt byte permute picks both values' activations; 1-4 tokens.
 
 SPLIT_K > 1 splits the groups over program_id(1) and adds fp32 partial sums with atomics into a
 zeroed fp32 output, for shapes with too few row tiles to fill the GPU.
@@ -43,56 +48,60 @@ def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k: tl.conste
 
 
 @triton.jit
-def _select_slot(slot, x0, x1, x2, x3):
-    return tl.where(slot < 2, tl.where(slot == 0, x0, x1), tl.where(slot == 2, x2, x3))
-
-
-@triton.jit
 def _bits(x):
     """The 16 bits of each element of x, zero-extended to int32."""
     return x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
 
 @triton.jit
-def _pick_x(x01, x23, slot, dtype: tl.constexpr):
-    """[BLOCK_N, BLOCK_J, BLOCK_T] activation of each row's `slot` from the packed slot words."""
-    word = tl.where((slot < 2)[:, :, None], x01[None, :, :], x23[None, :, :])
-    return ((word >> (16 * (slot & 1))[:, :, None]).to(tl.int16)).to(dtype, bitcast=True).to(tl.float32)
+def _pick_products(acc, first, second, x01, x23, nibble, dtype: tl.constexpr, BYTE_PERMUTE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
+    """acc + first * x[s0] + second * x[s1] for each row's two stored values (fp32 [BLOCK_N, BLOCK_J])
+    and their slots (nibble = s0 | s1 << 2), the group's 4 activations packed as 16-bit words in
+    x01 (slots 0, 1) and x23 (slots 2, 3), [BLOCK_J, BLOCK_T].
 
-
-@triton.jit
-def _pair_product_prmt(acc, first, second, x01, x23, nibble, dtype: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
-    """acc + both stored values (fp32 [BLOCK_N, BLOCK_J]) times the activations of their slots: one
-    prmt picks the 2+2 bytes of slots s0, s1 from the 8 bytes of x01:x23 (selector nibbles 2s, 2s+1)."""
-    nibble = nibble.to(tl.int32)
-    selector = 0x1010 + (nibble & 3) * 0x22 + (nibble >> 2) * 0x2200
+    On the GPU one prmt byte permute picks both activations: selector nibbles 2s, 2s+1 take slot
+    s's two bytes from the 8 bytes of x23:x01. The interpreter runs no PTX: there shifts pick them."""
     shape: tl.constexpr = (BLOCK_N, BLOCK_J, BLOCK_T)
-    args = [tl.broadcast_to(acc, shape), tl.broadcast_to(first[:, :, None], shape),
-            tl.broadcast_to(second[:, :, None], shape), tl.broadcast_to(x01[None, :, :], shape),
-            tl.broadcast_to(x23[None, :, :], shape), tl.broadcast_to(selector[:, :, None], shape)]
-    if dtype == tl.bfloat16:  # bf16 -> fp32 is a shift
-        asm: tl.constexpr = """{
-        .reg .b32 xs, a0, a1;
-        prmt.b32 xs, $4, $5, $6;
-        shl.b32 a0, xs, 16;
-        and.b32 a1, xs, 0xFFFF0000;
-        fma.rn.f32 $0, $2, a0, $1;
-        fma.rn.f32 $0, $3, a1, $0;
-        }"""
-    else:
-        asm: tl.constexpr = """{
-        .reg .b32 xs;
-        .reg .b16 g0, g1;
-        .reg .f32 a0, a1;
-        prmt.b32 xs, $4, $5, $6;
-        mov.b32 {g0, g1}, xs;
-        cvt.f32.f16 a0, g0;
-        cvt.f32.f16 a1, g1;
-        fma.rn.f32 $0, $2, a0, $1;
-        fma.rn.f32 $0, $3, a1, $0;
-        }"""
-    return tl.inline_asm_elementwise(asm, "=r,r,r,r,r,r,r", args, dtype=tl.float32, is_pure=True, pack=1)
+    if BYTE_PERMUTE:
+        selector = 0x1010 + (nibble & 3) * 0x22 + (nibble >> 2) * 0x2200
+        args = [tl.broadcast_to(acc, shape), tl.broadcast_to(first[:, :, None], shape),
+                tl.broadcast_to(second[:, :, None], shape), tl.broadcast_to(x01[None, :, :], shape),
+                tl.broadcast_to(x23[None, :, :], shape), tl.broadcast_to(selector[:, :, None], shape)]
+        if dtype == tl.bfloat16:
+            asm: tl.constexpr = _PICK_ASM_BF16
+        else:
+            asm: tl.constexpr = _PICK_ASM_FP16
+        return tl.inline_asm_elementwise(asm, "=r,r,r,r,r,r,r", args, dtype=tl.float32, is_pure=True, pack=1)
+    s0 = (nibble & 3)[:, :, None]
+    s1 = (nibble >> 2)[:, :, None]
+    word0 = tl.where(s0 < 2, x01[None, :, :], x23[None, :, :]) >> (16 * (s0 & 1))
+    word1 = tl.where(s1 < 2, x01[None, :, :], x23[None, :, :]) >> (16 * (s1 & 1))
+    x_first = word0.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+    x_second = word1.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+    return acc + first[:, :, None] * x_first + second[:, :, None] * x_second
+
+
+# $0 = $1 + $2 * x[s0] + $3 * x[s1], with x[s0], x[s1] = prmt($4, $5, selector $6); bf16 -> fp32 is a shift
+_PICK_ASM_BF16: tl.constexpr = tl.constexpr("""{
+    .reg .b32 xs, a0, a1;
+    prmt.b32 xs, $4, $5, $6;
+    shl.b32 a0, xs, 16;
+    and.b32 a1, xs, 0xFFFF0000;
+    fma.rn.f32 $0, $2, a0, $1;
+    fma.rn.f32 $0, $3, a1, $0;
+}""")
+_PICK_ASM_FP16: tl.constexpr = tl.constexpr("""{
+    .reg .b32 xs;
+    .reg .b16 g0, g1;
+    .reg .f32 a0, a1;
+    prmt.b32 xs, $4, $5, $6;
+    mov.b32 {g0, g1}, xs;
+    cvt.f32.f16 a0, g0;
+    cvt.f32.f16 a1, g1;
+    fma.rn.f32 $0, $2, a0, $1;
+    fma.rn.f32 $0, $3, a1, $0;
+}""")
 
 
 @triton.jit
@@ -136,8 +145,8 @@ def vnm_decode_kernel(
     SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     SELECT_X: tl.constexpr,
-    PICK: tl.constexpr,
     PREFETCH: tl.constexpr,
+    BYTE_PERMUTE: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -199,31 +208,15 @@ def vnm_decode_kernel(
                         w_k = w_k.to(tl.float32)
                         x_k = x_k.to(tl.float32)
                     acc = tl.dot(w_k, x_k, acc, input_precision=DOT_PRECISION)
-            elif SELECT_X:  # each stored value times the activation of its slot: 2 products, not 4
+            elif SELECT_X and HALF_BITS == 16:  # each stored value times the activation of its slot
                 x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 0, EVEN_C and EVEN_K)
                 x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 1, EVEN_C and EVEN_K)
                 x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 2, EVEN_C and EVEN_K)
                 x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 3, EVEN_C and EVEN_K)
-                if PICK == 0 or HALF_BITS == 32:
-                    x0, x1 = x0.to(tl.float32)[None, :, :], x1.to(tl.float32)[None, :, :]
-                    x2, x3 = x2.to(tl.float32)[None, :, :], x3.to(tl.float32)[None, :, :]
-                    first = lo.to(dtype, bitcast=True).to(tl.float32)
-                    second = hi.to(dtype, bitcast=True).to(tl.float32)
-                    acc3 += first[:, :, None] * _select_slot(s0[:, :, None], x0, x1, x2, x3)
-                    acc3 += second[:, :, None] * _select_slot(s1[:, :, None], x0, x1, x2, x3)
-                else:
-                    x01 = _bits(x0) | (_bits(x1) << 16)  # [BLOCK_J, BLOCK_T]: slots 0, 1 in one word
-                    x23 = _bits(x2) | (_bits(x3) << 16)
-                    if PICK == 1:
-                        first = lo.to(dtype, bitcast=True).to(tl.float32)[:, :, None]
-                        second = hi.to(dtype, bitcast=True).to(tl.float32)[:, :, None]
-                        acc3 += first * _pick_x(x01, x23, s0.to(tl.int32), dtype)
-                        acc3 += second * _pick_x(x01, x23, s1.to(tl.int32), dtype)
-                    else:
-                        first = lo.to(dtype, bitcast=True).to(tl.float32)
-                        second = hi.to(dtype, bitcast=True).to(tl.float32)
-                        acc3 = _pair_product_prmt(acc3, first, second, x01, x23, nibble, dtype,
-                                                  BLOCK_N, BLOCK_J, BLOCK_T)
+                acc3 = _pick_products(acc3, lo.to(dtype, bitcast=True).to(tl.float32),
+                                      hi.to(dtype, bitcast=True).to(tl.float32),
+                                      _bits(x0) | (_bits(x1) << 16), _bits(x2) | (_bits(x3) << 16),
+                                      nibble.to(tl.int32), dtype, BYTE_PERMUTE, BLOCK_N, BLOCK_J, BLOCK_T)
             else:  # the same slot split on the FMA units: no padding of the tokens to 16
                 for k in tl.static_range(4):
                     x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
@@ -286,6 +279,7 @@ def launch_decode(
         V=v, HAS_BIAS=bias is not None, QUADS=quads, HALF_BITS=8 * values.element_size(), SPLIT_K=split_k,
         EVEN_C=in_features == groups * m,
         DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),
+        BYTE_PERMUTE=x.is_cuda and not interpreting(),
         **config,
     )
     return y.to(x.dtype) if split_k > 1 else y

@@ -35,9 +35,9 @@ def _prefill(block_n, block_t, block_k, w_left, warps, stages, group_n):
                           "GROUP_N": group_n}, num_warps=warps, num_stages=stages)
 
 
-def _decode(block_n, block_t, block_j, use_dot, warps, stages, select_x=False, pick=0, prefetch=False):
+def _decode(block_n, block_t, block_j, use_dot, warps, stages, select_x=False, prefetch=False):
     return triton.Config({"BLOCK_N": block_n, "BLOCK_T": block_t, "BLOCK_J": block_j, "USE_DOT": use_dot,
-                          "SELECT_X": select_x, "PICK": pick, "PREFETCH": prefetch},
+                          "SELECT_X": select_x, "PREFETCH": prefetch},
                          num_warps=warps, num_stages=stages)
 
 
@@ -65,10 +65,14 @@ DECODE_CONFIGS = [
                                 (16, 16, 4, 4), (8, 32, 2, 4))
     if n * j * t <= 64 * 32 * warps
 ] + [_decode(64, 16, 32, True, 4, 3), _decode(32, 16, 32, True, 4, 3), _decode(16, 16, 32, True, 4, 3)] + [
-    # one token: selecting activations by slot beat selecting weights by 5-15% on an H200, and lost
-    # from 4 tokens on (benchmarks/NOTES.md, round 5)
-    _decode(n, 1, j, False, warps, stages, select_x=True)
-    for n, j, warps, stages in ((8, 64, 4, 4), (16, 64, 2, 4), (32, 64, 4, 3))
+    # 1-4 tokens: each stored value times its slot's activation, picked by a byte permute; whole
+    # rows of group pairs a tile, or the next tile prefetched (benchmarks/NOTES.md, rounds 9-10)
+    _decode(n, t, j, False, warps, 4, select_x=True, prefetch=prefetch)
+    for t in (1, 2, 4)
+    for n, j, warps, prefetch in ((4, 256, 4, False), (8, 256, 4, False), (4, 128, 2, False), (8, 128, 2, False),
+                                  (16, 64, 4, False), (16, 32, 2, False), (8, 64, 4, True), (16, 64, 4, True),
+                                  (16, 32, 2, True), (16, 64, 2, True), (8, 128, 4, True), (8, 32, 1, True))
+    if n * j * t <= 64 * 32 * warps
 ]
 # (The FMA body's reduction runs its combine function per element there: the tensor-core body is
 # the fast one to simulate; tests run the FMA body on small tiles explicitly.)
