@@ -314,9 +314,26 @@ def finish(args, results, table, slug):
         (out_dir / f"tune-{slug}.json").write_text(json.dumps(results, indent=1))
         log(f"wrote {out_dir / (slug + '.json')}")
         return
+    if args.merge:  # a partial sweep replaces its cases in the committed results and keeps the rest
+        results = merge_cases(json.loads((out_dir / f"kernels-{slug}.json").read_text()), results)
     (out_dir / f"kernels-{slug}.json").write_text(json.dumps(results, indent=1))
     (out_dir / f"kernels-{slug}.md").write_text(markdown(results))
     log(f"wrote {out_dir / ('kernels-' + slug + '.json')} and .md")
+
+
+def merge_cases(before: dict, after: dict) -> dict:
+    """`after`'s cases in place of `before`'s with the same key; the run's header is `after`'s, and
+    each case keeps the date of the run that measured it."""
+    def key(case):
+        return tuple(case[k] for k in ("rows", "cols", "tokens", "v", "m", "dtype"))
+
+    for case in before["cases"]:
+        case.setdefault("date", before["date"])
+    for case in after["cases"]:
+        case["date"] = after["date"]
+    new = {key(c): c for c in after["cases"]}
+    cases = [new.pop(key(c), c) for c in before["cases"]] + list(new.values())
+    return {**after, "cases": cases}
 
 
 def derive_rules(cases) -> dict:
@@ -347,6 +364,10 @@ def markdown(results) -> str:
              "path); `dispatch`: with the dense weight kept (dense cuBLAS where the table says it is faster). "
              "`bound`: cuBLAS on the condensed K' = 4C/M. GB/s: compressed bytes / sparse time. TFLOP/s: "
              "dense-equivalent 2*R*C*T / sparse time.", ""]
+    dates = sorted({c.get("date", results["date"]) for c in results["cases"]})
+    if len(dates) > 1:
+        lines += [f"Rows from sweeps of {', '.join(dates)} (the header is the last one's); each row's times "
+                  "come from one sweep.", ""]
     header = ("| weight | tokens | pattern | dtype | path | sparse | dense | x dense | bound | x bound | "
               "dispatch x dense | TFLOP/s | GB/s | 2:4 eager / graph |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -380,7 +401,7 @@ def main():
     parser.add_argument("--tokens", help="e.g. 1,16 (default: all)")
     parser.add_argument("--shapes", help="weights RxC, e.g. 12288x4096,22016x4096 (default: the sweep's)")
     parser.add_argument("--merge", action="store_true",
-                        help="with --tune: update only the swept keys of the shipped table")
+                        help="update only the swept keys of the shipped table (--tune) or of the results")
     args = parser.parse_args()
     args.out_dir = args.out_dir or str(tuning.TABLES if args.tune else ROOT / "results")
     args.fp16_choice = {}

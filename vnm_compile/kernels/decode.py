@@ -82,26 +82,14 @@ def _pick_products(acc, first, second, x01, x23, nibble, dtype: tl.constexpr, BY
     return acc + first[:, :, None] * x_first + second[:, :, None] * x_second
 
 
-# $0 = $1 + $2 * x[s0] + $3 * x[s1], with x[s0], x[s1] = prmt($4, $5, selector $6); bf16 -> fp32 is a shift
-_PICK_ASM_BF16: tl.constexpr = tl.constexpr("""{
-    .reg .b32 xs, a0, a1;
-    prmt.b32 xs, $4, $5, $6;
-    shl.b32 a0, xs, 16;
-    and.b32 a1, xs, 0xFFFF0000;
-    fma.rn.f32 $0, $2, a0, $1;
-    fma.rn.f32 $0, $3, a1, $0;
-}""")
-_PICK_ASM_FP16: tl.constexpr = tl.constexpr("""{
-    .reg .b32 xs;
-    .reg .b16 g0, g1;
-    .reg .f32 a0, a1;
-    prmt.b32 xs, $4, $5, $6;
-    mov.b32 {g0, g1}, xs;
-    cvt.f32.f16 a0, g0;
-    cvt.f32.f16 a1, g1;
-    fma.rn.f32 $0, $2, a0, $1;
-    fma.rn.f32 $0, $3, a1, $0;
-}""")
+# $0 = $1 + $2 * x[s0] + $3 * x[s1], with x[s0], x[s1] = prmt($4, $5, selector $6). One line each, no
+# escapes: Inductor copies the kernel's globals into its generated code inside a string literal.
+_PICK_ASM_BF16: tl.constexpr = tl.constexpr(  # bf16 -> fp32 is a shift
+    "{ .reg .b32 xs, a0, a1; prmt.b32 xs, $4, $5, $6; shl.b32 a0, xs, 16; and.b32 a1, xs, 0xFFFF0000; "
+    "fma.rn.f32 $0, $2, a0, $1; fma.rn.f32 $0, $3, a1, $0; }")
+_PICK_ASM_FP16: tl.constexpr = tl.constexpr(
+    "{ .reg .b32 xs; .reg .b16 g0, g1; .reg .f32 a0, a1; prmt.b32 xs, $4, $5, $6; mov.b32 {g0, g1}, xs; "
+    "cvt.f32.f16 a0, g0; cvt.f32.f16 a1, g1; fma.rn.f32 $0, $2, a0, $1; fma.rn.f32 $0, $3, a1, $0; }")
 
 
 @triton.jit
