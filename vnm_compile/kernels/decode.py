@@ -174,7 +174,6 @@ def vnm_decode_kernel(
             meta, pair_even, pair_odd, words_even, words_odd = _weight_tile(
                 values_ptr, meta_ptr, cols_ptr, offs_n, row_ok, block, j0, half_g, G, QUADS, EVEN_K, BLOCK_J)
         offs_j = j0 + tl.arange(0, BLOCK_J)
-        odd_ok = (2 * offs_j + 1) < G
         for h in tl.static_range(2):
             if h == 0:
                 pair = pair_even
