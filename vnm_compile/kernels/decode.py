@@ -54,17 +54,24 @@ def _bits(x):
 
 
 @triton.jit
-def _pick_products(acc, first, second, x01, x23, nibble, dtype: tl.constexpr, BYTE_PERMUTE: tl.constexpr,
+def _slot_activation(x01, x23, slot, dtype: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_J, BLOCK_T] activation of each row's `slot` from the packed words, by shifts."""
+    word = tl.where((slot < 2)[:, :, None], x01[None, :, :], x23[None, :, :]) >> (16 * (slot & 1))[:, :, None]
+    return word.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _pick_products(acc, first, second, x01, x23, s0, s1, dtype: tl.constexpr, BYTE_PERMUTE: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
     """acc + first * x[s0] + second * x[s1] for each row's two stored values (fp32 [BLOCK_N, BLOCK_J])
-    and their slots (nibble = s0 | s1 << 2), the group's 4 activations packed as 16-bit words in
+    in slots s0, s1 (int32 [BLOCK_N, BLOCK_J]), the group's 4 activations packed as 16-bit words in
     x01 (slots 0, 1) and x23 (slots 2, 3), [BLOCK_J, BLOCK_T].
 
     On the GPU one prmt byte permute picks both activations: selector nibbles 2s, 2s+1 take slot
     s's two bytes from the 8 bytes of x23:x01. The interpreter runs no PTX: there shifts pick them."""
-    shape: tl.constexpr = (BLOCK_N, BLOCK_J, BLOCK_T)
     if BYTE_PERMUTE:
-        selector = 0x1010 + (nibble & 3) * 0x22 + (nibble >> 2) * 0x2200
+        selector = 0x1010 + s0 * 0x22 + s1 * 0x2200
+        shape: tl.constexpr = (BLOCK_N, BLOCK_J, BLOCK_T)
         args = [tl.broadcast_to(acc, shape), tl.broadcast_to(first[:, :, None], shape),
                 tl.broadcast_to(second[:, :, None], shape), tl.broadcast_to(x01[None, :, :], shape),
                 tl.broadcast_to(x23[None, :, :], shape), tl.broadcast_to(selector[:, :, None], shape)]
@@ -73,13 +80,8 @@ def _pick_products(acc, first, second, x01, x23, nibble, dtype: tl.constexpr, BY
         else:
             asm: tl.constexpr = _PICK_ASM_FP16
         return tl.inline_asm_elementwise(asm, "=r,r,r,r,r,r,r", args, dtype=tl.float32, is_pure=True, pack=1)
-    s0 = (nibble & 3)[:, :, None]
-    s1 = (nibble >> 2)[:, :, None]
-    word0 = tl.where(s0 < 2, x01[None, :, :], x23[None, :, :]) >> (16 * (s0 & 1))
-    word1 = tl.where(s1 < 2, x01[None, :, :], x23[None, :, :]) >> (16 * (s1 & 1))
-    x_first = word0.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
-    x_second = word1.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
-    return acc + first[:, :, None] * x_first + second[:, :, None] * x_second
+    return (acc + first[:, :, None] * _slot_activation(x01, x23, s0, dtype)
+            + second[:, :, None] * _slot_activation(x01, x23, s1, dtype))
 
 
 # $0 = $1 + $2 * x[s0] + $3 * x[s1], with x[s0], x[s1] = prmt($4, $5, selector $6). One line each, no
@@ -203,7 +205,7 @@ def vnm_decode_kernel(
                 acc3 = _pick_products(acc3, lo.to(dtype, bitcast=True).to(tl.float32),
                                       hi.to(dtype, bitcast=True).to(tl.float32),
                                       _bits(x0) | (_bits(x1) << 16), _bits(x2) | (_bits(x3) << 16),
-                                      nibble.to(tl.int32), dtype, BYTE_PERMUTE, BLOCK_N, BLOCK_J, BLOCK_T)
+                                      s0.to(tl.int32), s1.to(tl.int32), dtype, BYTE_PERMUTE, BLOCK_N, BLOCK_J, BLOCK_T)
             else:  # the same slot split on the FMA units: no padding of the tokens to 16
                 for k in tl.static_range(4):
                     x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
