@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mode", default="default", help="torch.compile mode of the compiled variants")
     parser.add_argument("--dynamic", choices=("auto", "static"), default="auto",
                         help="auto: a changed shape recompiles as a dynamic-shape graph; static: one graph per shape")
-    parser.add_argument("--workloads", default="", help='comma-separated names, e.g. "decode b1,decode b16" (default: all)')
+    parser.add_argument("--workloads", default="", help='comma-separated names, e.g. "decode b1,decode b16,b256" (default: all)')
     parser.add_argument("--budget-s", default="", help="per model wall-clock seconds, comma-separated")
     parser.add_argument("--reduce-overhead-check", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
@@ -437,8 +437,11 @@ def main(argv: list[str] | None = None) -> dict:
         model, config = build_model(layers, args.smoke, device)
         workloads = make_workloads(model, config, args.smoke, device)
         if args.workloads:
-            wanted = args.workloads.split(",")
-            workloads = [w for w in workloads if w.name in wanted or name == "vit"]
+            workloads = [w for w in workloads if w.name in args.workloads.split(",")]
+        if not workloads:
+            log(f"{name}: none of --workloads {args.workloads!r} is one of its workloads; skipped")
+            del model
+            continue
         description = (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
                        f"intermediate {config.intermediate_size}, {DTYPE[device]}".replace("torch.", ""))
         log(f"{name}: {description}")

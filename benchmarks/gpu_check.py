@@ -253,12 +253,11 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
     expanded = expand_weight(weight.values, weight.metadata)
     expanded_copies = [expanded] + [expanded.clone() for _ in range(max(1, -(-3 * L2_BYTES // expanded.nbytes)) - 1)]
     # rowx: x read in place (row-major), from 4 tokens on (round 6; round 8 measured a channel-major x.T)
-    channels = channel_index(weight.columns, m)
-    layouts = {"rowx": {"xt": x.t(), "weight": weight, "channels": channels}} if tokens >= 4 else {}
-    for (name, layout), cfg in itertools.product(layouts.items(), ROWX_CONFIGS):
+    layout = {"xt": x.t(), "weight": weight, "channels": channel_index(weight.columns, m)}
+    for cfg in ROWX_CONFIGS if tokens >= 4 else []:
         if not fits(cfg, v) or cfg[1] < min(16, triton.next_power_of_2(tokens)):
             continue
-        entry["variants"][f"{name} {cfg}"] = measure(
+        entry["variants"][f"rowx {cfg}"] = measure(
             lambda y: run_prefill(layout, cfg, expanded, out=y),
             lambda: graph_ms([lambda e=e: run_prefill(layout, cfg, e) for e in expanded_copies]),
             x, weight, rows, dtype, expanded.nbytes)
@@ -273,7 +272,7 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
             weight.nbytes)
     dense_ms = entry["dense_ms"]
     log(f"\n{key}: dense {dense_ms*1e3:.1f}us ({entry['dense_bytes']/dense_ms/1e6:.0f} GB/s), "
-        f"compressed {weight.nbytes/2**20:.1f} MiB, transpose {entry.get('transpose_ms', 0)*1e3:.1f}us")
+        f"compressed {weight.nbytes/2**20:.1f} MiB")
     for name, r in sorted(entry["variants"].items(), key=lambda kv: kv[1].get("ms", 1e9)):
         if "ms" in r:
             log(f"  {name:40s} {r['ms']*1e3:7.2f}us {dense_ms/r['ms']:.2f}x dense {r['GBps']:.0f} GB/s err "
