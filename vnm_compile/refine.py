@@ -45,12 +45,12 @@ def refine_block(
     if len(inputs) != len(targets) or not inputs:
         raise ValueError(f"inputs and targets must be non-empty and of one length, got {len(inputs)} and {len(targets)}")
     weights = {name: block.get_submodule(name).weight for name in masks}
-    extra = list(extra)
-    trainable = {id(p) for p in [*weights.values(), *extra]}
+    trained = [*weights.values(), *extra]
+    trainable = {id(p) for p in trained}
     requires_grad = {parameter: parameter.requires_grad for parameter in block.parameters()}
     for parameter in requires_grad:
         parameter.requires_grad_(id(parameter) in trainable)
-    optimizer = torch.optim.Adam([*weights.values(), *extra], lr=lr)
+    optimizer = torch.optim.Adam(trained, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
