@@ -116,6 +116,10 @@ PREFILL_CONFIGS = [
     (64, 64, 64, True, 4, 4, 64), (64, 128, 64, True, 8, 3, 64),
     (128, 128, 64, True, 8, 3, 32), (128, 64, 64, True, 8, 3, 32), (32, 128, 64, False, 4, 4, 128),
     (32, 64, 64, False, 4, 3, 128),
+    # round 11: 256-token tiles read each weight tile half as often (the L2 traffic of a 64-row tile)
+    (64, 256, 64, True, 8, 3, 64), (64, 256, 64, True, 8, 4, 64), (64, 256, 32, True, 8, 4, 64),
+    (64, 256, 64, True, 4, 3, 64), (64, 256, 64, False, 8, 3, 64), (64, 256, 64, True, 8, 3, 16),
+    (128, 256, 64, True, 8, 3, 32),
 ]
 # decode: (BLOCK_N, BLOCK_J, SPLIT_K, num_warps, num_stages, use_dot, select_x, prefetch). Rounds 9-10:
 # the activation of each stored value's slot picked by one prmt byte permute (select_x), whole rows
@@ -327,6 +331,7 @@ def main():
     parser.add_argument("--skip-precompile", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--decode-only", action="store_true", help="skip the prefill cases")
+    parser.add_argument("--prefill-only", action="store_true", help="skip the decode cases")
     parser.add_argument("--decode-tokens", default="1,2,4,8,16")
     parser.add_argument("--decode-shapes", default="4096x4096,11008x4096,4096x11008")
     parser.add_argument("--decode-m", default="8", help="M of the 64:2:M decode cases, comma-separated")
@@ -349,7 +354,7 @@ def main():
               (4096, 4096, 64, 64, 8), (768, 3072, 2048, 64, 8), (3072, 768, 256, 64, 8), (4096, 4096, 8192, 128, 8)]
     decode_shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.decode_shapes.split(",")]
     decode_ms = [int(m) for m in args.decode_m.split(",")]
-    decode_tokens = [int(t) for t in args.decode_tokens.split(",")]
+    decode_tokens = [] if args.prefill_only else [int(t) for t in args.decode_tokens.split(",")]
     if args.smoke:
         first, others = (128, 96, 130, 64, 8), [(130, 77, 40, 32, 5)]
         decode_shapes, decode_tokens = [(192, 100)], [1, 3]
