@@ -127,7 +127,10 @@ PREFILL_CONFIGS = [
 BASELINE_DECODE = [(8, 64, 1, 4, 4, False, False, False), (32, 32, 2, 4, 3, True, False, False)]
 PICK_SHAPES = [(8, 64, 1, 4), (16, 64, 1, 4), (16, 64, 1, 2), (8, 32, 1, 1), (16, 32, 1, 2), (8, 128, 1, 4),
                (16, 128, 1, 4), (8, 256, 1, 4), (16, 256, 1, 8), (8, 256, 1, 8), (8, 128, 1, 2), (32, 128, 1, 8),
-               (4, 256, 1, 4), (4, 128, 1, 2), (16, 16, 1, 1), (8, 64, 2, 4)]
+               (4, 256, 1, 4), (4, 128, 1, 2), (16, 16, 1, 1), (8, 64, 2, 4),
+               # round 12: narrower programs (2-4 rows, 1-2 warps) for one token on the H100
+               (2, 256, 1, 4), (2, 128, 1, 2), (2, 64, 1, 1), (4, 64, 1, 1), (4, 128, 1, 4), (4, 256, 1, 8),
+               (8, 64, 1, 2), (4, 256, 1, 2)]
 DECODE_CONFIGS = BASELINE_DECODE + [
     (bn, bj, sk, warps, 4, False, True, prefetch) for bn, bj, sk, warps in PICK_SHAPES for prefetch in (False, True)]
 

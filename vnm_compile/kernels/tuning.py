@@ -71,7 +71,8 @@ DECODE_CONFIGS = [
     for t in (1, 2, 4)
     for n, j, warps, prefetch in ((4, 256, 4, False), (8, 256, 4, False), (4, 128, 2, False), (8, 128, 2, False),
                                   (16, 64, 4, False), (16, 32, 2, False), (8, 64, 4, True), (16, 64, 4, True),
-                                  (16, 32, 2, True), (16, 64, 2, True), (8, 128, 4, True), (8, 32, 1, True))
+                                  (16, 32, 2, True), (16, 64, 2, True), (8, 128, 4, True), (8, 32, 1, True),
+                                  (4, 128, 4, False), (4, 64, 1, False))  # the last two: round 12, H100
     if n * j * t <= 64 * 32 * warps
 ]
 # (The FMA body's reduction runs its combine function per element there: the tensor-core body is
