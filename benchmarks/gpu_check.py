@@ -128,7 +128,7 @@ BASELINE_DECODE = [(8, 64, 1, 4, 4, False, False, False), (32, 32, 2, 4, 3, True
 PICK_SHAPES = [(8, 64, 1, 4), (16, 64, 1, 4), (16, 64, 1, 2), (8, 32, 1, 1), (16, 32, 1, 2), (8, 128, 1, 4),
                (16, 128, 1, 4), (8, 256, 1, 4), (16, 256, 1, 8), (8, 256, 1, 8), (8, 128, 1, 2), (32, 128, 1, 8),
                (4, 256, 1, 4), (4, 128, 1, 2), (16, 16, 1, 1), (8, 64, 2, 4),
-               # round 12: narrower programs (2-4 rows, 1-2 warps) for one token on the H100
+               # round 12: programs of 2-8 rows on 1-8 warps for one token on the H100
                (2, 256, 1, 4), (2, 128, 1, 2), (2, 64, 1, 1), (4, 64, 1, 1), (4, 128, 1, 4), (4, 256, 1, 8),
                (8, 64, 1, 2), (4, 256, 1, 2)]
 DECODE_CONFIGS = BASELINE_DECODE + [
@@ -357,10 +357,12 @@ def main():
               (4096, 4096, 64, 64, 8), (768, 3072, 2048, 64, 8), (3072, 768, 256, 64, 8), (4096, 4096, 8192, 128, 8)]
     decode_shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.decode_shapes.split(",")]
     decode_ms = [int(m) for m in args.decode_m.split(",")]
-    decode_tokens = [] if args.prefill_only else [int(t) for t in args.decode_tokens.split(",")]
+    decode_tokens = [int(t) for t in args.decode_tokens.split(",")]
     if args.smoke:
         first, others = (128, 96, 130, 64, 8), [(130, 77, 40, 32, 5)]
         decode_shapes, decode_tokens = [(192, 100)], [1, 3]
+    if args.prefill_only:
+        decode_shapes = []
     first_variants = [("exp", c) for c in PREFILL_CONFIGS]
     if not args.skip_precompile and not args.smoke:
         jobs = [] if args.decode_only else [("prefill", *first, variant, cfg) for variant, cfg in first_variants
