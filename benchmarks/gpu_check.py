@@ -133,6 +133,15 @@ PICK_SHAPES = [(8, 64, 1, 4), (16, 64, 1, 4), (16, 64, 1, 2), (8, 32, 1, 1), (16
                (8, 64, 1, 2), (4, 256, 1, 2)]
 DECODE_CONFIGS = BASELINE_DECODE + [
     (bn, bj, sk, warps, 4, False, True, prefetch) for bn, bj, sk, warps in PICK_SHAPES for prefetch in (False, True)]
+# round 14: 2-16 tokens on the tensor cores as one dot a tile over its kept channels, the 2:4 pairs
+# expanded in registers by joins (one_dot), activations gathered per element or, with x_chunk, loaded
+# for all the tile's channels and gathered in registers: (..., one_dot, x_chunk)
+ONE_DOT_SHAPES = ([(bn, bj, sk, 4) for bn in (16, 32, 64) for bj in (8, 16, 32) for sk in (1, 2, 4)]
+                  + [(64, bj, sk, 8) for bj in (16, 32) for sk in (1, 2, 4)])
+DECODE_CONFIGS = [cfg + (False, False) for cfg in DECODE_CONFIGS] + [
+    (bn, bj, sk, warps, 3, True, False, prefetch, True, False) for bn, bj, sk, warps in ONE_DOT_SHAPES
+    for prefetch in (False, True) if not prefetch or (bn, warps) == (64, 4)] + [
+    (bn, bj, sk, 4, 3, True, False, False, True, True) for bn, bj, sk in ((64, 16, 1), (64, 16, 2), (32, 16, 2), (64, 8, 4))]
 
 
 # round 6: the prefill kernel on few tokens, x read in place (row-major, no transpose), streaming the
@@ -161,11 +170,11 @@ def run_prefill(layout, cfg, expanded, bias=None, out=None):
 
 
 def run_decode(x, weight, cfg, out=None):
-    bn, bj, split_k, warps, stages, use_dot, select_x, prefetch = cfg
+    bn, bj, split_k, warps, stages, use_dot, select_x, prefetch, one_dot, x_chunk = cfg
     block_t = 16 if use_dot else min(16, triton.next_power_of_2(x.shape[0]))
     return launch_decode(KERNEL, x, weight.values, weight.columns, weight.metadata, None, weight.v, weight.m,
                          weight.in_features, split_k=split_k, out=out, USE_DOT=use_dot, SELECT_X=select_x,
-                         PREFETCH=prefetch,
+                         PREFETCH=prefetch, ONE_DOT=one_dot, X_CHUNK=x_chunk,
                          BLOCK_N=bn, BLOCK_T=block_t, BLOCK_J=bj, num_warps=warps, num_stages=stages)
 
 
@@ -271,7 +280,7 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
     for cfg in DECODE_CONFIGS:
         if not fits(cfg, v) or not decode_fits(cfg, tokens):
             continue
-        body = 'dot' if cfg[5] else 'prmt' if cfg[6] else 'fma'
+        body = ('dot1c' if cfg[9] else 'dot1') if cfg[8] else 'dot' if cfg[5] else 'prmt' if cfg[6] else 'fma'
         name = f"{body}{' pf' if cfg[7] else ''} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
         entry["variants"][name] = measure(
             lambda y: run_decode(x, weight, cfg, out=y),
@@ -307,7 +316,8 @@ def best_variants_of(results):
             body, *parts = name.split()
             bn, bj, sk, w, st = (int(part[2:] if part[:2] in ("bn", "bj", "sk") else part[1:])
                                  for part in parts if part != "pf")
-            spec.append([kind, case, "", [bn, bj, sk, w, st, body == "dot", body == "prmt", "pf" in parts]])
+            spec.append([kind, case, "", [bn, bj, sk, w, st, body.startswith("dot"), body == "prmt", "pf" in parts,
+                                          body.startswith("dot1"), body == "dot1c"]])
     log("profiling", spec)
     return spec
 

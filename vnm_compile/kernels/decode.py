@@ -118,11 +118,76 @@ def _weight_tile(values_ptr, meta_ptr, cols_ptr, offs_n, row_ok, block, j0, half
     return meta, pair_even, pair_odd, words_even, words_odd
 
 
+@triton.jit
+def _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, k: tl.constexpr,
+                   dtype: tl.constexpr):
+    """[BLOCK_N, BLOCK_J, 2]: slot k's weight in the even and the odd group of each group pair."""
+    return tl.join(slot_weight(lo_even, hi_even, s0_even, s1_even, k, dtype),
+                   slot_weight(lo_odd, hi_odd, s0_odd, s1_odd, k, dtype))
+
+
+@triton.jit
+def _group_slot_order(slot0, slot1, slot2, slot3):
+    """Per-slot tensors [..., BLOCK_J, 2] (index j, h: group 2j + h) joined to [..., BLOCK_J, 2, 2, 2], whose
+    flattening is in (group, slot) order: the last two dims are i, s with slot 2i + s."""
+    return tl.join(tl.join(slot0, slot2), tl.join(slot1, slot3))
+
+
+@triton.jit
+def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t, token_ok, j0, M, C,
+                  stride_xt, half_int, HALF_BITS: tl.constexpr, IN_BOUNDS: tl.constexpr, X_CHUNK: tl.constexpr,
+                  CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+    """acc + the tile's product on the tensor cores as one dot over its 8 BLOCK_J kept channels: the
+    2:4 pairs expanded to their 4 slots in registers (joins: each thread's slots stay its own, no
+    layout shuffle), the activations of those channels gathered in the same order."""
+    dtype = x_ptr.dtype.element_ty
+    lo_even = pair_even.to(half_int)
+    hi_even = (pair_even >> HALF_BITS).to(half_int)
+    lo_odd = pair_odd.to(half_int)
+    hi_odd = (pair_odd >> HALF_BITS).to(half_int)
+    s0_even = meta & 3
+    s1_even = (meta >> 2) & 3
+    s0_odd = (meta >> 4) & 3
+    s1_odd = (meta >> 6) & 3
+    w = _group_slot_order(
+        _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 0, dtype),
+        _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 1, dtype),
+        _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 2, dtype),
+        _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 3, dtype),
+    ).reshape(BLOCK_N, 8 * BLOCK_J)
+    even = 2 * offs_j * M
+    channel = _group_slot_order(
+        tl.join(even + (words_even & 0xFF), even + M + (words_odd & 0xFF)),
+        tl.join(even + ((words_even >> 8) & 0xFF), even + M + ((words_odd >> 8) & 0xFF)),
+        tl.join(even + ((words_even >> 16) & 0xFF), even + M + ((words_odd >> 16) & 0xFF)),
+        tl.join(even + ((words_even >> 24) & 0xFF), even + M + ((words_odd >> 24) & 0xFF)),
+    ).reshape(8 * BLOCK_J)
+    if X_CHUNK:  # the activations of all the tile's channels (contiguous loads), then a gather in registers
+        base = 2 * j0 * M
+        offs_c = base + tl.arange(0, CHUNK)
+        chunk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_c[None, :],
+                        mask=token_ok[:, None] & (offs_c < C)[None, :] & (offs_c < base + 2 * BLOCK_J * M)[None, :],
+                        other=0.0)
+        index = tl.broadcast_to((channel - base)[None, :], (BLOCK_T, 8 * BLOCK_J))
+        x = tl.trans(tl.gather(chunk, index, 1))
+    else:
+        x_mask = token_ok[None, :]
+        if not IN_BOUNDS:
+            x_mask = x_mask & (channel < C)[:, None]
+        x = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+    if DOT_IN_FP32:
+        w = w.to(tl.float32)
+        x = x.to(tl.float32)
+    return tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+
+
 def _even_k(args) -> bool:
     return ((args["G"] + 1) // 2) % (args["BLOCK_J"] * args["SPLIT_K"]) == 0 and args["G"] % 2 == 0
 
 
-@triton.heuristics({"EVEN_K": _even_k})
+@triton.heuristics({"EVEN_K": _even_k,
+                    "CHUNK": lambda a: triton.next_power_of_2(2 * a["BLOCK_J"] * a["M"])})
 @triton.jit
 def vnm_decode_kernel(
     x_ptr, values_ptr, meta_ptr, cols_ptr, bias_ptr, y_ptr,
@@ -137,6 +202,9 @@ def vnm_decode_kernel(
     SELECT_X: tl.constexpr,
     PREFETCH: tl.constexpr,
     BYTE_PERMUTE: tl.constexpr,
+    ONE_DOT: tl.constexpr,
+    X_CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -176,41 +244,46 @@ def vnm_decode_kernel(
             meta, pair_even, pair_odd, words_even, words_odd = _weight_tile(
                 values_ptr, meta_ptr, cols_ptr, offs_n, row_ok, block, j0, half_g, G, QUADS, EVEN_K, BLOCK_J)
         offs_j = j0 + tl.arange(0, BLOCK_J)
-        for h in tl.static_range(2):
-            if h == 0:
-                pair = pair_even
-                words = words_even
-            else:
-                pair = pair_odd
-                words = words_odd
-            nibble = (meta >> (4 * h)) & 15
-            s0 = nibble & 3
-            s1 = nibble >> 2
-            lo = pair.to(half_int)
-            hi = (pair >> HALF_BITS).to(half_int)
-            group = 2 * offs_j + h
-            if USE_DOT:
-                for k in tl.static_range(4):
-                    x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
-                    w_k = slot_weight(lo, hi, s0, s1, k, dtype)
-                    if DOT_IN_FP32:
-                        w_k = w_k.to(tl.float32)
-                        x_k = x_k.to(tl.float32)
-                    acc = tl.dot(w_k, x_k, acc, input_precision=DOT_PRECISION)
-            elif SELECT_X and HALF_BITS == 16:  # each stored value times the activation of its slot
-                x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 0, EVEN_C and EVEN_K)
-                x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 1, EVEN_C and EVEN_K)
-                x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 2, EVEN_C and EVEN_K)
-                x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 3, EVEN_C and EVEN_K)
-                acc3 = _pick_products(acc3, lo.to(dtype, bitcast=True).to(tl.float32),
-                                      hi.to(dtype, bitcast=True).to(tl.float32),
-                                      _bits(x0) | (_bits(x1) << 16), _bits(x2) | (_bits(x3) << 16),
-                                      s0.to(tl.int32), s1.to(tl.int32), dtype, BYTE_PERMUTE, BLOCK_N, BLOCK_J, BLOCK_T)
-            else:  # the same slot split on the FMA units: no padding of the tokens to 16
-                for k in tl.static_range(4):
-                    x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
-                    w_k = slot_weight(lo, hi, s0, s1, k, dtype).to(tl.float32)
-                    acc3 += w_k[:, :, None] * x_k.to(tl.float32)[None, :, :]
+        if USE_DOT and ONE_DOT:
+            acc = _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t,
+                                token_ok, j0, M, C, stride_xt, half_int, HALF_BITS, EVEN_C and EVEN_K, X_CHUNK,
+                                CHUNK, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_T, BLOCK_J)
+        else:
+            for h in tl.static_range(2):
+                if h == 0:
+                    pair = pair_even
+                    words = words_even
+                else:
+                    pair = pair_odd
+                    words = words_odd
+                nibble = (meta >> (4 * h)) & 15
+                s0 = nibble & 3
+                s1 = nibble >> 2
+                lo = pair.to(half_int)
+                hi = (pair >> HALF_BITS).to(half_int)
+                group = 2 * offs_j + h
+                if USE_DOT:
+                    for k in tl.static_range(4):
+                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
+                        w_k = slot_weight(lo, hi, s0, s1, k, dtype)
+                        if DOT_IN_FP32:
+                            w_k = w_k.to(tl.float32)
+                            x_k = x_k.to(tl.float32)
+                        acc = tl.dot(w_k, x_k, acc, input_precision=DOT_PRECISION)
+                elif SELECT_X and HALF_BITS == 16:  # each stored value times the activation of its slot
+                    x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 0, EVEN_C and EVEN_K)
+                    x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 1, EVEN_C and EVEN_K)
+                    x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 2, EVEN_C and EVEN_K)
+                    x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 3, EVEN_C and EVEN_K)
+                    acc3 = _pick_products(acc3, lo.to(dtype, bitcast=True).to(tl.float32),
+                                          hi.to(dtype, bitcast=True).to(tl.float32),
+                                          _bits(x0) | (_bits(x1) << 16), _bits(x2) | (_bits(x3) << 16),
+                                          s0.to(tl.int32), s1.to(tl.int32), dtype, BYTE_PERMUTE, BLOCK_N, BLOCK_J, BLOCK_T)
+                else:  # the same slot split on the FMA units: no padding of the tokens to 16
+                    for k in tl.static_range(4):
+                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
+                        w_k = slot_weight(lo, hi, s0, s1, k, dtype).to(tl.float32)
+                        acc3 += w_k[:, :, None] * x_k.to(tl.float32)[None, :, :]
 
         if PREFETCH:
             meta, pair_even, pair_odd, words_even, words_odd = (
@@ -262,6 +335,7 @@ def launch_decode(
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_N"]), split_k, triton.cdiv(tokens, meta["BLOCK_T"]))
 
+    config = {"ONE_DOT": False, "X_CHUNK": False, **config}
     kernel[grid](
         x, pairs, metadata, words, bias if bias is not None else x, y,
         rows, in_features, tokens, groups, m, x.stride(0), token_bucket(tokens),
