@@ -38,13 +38,13 @@ def _add(a, b):  # tl.sum's combine function; tl.sum itself is a helper the inte
 
 
 @triton.jit
-def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k: tl.constexpr, IN_BOUNDS: tl.constexpr):
+def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, k: tl.constexpr, IN_BOUNDS: tl.constexpr):
     """[BLOCK_J, BLOCK_T] activations of slot k of the groups (their k-th kept channel)."""
     channel = group * M + ((words >> (8 * k)) & 0xFF)
     x_mask = token_ok[None, :]
     if not IN_BOUNDS:  # padding columns, or groups past the end
         x_mask = x_mask & (channel < C)[:, None]
-    return tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+    return tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None] * stride_xc, mask=x_mask, other=0.0)
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def _group_slot_order(slot0, slot1, slot2, slot3):
 
 @triton.jit
 def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t, token_ok, j0, M, C,
-                  stride_xt, half_int, HALF_BITS: tl.constexpr, IN_BOUNDS: tl.constexpr, X_CHUNK: tl.constexpr,
+                  stride_xt, stride_xc, half_int, HALF_BITS: tl.constexpr, IN_BOUNDS: tl.constexpr, X_CHUNK: tl.constexpr,
                   CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
     """acc + the tile's product on the tensor cores as one dot over its 8 BLOCK_J kept channels: the
@@ -166,7 +166,7 @@ def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, 
     if X_CHUNK:  # the activations of all the tile's channels (contiguous loads), then a gather in registers
         base = 2 * j0 * M
         offs_c = base + tl.arange(0, CHUNK)
-        chunk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_c[None, :],
+        chunk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_c[None, :] * stride_xc,
                         mask=token_ok[:, None] & (offs_c < C)[None, :] & (offs_c < base + 2 * BLOCK_J * M)[None, :],
                         other=0.0)
         index = tl.broadcast_to((channel - base)[None, :], (BLOCK_T, 8 * BLOCK_J))
@@ -175,7 +175,7 @@ def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, 
         x_mask = token_ok[None, :]
         if not IN_BOUNDS:
             x_mask = x_mask & (channel < C)[:, None]
-        x = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+        x = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None] * stride_xc, mask=x_mask, other=0.0)
     if DOT_IN_FP32:
         w = w.to(tl.float32)
         x = x.to(tl.float32)
@@ -191,7 +191,7 @@ def _even_k(args) -> bool:
 @triton.jit
 def vnm_decode_kernel(
     x_ptr, values_ptr, meta_ptr, cols_ptr, bias_ptr, y_ptr,
-    R, C, T, G, M, stride_xt,
+    R, C, T, G, M, stride_xt, stride_xc,
     TOKEN_BUCKET,  # only an autotuning key: T rounded up to a power of two
     V: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -246,7 +246,7 @@ def vnm_decode_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_J)
         if USE_DOT and ONE_DOT:
             acc = _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t,
-                                token_ok, j0, M, C, stride_xt, half_int, HALF_BITS, EVEN_C and EVEN_K, X_CHUNK,
+                                token_ok, j0, M, C, stride_xt, stride_xc, half_int, HALF_BITS, EVEN_C and EVEN_K, X_CHUNK,
                                 CHUNK, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_T, BLOCK_J)
         else:
             for h in tl.static_range(2):
@@ -264,24 +264,24 @@ def vnm_decode_kernel(
                 group = 2 * offs_j + h
                 if USE_DOT:
                     for k in tl.static_range(4):
-                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
+                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, k, EVEN_C and EVEN_K)
                         w_k = slot_weight(lo, hi, s0, s1, k, dtype)
                         if DOT_IN_FP32:
                             w_k = w_k.to(tl.float32)
                             x_k = x_k.to(tl.float32)
                         acc = tl.dot(w_k, x_k, acc, input_precision=DOT_PRECISION)
                 elif SELECT_X and HALF_BITS == 16:  # each stored value times the activation of its slot
-                    x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 0, EVEN_C and EVEN_K)
-                    x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 1, EVEN_C and EVEN_K)
-                    x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 2, EVEN_C and EVEN_K)
-                    x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 3, EVEN_C and EVEN_K)
+                    x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 0, EVEN_C and EVEN_K)
+                    x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 1, EVEN_C and EVEN_K)
+                    x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 2, EVEN_C and EVEN_K)
+                    x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 3, EVEN_C and EVEN_K)
                     acc3 = _pick_products(acc3, lo.to(dtype, bitcast=True).to(tl.float32),
                                           hi.to(dtype, bitcast=True).to(tl.float32),
                                           _bits(x0) | (_bits(x1) << 16), _bits(x2) | (_bits(x3) << 16),
                                           s0.to(tl.int32), s1.to(tl.int32), dtype, BYTE_PERMUTE, BLOCK_N, BLOCK_J, BLOCK_T)
                 else:  # the same slot split on the FMA units: no padding of the tokens to 16
                     for k in tl.static_range(4):
-                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
+                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, k, EVEN_C and EVEN_K)
                         w_k = slot_weight(lo, hi, s0, s1, k, dtype).to(tl.float32)
                         acc3 += w_k[:, :, None] * x_k.to(tl.float32)[None, :, :]
 
@@ -338,7 +338,7 @@ def launch_decode(
     config = {"ONE_DOT": False, "X_CHUNK": False, **config}
     kernel[grid](
         x, pairs, metadata, words, bias if bias is not None else x, y,
-        rows, in_features, tokens, groups, m, x.stride(0), token_bucket(tokens),
+        rows, in_features, tokens, groups, m, x.stride(0), x.stride(1), token_bucket(tokens),
         V=v, HAS_BIAS=bias is not None, QUADS=quads, HALF_BITS=8 * values.element_size(), SPLIT_K=split_k,
         EVEN_C=in_features == groups * m,
         DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),
