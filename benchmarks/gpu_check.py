@@ -133,15 +133,12 @@ PICK_SHAPES = [(8, 64, 1, 4), (16, 64, 1, 4), (16, 64, 1, 2), (8, 32, 1, 1), (16
                (8, 64, 1, 2), (4, 256, 1, 2)]
 DECODE_CONFIGS = BASELINE_DECODE + [
     (bn, bj, sk, warps, 4, False, True, prefetch) for bn, bj, sk, warps in PICK_SHAPES for prefetch in (False, True)]
-# round 14: 2-16 tokens on the tensor cores as one dot a tile over its kept channels, the 2:4 pairs
-# expanded in registers by joins (one_dot), activations gathered per element or, with x_chunk, loaded
-# for all the tile's channels and gathered in registers: (..., one_dot, x_chunk). Round 15: the
-# winners' neighbourhood (prefetch, 8 warps, split-K up to 8), each also on a channel-major x.T.
-ONE_DOT_SHAPES = [(64, bj, sk, w) for bj in (16, 32, 64) for sk in (1, 2, 4, 8) for w in (4, 8)] + [
+# rounds 14-15: 4-16 tokens on the tensor cores as one dot a tile over its kept channels (the 2:4
+# pairs expanded in registers by joins), 64 or 32 rows, split-K up to 8, 4 or 8 warps, prefetch
+DOT_SHAPES = [(64, bj, sk, w) for bj in (16, 32, 64) for sk in (1, 2, 4, 8) for w in (4, 8)] + [
     (32, bj, sk, 4) for bj in (16, 32) for sk in (2, 4)]
-DECODE_CONFIGS = [cfg + (False, False) for cfg in DECODE_CONFIGS] + [
-    (bn, bj, sk, warps, 3, True, False, prefetch, True, False) for bn, bj, sk, warps in ONE_DOT_SHAPES
-    for prefetch in (False, True) if prefetch or bn == 32]
+DECODE_CONFIGS += [(bn, bj, sk, warps, 3, True, False, prefetch) for bn, bj, sk, warps in DOT_SHAPES
+                   for prefetch in (False, True) if prefetch or bn == 32]
 
 
 # round 6: the prefill kernel on few tokens, x read in place (row-major, no transpose), streaming the
@@ -170,11 +167,11 @@ def run_prefill(layout, cfg, expanded, bias=None, out=None):
 
 
 def run_decode(x, weight, cfg, out=None):
-    bn, bj, split_k, warps, stages, use_dot, select_x, prefetch, one_dot, x_chunk = cfg
+    bn, bj, split_k, warps, stages, use_dot, select_x, prefetch = cfg
     block_t = 16 if use_dot else min(16, triton.next_power_of_2(x.shape[0]))
     return launch_decode(KERNEL, x, weight.values, weight.columns, weight.metadata, None, weight.v, weight.m,
                          weight.in_features, split_k=split_k, out=out, USE_DOT=use_dot, SELECT_X=select_x,
-                         PREFETCH=prefetch, ONE_DOT=one_dot, X_CHUNK=x_chunk,
+                         PREFETCH=prefetch,
                          BLOCK_N=bn, BLOCK_T=block_t, BLOCK_J=bj, num_warps=warps, num_stages=stages)
 
 
@@ -277,17 +274,15 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
             lambda y: run_prefill(layout, cfg, expanded, out=y),
             lambda: graph_ms([lambda e=e: run_prefill(layout, cfg, e) for e in expanded_copies]),
             x, weight, rows, dtype, expanded.nbytes)
-    x_channel_major = transpose(x).t()  # [T, C] with strides (1, T): x.T as its producer would write it
     for cfg in DECODE_CONFIGS:
         if not fits(cfg, v) or not decode_fits(cfg, tokens):
             continue
-        body = ('dot1c' if cfg[9] else 'dot1') if cfg[8] else 'dot' if cfg[5] else 'prmt' if cfg[6] else 'fma'
+        body = 'dot' if cfg[5] else 'prmt' if cfg[6] else 'fma'
         name = f"{body}{' pf' if cfg[7] else ''} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
-        for layout_name, xs in (("", x), (" cmx", x_channel_major)) if cfg[8] and tokens > 1 else (("", x),):
-            entry["variants"][name + layout_name] = measure(
-                lambda y: run_decode(xs, weight, cfg, out=y),
-                lambda: graph_ms([lambda w=w: run_decode(xs, w, cfg) for w in weights]), x, weight, rows, dtype,
-                weight.nbytes)
+        entry["variants"][name] = measure(
+            lambda y: run_decode(x, weight, cfg, out=y),
+            lambda: graph_ms([lambda w=w: run_decode(x, w, cfg) for w in weights]), x, weight, rows, dtype,
+            weight.nbytes)
     dense_ms = entry["dense_ms"]
     log(f"\n{key}: dense {dense_ms*1e3:.1f}us ({entry['dense_bytes']/dense_ms/1e6:.0f} GB/s), "
         f"compressed {weight.nbytes/2**20:.1f} MiB")
@@ -318,8 +313,7 @@ def best_variants_of(results):
             body, *parts = name.split()
             bn, bj, sk, w, st = (int(part[2:] if part[:2] in ("bn", "bj", "sk") else part[1:])
                                  for part in parts if part != "pf")
-            spec.append([kind, case, "", [bn, bj, sk, w, st, body.startswith("dot"), body == "prmt", "pf" in parts,
-                                          body.startswith("dot1"), body == "dot1c"]])
+            spec.append([kind, case, "", [bn, bj, sk, w, st, body == "dot", body == "prmt", "pf" in parts]])
     log("profiling", spec)
     return spec
 

@@ -231,18 +231,24 @@ def test_gpu_paths_awkward_shapes(kernels, untuned, path, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path,block_t,block_j,use_dot,select_x,prefetch", [
-    ("decode", 1, 32, False, False, False), ("decode", 1, 32, False, True, False), ("decode", 1, 256, False, True, False),
-    ("decode", 1, 64, False, True, True), ("decode", 4, 32, False, False, True), ("decode", 2, 32, False, True, True),
-    ("decode", 4, 64, False, True, False), ("decode", 16, 32, True, False, False), ("decode_split", 2, 32, False, False, False),
-    ("decode_split", 1, 32, False, True, True)])
+@pytest.mark.parametrize("path,block_n,block_t,block_j,use_dot,select_x,prefetch", [
+    ("decode", 16, 1, 32, False, False, False), ("decode", 16, 1, 32, False, True, False),
+    ("decode", 16, 1, 256, False, True, False), ("decode", 16, 1, 64, False, True, True),
+    ("decode", 16, 4, 32, False, False, True), ("decode", 16, 2, 32, False, True, True),
+    ("decode", 16, 4, 64, False, True, False), ("decode", 16, 16, 32, True, False, False),
+    ("decode_split", 16, 2, 32, False, False, False), ("decode_split", 16, 1, 32, False, True, True),
+    ("decode_split", 64, 16, 32, True, False, True), ("decode", 32, 16, 16, True, False, True)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_decode_variants(kernels, path, block_t, block_j, use_dot, select_x, prefetch, dtype):
-    """The decode bodies on real sizes, the byte-permute pick (select_x) in both 16-bit dtypes."""
+def test_gpu_decode_variants(kernels, path, block_n, block_t, block_j, use_dot, select_x, prefetch, dtype):
+    """The decode bodies on real sizes, the byte-permute pick (select_x) in both 16-bit dtypes, the
+    tensor-core body with 64-row tiles (wgmma) and 32-row tiles."""
     decode = kernels["decode"]
-    for rows, cols, v, m, tokens in [(4096, 4096, 64, 8, block_t), (11008, 4096, 64, 16, 1), (768, 3077, 32, 6, 2)]:
+    for rows, cols, v, m, tokens in [(4096, 4096, 64, 8, block_t), (11008, 4096, 64, 16, 1), (768, 3077, 32, 6, 2),
+                                     (4096, 4100, 64, 5, 13)]:
+        if block_n > v:
+            continue
         weight, x, bias, ref = make_case(rows, cols, v, m, tokens, dtype, seed=cols)
-        y = run_path(kernels, path, weight, x, bias, decode.vnm_decode_kernel, BLOCK_N=16, BLOCK_T=block_t,
+        y = run_path(kernels, path, weight, x, bias, decode.vnm_decode_kernel, BLOCK_N=block_n, BLOCK_T=block_t,
                      BLOCK_J=block_j, USE_DOT=use_dot, SELECT_X=select_x, PREFETCH=prefetch)
         assert relative_error(y, ref) < TOLERANCE[dtype], (rows, cols, tokens)
 

@@ -10,12 +10,14 @@ of a short row, and the loads in flight set the bandwidth).
 
 Three bodies multiply a tile. The product over a group's 4 kept columns split by slot,
     y[n, t] += sum_k W_k[n, g] * x[t, g*M + columns[b, g, k]],   k = 0..3,
-where W_k[n, g] is the value row n keeps in slot k, or 0 (an elementwise select), runs on the
-tensor cores with USE_DOT (each slot's [BLOCK_N, pairs] x [pairs, 16] product, tokens padded to
-16), or on the FMA units with a [BLOCK_N, BLOCK_J, BLOCK_T] accumulator summed once at the end.
-SELECT_X (16-bit weights) instead multiplies each of the 2 stored values by the activation of its
-slot: the group's 4 activations (shared by the row block, L1/L2 hits: x is small) are packed into
-two 32-bit words, and one prmt byte permute picks both values' activations; 1-4 tokens.
+where W_k[n, g] is the value row n keeps in slot k, or 0 (an elementwise select), runs on the FMA
+units with a [BLOCK_N, BLOCK_J, BLOCK_T] accumulator summed once at the end, or, with USE_DOT, on
+the tensor cores (tokens padded to 16) as one dot a tile: the W_k of its groups joined into
+[BLOCK_N, 8 BLOCK_J] in (group, slot) order, times the activations of those kept channels
+gathered in the same order. SELECT_X (16-bit weights) instead multiplies each of the 2 stored
+values by the activation of its slot: the group's 4 activations (shared by the row block, L1/L2
+hits: x is small) are packed into two 32-bit words, and one prmt byte permute picks both values'
+activations; 1-4 tokens.
 
 SPLIT_K > 1 splits the groups over program_id(1) and adds fp32 partial sums with atomics into a
 zeroed fp32 output, for shapes with too few row tiles to fill the GPU.
@@ -38,13 +40,13 @@ def _add(a, b):  # tl.sum's combine function; tl.sum itself is a helper the inte
 
 
 @triton.jit
-def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, k: tl.constexpr, IN_BOUNDS: tl.constexpr):
+def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k: tl.constexpr, IN_BOUNDS: tl.constexpr):
     """[BLOCK_J, BLOCK_T] activations of slot k of the groups (their k-th kept channel)."""
     channel = group * M + ((words >> (8 * k)) & 0xFF)
     x_mask = token_ok[None, :]
     if not IN_BOUNDS:  # padding columns, or groups past the end
         x_mask = x_mask & (channel < C)[:, None]
-    return tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None] * stride_xc, mask=x_mask, other=0.0)
+    return tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
 
 
 @triton.jit
@@ -127,17 +129,22 @@ def _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s
 
 
 @triton.jit
+def _channel_of_pairs(first_channel, M, words_even, words_odd, k: tl.constexpr):
+    """[BLOCK_J, 2]: the input channel kept in slot k of the even and the odd group of each pair."""
+    return tl.join(first_channel + ((words_even >> (8 * k)) & 0xFF), first_channel + M + ((words_odd >> (8 * k)) & 0xFF))
+
+
+@triton.jit
 def _group_slot_order(slot0, slot1, slot2, slot3):
-    """Per-slot tensors [..., BLOCK_J, 2] (index j, h: group 2j + h) joined to [..., BLOCK_J, 2, 2, 2], whose
-    flattening is in (group, slot) order: the last two dims are i, s with slot 2i + s."""
+    """Per-slot tensors [..., BLOCK_J, 2] (j, h: group 2j + h) joined so that their flattening runs in
+    (group, slot) order: joins append a dim, and the last-appended one varies fastest."""
     return tl.join(tl.join(slot0, slot2), tl.join(slot1, slot3))
 
 
 @triton.jit
-def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t, token_ok, j0, M, C,
-                  stride_xt, stride_xc, half_int, HALF_BITS: tl.constexpr, IN_BOUNDS: tl.constexpr, X_CHUNK: tl.constexpr,
-                  CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t, token_ok, M, C,
+                  stride_xt, half_int, HALF_BITS: tl.constexpr, IN_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
     """acc + the tile's product on the tensor cores as one dot over its 8 BLOCK_J kept channels: the
     2:4 pairs expanded to their 4 slots in registers (joins: each thread's slots stay its own, no
     layout shuffle), the activations of those channels gathered in the same order."""
@@ -156,26 +163,17 @@ def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, 
         _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 2, dtype),
         _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 3, dtype),
     ).reshape(BLOCK_N, 8 * BLOCK_J)
-    even = 2 * offs_j * M
+    first_channel = 2 * offs_j * M
     channel = _group_slot_order(
-        tl.join(even + (words_even & 0xFF), even + M + (words_odd & 0xFF)),
-        tl.join(even + ((words_even >> 8) & 0xFF), even + M + ((words_odd >> 8) & 0xFF)),
-        tl.join(even + ((words_even >> 16) & 0xFF), even + M + ((words_odd >> 16) & 0xFF)),
-        tl.join(even + ((words_even >> 24) & 0xFF), even + M + ((words_odd >> 24) & 0xFF)),
+        _channel_of_pairs(first_channel, M, words_even, words_odd, 0),
+        _channel_of_pairs(first_channel, M, words_even, words_odd, 1),
+        _channel_of_pairs(first_channel, M, words_even, words_odd, 2),
+        _channel_of_pairs(first_channel, M, words_even, words_odd, 3),
     ).reshape(8 * BLOCK_J)
-    if X_CHUNK:  # the activations of all the tile's channels (contiguous loads), then a gather in registers
-        base = 2 * j0 * M
-        offs_c = base + tl.arange(0, CHUNK)
-        chunk = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_c[None, :] * stride_xc,
-                        mask=token_ok[:, None] & (offs_c < C)[None, :] & (offs_c < base + 2 * BLOCK_J * M)[None, :],
-                        other=0.0)
-        index = tl.broadcast_to((channel - base)[None, :], (BLOCK_T, 8 * BLOCK_J))
-        x = tl.trans(tl.gather(chunk, index, 1))
-    else:
-        x_mask = token_ok[None, :]
-        if not IN_BOUNDS:
-            x_mask = x_mask & (channel < C)[:, None]
-        x = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None] * stride_xc, mask=x_mask, other=0.0)
+    x_mask = token_ok[None, :]
+    if not IN_BOUNDS:  # padding columns, or groups past the end
+        x_mask = x_mask & (channel < C)[:, None]
+    x = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
     if DOT_IN_FP32:
         w = w.to(tl.float32)
         x = x.to(tl.float32)
@@ -186,12 +184,11 @@ def _even_k(args) -> bool:
     return ((args["G"] + 1) // 2) % (args["BLOCK_J"] * args["SPLIT_K"]) == 0 and args["G"] % 2 == 0
 
 
-@triton.heuristics({"EVEN_K": _even_k,
-                    "CHUNK": lambda a: triton.next_power_of_2(2 * a["BLOCK_J"] * a["M"])})
+@triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def vnm_decode_kernel(
     x_ptr, values_ptr, meta_ptr, cols_ptr, bias_ptr, y_ptr,
-    R, C, T, G, M, stride_xt, stride_xc,
+    R, C, T, G, M, stride_xt,
     TOKEN_BUCKET,  # only an autotuning key: T rounded up to a power of two
     V: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -202,9 +199,6 @@ def vnm_decode_kernel(
     SELECT_X: tl.constexpr,
     PREFETCH: tl.constexpr,
     BYTE_PERMUTE: tl.constexpr,
-    ONE_DOT: tl.constexpr,
-    X_CHUNK: tl.constexpr,
-    CHUNK: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -244,10 +238,10 @@ def vnm_decode_kernel(
             meta, pair_even, pair_odd, words_even, words_odd = _weight_tile(
                 values_ptr, meta_ptr, cols_ptr, offs_n, row_ok, block, j0, half_g, G, QUADS, EVEN_K, BLOCK_J)
         offs_j = j0 + tl.arange(0, BLOCK_J)
-        if USE_DOT and ONE_DOT:
+        if USE_DOT:
             acc = _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t,
-                                token_ok, j0, M, C, stride_xt, stride_xc, half_int, HALF_BITS, EVEN_C and EVEN_K, X_CHUNK,
-                                CHUNK, DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_T, BLOCK_J)
+                                token_ok, M, C, stride_xt, half_int, HALF_BITS, EVEN_C and EVEN_K, DOT_PRECISION,
+                                DOT_IN_FP32, BLOCK_N, BLOCK_J)
         else:
             for h in tl.static_range(2):
                 if h == 0:
@@ -262,26 +256,19 @@ def vnm_decode_kernel(
                 lo = pair.to(half_int)
                 hi = (pair >> HALF_BITS).to(half_int)
                 group = 2 * offs_j + h
-                if USE_DOT:
-                    for k in tl.static_range(4):
-                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, k, EVEN_C and EVEN_K)
-                        w_k = slot_weight(lo, hi, s0, s1, k, dtype)
-                        if DOT_IN_FP32:
-                            w_k = w_k.to(tl.float32)
-                            x_k = x_k.to(tl.float32)
-                        acc = tl.dot(w_k, x_k, acc, input_precision=DOT_PRECISION)
-                elif SELECT_X and HALF_BITS == 16:  # each stored value times the activation of its slot
-                    x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 0, EVEN_C and EVEN_K)
-                    x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 1, EVEN_C and EVEN_K)
-                    x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 2, EVEN_C and EVEN_K)
-                    x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 3, EVEN_C and EVEN_K)
+                if SELECT_X and HALF_BITS == 16:  # each stored value times the activation of its slot
+                    x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 0, EVEN_C and EVEN_K)
+                    x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 1, EVEN_C and EVEN_K)
+                    x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 2, EVEN_C and EVEN_K)
+                    x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 3, EVEN_C and EVEN_K)
                     acc3 = _pick_products(acc3, lo.to(dtype, bitcast=True).to(tl.float32),
                                           hi.to(dtype, bitcast=True).to(tl.float32),
                                           _bits(x0) | (_bits(x1) << 16), _bits(x2) | (_bits(x3) << 16),
-                                          s0.to(tl.int32), s1.to(tl.int32), dtype, BYTE_PERMUTE, BLOCK_N, BLOCK_J, BLOCK_T)
-                else:  # the same slot split on the FMA units: no padding of the tokens to 16
+                                          s0.to(tl.int32), s1.to(tl.int32), dtype, BYTE_PERMUTE, BLOCK_N, BLOCK_J,
+                                          BLOCK_T)
+                else:  # each slot's weight selected, on the FMA units: no padding of the tokens to 16
                     for k in tl.static_range(4):
-                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, k, EVEN_C and EVEN_K)
+                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
                         w_k = slot_weight(lo, hi, s0, s1, k, dtype).to(tl.float32)
                         acc3 += w_k[:, :, None] * x_k.to(tl.float32)[None, :, :]
 
@@ -322,6 +309,8 @@ def launch_decode(
     """y [T, R] for row-major x [T, C] (made for T <= BLOCK_T; more tokens take more programs).
 
     `kernel` is vnm_decode_kernel (config: its blocks, USE_DOT) or an autotuned wrapper."""
+    if x.stride(1) != 1:
+        raise ValueError(f"x must be row-major (channel stride 1), got strides {tuple(x.stride())}")
     tokens = x.shape[0]
     rows, groups = values.shape[0], values.shape[1] // 2
     quads = values.element_size() == 2 and groups % 2 == 0
@@ -335,10 +324,9 @@ def launch_decode(
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_N"]), split_k, triton.cdiv(tokens, meta["BLOCK_T"]))
 
-    config = {"ONE_DOT": False, "X_CHUNK": False, **config}
     kernel[grid](
         x, pairs, metadata, words, bias if bias is not None else x, y,
-        rows, in_features, tokens, groups, m, x.stride(0), x.stride(1), token_bucket(tokens),
+        rows, in_features, tokens, groups, m, x.stride(0), token_bucket(tokens),
         V=v, HAS_BIAS=bias is not None, QUADS=quads, HALF_BITS=8 * values.element_size(), SPLIT_K=split_k,
         EVEN_C=in_features == groups * m,
         DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),

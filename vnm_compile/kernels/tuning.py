@@ -64,7 +64,10 @@ DECODE_CONFIGS = [
     for n, j, warps, stages in ((8, 64, 4, 4), (16, 32, 4, 4), (16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 3),
                                 (16, 16, 4, 4), (8, 32, 2, 4))
     if n * j * t <= 64 * 32 * warps
-] + [_decode(64, 16, 32, True, 4, 3), _decode(32, 16, 32, True, 4, 3), _decode(16, 16, 32, True, 4, 3)] + [
+] + [_decode(64, 16, 32, True, 4, 3), _decode(32, 16, 32, True, 4, 3), _decode(16, 16, 32, True, 4, 3),
+      # one dot a tile, next tile prefetched: the 4-16-token winners of rounds 14-15 (with split-K 4)
+      _decode(64, 16, 32, True, 4, 3, prefetch=True), _decode(64, 16, 16, True, 4, 3, prefetch=True),
+      _decode(32, 16, 16, True, 4, 3, prefetch=True)] + [
     # 1-4 tokens: each stored value times its slot's activation, picked by a byte permute; whole
     # rows of group pairs a tile, or the next tile prefetched (benchmarks/NOTES.md, rounds 9-10)
     _decode(n, t, j, False, warps, 4, select_x=True, prefetch=prefetch)
