@@ -54,7 +54,8 @@ ROTATE_BYTES = 180 << 20  # 3x the H200's L2
 DECODE_MAX_TOKENS = 16
 SPLIT_CONFIGS = [tuning._decode(64, 16, 32, True, 4, 3), tuning._decode(16, 4, 32, False, 4, 4),
                  # rounds 14-15: one dot a tile, the next tile prefetched
-                 tuning._decode(64, 16, 32, True, 4, 3, prefetch=True), tuning._decode(32, 16, 16, True, 4, 3, prefetch=True)]
+                 tuning._decode(64, 16, 32, True, 4, 3, prefetch=True),
+                 tuning._decode(32, 16, 16, True, 4, 3, prefetch=True)]
 ROOT = Path(__file__).resolve().parent
 
 

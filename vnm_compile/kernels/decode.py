@@ -131,7 +131,8 @@ def _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s
 @triton.jit
 def _channel_of_pairs(first_channel, M, words_even, words_odd, k: tl.constexpr):
     """[BLOCK_J, 2]: the input channel kept in slot k of the even and the odd group of each pair."""
-    return tl.join(first_channel + ((words_even >> (8 * k)) & 0xFF), first_channel + M + ((words_odd >> (8 * k)) & 0xFF))
+    return tl.join(first_channel + ((words_even >> (8 * k)) & 0xFF),
+                   first_channel + M + ((words_odd >> (8 * k)) & 0xFF))
 
 
 @triton.jit
