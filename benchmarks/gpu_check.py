@@ -135,7 +135,6 @@ DECODE_CONFIGS = BASELINE_DECODE + [
     (bn, bj, sk, warps, 4, False, True, prefetch) for bn, bj, sk, warps in PICK_SHAPES for prefetch in (False, True)]
 # rounds 14-15: 4-16 tokens on the tensor cores as one dot a tile over its kept channels (the 2:4
 # pairs expanded in registers by joins), 64 or 32 rows, split-K up to 8, 4 or 8 warps, prefetch
-# Round 16: the same with the next tile's activations gathered an iteration ahead (x_ahead).
 DOT_SHAPES = [(64, bj, sk, 4) for bj in (16, 32) for sk in (1, 2, 4)] + [
     (32, bj, sk, 4) for bj in (16, 32) for sk in (2, 4)]
 DECODE_CONFIGS += [(bn, bj, sk, warps, 3, True, False, True) for bn, bj, sk, warps in DOT_SHAPES]
@@ -166,12 +165,12 @@ def run_prefill(layout, cfg, expanded, bias=None, out=None):
     )
 
 
-def run_decode(x, weight, cfg, out=None, x_ahead=False):
+def run_decode(x, weight, cfg, out=None):
     bn, bj, split_k, warps, stages, use_dot, select_x, prefetch = cfg
     block_t = 16 if use_dot else min(16, triton.next_power_of_2(x.shape[0]))
     return launch_decode(KERNEL, x, weight.values, weight.columns, weight.metadata, None, weight.v, weight.m,
                          weight.in_features, split_k=split_k, out=out, USE_DOT=use_dot, SELECT_X=select_x,
-                         PREFETCH=prefetch, X_AHEAD=x_ahead,
+                         PREFETCH=prefetch,
                          BLOCK_N=bn, BLOCK_T=block_t, BLOCK_J=bj, num_warps=warps, num_stages=stages)
 
 
@@ -279,11 +278,10 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
             continue
         body = 'dot' if cfg[5] else 'prmt' if cfg[6] else 'fma'
         name = f"{body}{' pf' if cfg[7] else ''} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
-        for ahead in (False, True) if cfg[5] and cfg[7] else (False,):
-            entry["variants"][name + (" ahead" if ahead else "")] = measure(
-                lambda y: run_decode(x, weight, cfg, out=y, x_ahead=ahead),
-                lambda: graph_ms([lambda w=w: run_decode(x, w, cfg, x_ahead=ahead) for w in weights]), x, weight,
-                rows, dtype, weight.nbytes)
+        entry["variants"][name] = measure(
+            lambda y: run_decode(x, weight, cfg, out=y),
+            lambda: graph_ms([lambda w=w: run_decode(x, w, cfg) for w in weights]), x, weight, rows, dtype,
+            weight.nbytes)
     dense_ms = entry["dense_ms"]
     log(f"\n{key}: dense {dense_ms*1e3:.1f}us ({entry['dense_bytes']/dense_ms/1e6:.0f} GB/s), "
         f"compressed {weight.nbytes/2**20:.1f} MiB")

@@ -143,10 +143,13 @@ def _group_slot_order(slot0, slot1, slot2, slot3):
 
 
 @triton.jit
-def _expanded_weights(pair_even, pair_odd, meta, half_int, HALF_BITS: tl.constexpr, dtype: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
-    """[BLOCK_N, 8 BLOCK_J]: the tile's 2:4 pairs expanded to their 4 slots in registers, in (group,
-    slot) order (joins: each thread's slots stay its own, no layout shuffle)."""
+def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t, token_ok, M, C,
+                  stride_xt, half_int, HALF_BITS: tl.constexpr, IN_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """acc + the tile's product on the tensor cores as one dot over its 8 BLOCK_J kept channels: the
+    2:4 pairs expanded to their 4 slots in registers (joins: each thread's slots stay its own, no
+    layout shuffle), the activations of those channels gathered in the same order."""
+    dtype = x_ptr.dtype.element_ty
     lo_even = pair_even.to(half_int)
     hi_even = (pair_even >> HALF_BITS).to(half_int)
     lo_odd = pair_odd.to(half_int)
@@ -155,20 +158,13 @@ def _expanded_weights(pair_even, pair_odd, meta, half_int, HALF_BITS: tl.constex
     s1_even = (meta >> 2) & 3
     s0_odd = (meta >> 4) & 3
     s1_odd = (meta >> 6) & 3
-    return _group_slot_order(
+    w = _group_slot_order(
         _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 0, dtype),
         _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 1, dtype),
         _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 2, dtype),
         _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 3, dtype),
     ).reshape(BLOCK_N, 8 * BLOCK_J)
-
-
-@triton.jit
-def _kept_activations(x_ptr, words_even, words_odd, j0, offs_t, token_ok, M, C, stride_xt, IN_BOUNDS: tl.constexpr,
-                      BLOCK_J: tl.constexpr):
-    """[8 BLOCK_J, BLOCK_T]: the activations of the kept channels of group pairs j0 .. j0 + BLOCK_J, in
-    (group, slot) order."""
-    first_channel = 2 * (j0 + tl.arange(0, BLOCK_J)) * M
+    first_channel = 2 * offs_j * M
     channel = _group_slot_order(
         _channel_of_pairs(first_channel, M, words_even, words_odd, 0),
         _channel_of_pairs(first_channel, M, words_even, words_odd, 1),
@@ -178,7 +174,11 @@ def _kept_activations(x_ptr, words_even, words_odd, j0, offs_t, token_ok, M, C, 
     x_mask = token_ok[None, :]
     if not IN_BOUNDS:  # padding columns, or groups past the end
         x_mask = x_mask & (channel < C)[:, None]
-    return tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+    x = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+    if DOT_IN_FP32:
+        w = w.to(tl.float32)
+        x = x.to(tl.float32)
+    return tl.dot(w, x, acc, input_precision=DOT_PRECISION)
 
 
 def _even_k(args) -> bool:
@@ -200,7 +200,6 @@ def vnm_decode_kernel(
     SELECT_X: tl.constexpr,
     PREFETCH: tl.constexpr,
     BYTE_PERMUTE: tl.constexpr,
-    X_AHEAD: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -229,9 +228,6 @@ def vnm_decode_kernel(
     if PREFETCH:
         meta, pair_even, pair_odd, words_even, words_odd = _weight_tile(
             values_ptr, meta_ptr, cols_ptr, offs_n, row_ok, block, j_start, half_g, G, QUADS, EVEN_K, BLOCK_J)
-        if USE_DOT and X_AHEAD:
-            x_next = _kept_activations(x_ptr, words_even, words_odd, j_start, offs_t, token_ok, M, C, stride_xt,
-                                       EVEN_C and EVEN_K, BLOCK_J)
     for j0 in range(j_start, j_end, BLOCK_J):
         if PREFETCH:  # the next tile's loads are in flight while this one is multiplied
             j_next = j0 + BLOCK_J
@@ -244,19 +240,9 @@ def vnm_decode_kernel(
                 values_ptr, meta_ptr, cols_ptr, offs_n, row_ok, block, j0, half_g, G, QUADS, EVEN_K, BLOCK_J)
         offs_j = j0 + tl.arange(0, BLOCK_J)
         if USE_DOT:
-            if PREFETCH and X_AHEAD:  # gathered an iteration ahead
-                x_tile = x_next
-            else:
-                x_tile = _kept_activations(x_ptr, words_even, words_odd, j0, offs_t, token_ok, M, C, stride_xt,
-                                           EVEN_C and EVEN_K, BLOCK_J)
-            w = _expanded_weights(pair_even, pair_odd, meta, half_int, HALF_BITS, dtype, BLOCK_N, BLOCK_J)
-            if PREFETCH and X_AHEAD:
-                x_next = _kept_activations(x_ptr, next_words_even, next_words_odd, j_next, offs_t, token_ok, M, C,
-                                           stride_xt, EVEN_C and EVEN_K, BLOCK_J)
-            if DOT_IN_FP32:
-                w = w.to(tl.float32)
-                x_tile = x_tile.to(tl.float32)
-            acc = tl.dot(w, x_tile, acc, input_precision=DOT_PRECISION)
+            acc = _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t,
+                                token_ok, M, C, stride_xt, half_int, HALF_BITS, EVEN_C and EVEN_K, DOT_PRECISION,
+                                DOT_IN_FP32, BLOCK_N, BLOCK_J)
         else:
             for h in tl.static_range(2):
                 if h == 0:
@@ -339,7 +325,6 @@ def launch_decode(
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_N"]), split_k, triton.cdiv(tokens, meta["BLOCK_T"]))
 
-    config = {"X_AHEAD": False, **config}
     kernel[grid](
         x, pairs, metadata, words, bias if bias is not None else x, y,
         rows, in_features, tokens, groups, m, x.stride(0), token_bucket(tokens),
