@@ -138,6 +138,14 @@ DECODE_CONFIGS = BASELINE_DECODE + [
 DOT_SHAPES = [(64, bj, sk, 4) for bj in (16, 32) for sk in (1, 2, 4)] + [
     (32, bj, sk, 4) for bj in (16, 32) for sk in (2, 4)]
 DECODE_CONFIGS += [(bn, bj, sk, warps, 3, True, False, True) for bn, bj, sk, warps in DOT_SHAPES]
+# round 17: the winners under a register cap (maxnreg), for more programs an SM: (config, cap)
+CAPPED_DECODE = [((4, 256, 1, 4, 4, False, True, False), cap) for cap in (64, 56)] + [
+    ((4, 128, 1, 4, 4, False, True, False), cap) for cap in (64, 56)] + [
+    ((4, 64, 1, 1, 4, False, True, False), 64), ((16, 64, 1, 4, 4, False, True, True), 168),
+    ((16, 64, 1, 4, 4, False, True, True), 128), ((16, 32, 1, 2, 4, False, True, False), 128),
+    ((64, 32, 4, 4, 3, True, False, True), 168), ((64, 32, 4, 4, 3, True, False, True), 128),
+    ((64, 16, 4, 4, 3, True, False, True), 128), ((32, 16, 4, 4, 3, True, False, True), 96),
+    ((32, 16, 4, 4, 3, True, False, True), 80)]
 
 
 # round 6: the prefill kernel on few tokens, x read in place (row-major, no transpose), streaming the
@@ -165,13 +173,14 @@ def run_prefill(layout, cfg, expanded, bias=None, out=None):
     )
 
 
-def run_decode(x, weight, cfg, out=None):
+def run_decode(x, weight, cfg, out=None, maxnreg=None):
     bn, bj, split_k, warps, stages, use_dot, select_x, prefetch = cfg
+    cap = {} if maxnreg is None else {"maxnreg": maxnreg}
     block_t = 16 if use_dot else min(16, triton.next_power_of_2(x.shape[0]))
     return launch_decode(KERNEL, x, weight.values, weight.columns, weight.metadata, None, weight.v, weight.m,
                          weight.in_features, split_k=split_k, out=out, USE_DOT=use_dot, SELECT_X=select_x,
                          PREFETCH=prefetch,
-                         BLOCK_N=bn, BLOCK_T=block_t, BLOCK_J=bj, num_warps=warps, num_stages=stages)
+                         BLOCK_N=bn, BLOCK_T=block_t, BLOCK_J=bj, num_warps=warps, num_stages=stages, **cap)
 
 
 def decode_fits(cfg, tokens):
@@ -273,15 +282,15 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
             lambda y: run_prefill(layout, cfg, expanded, out=y),
             lambda: graph_ms([lambda e=e: run_prefill(layout, cfg, e) for e in expanded_copies]),
             x, weight, rows, dtype, expanded.nbytes)
-    for cfg in DECODE_CONFIGS:
+    for cfg, cap in [(cfg, None) for cfg in DECODE_CONFIGS] + CAPPED_DECODE:
         if not fits(cfg, v) or not decode_fits(cfg, tokens):
             continue
         body = 'dot' if cfg[5] else 'prmt' if cfg[6] else 'fma'
         name = f"{body}{' pf' if cfg[7] else ''} bn{cfg[0]} bj{cfg[1]} sk{cfg[2]} w{cfg[3]} s{cfg[4]}"
-        entry["variants"][name] = measure(
-            lambda y: run_decode(x, weight, cfg, out=y),
-            lambda: graph_ms([lambda w=w: run_decode(x, w, cfg) for w in weights]), x, weight, rows, dtype,
-            weight.nbytes)
+        entry["variants"][name + (f" r{cap}" if cap else "")] = measure(
+            lambda y: run_decode(x, weight, cfg, out=y, maxnreg=cap),
+            lambda: graph_ms([lambda w=w: run_decode(x, w, cfg, maxnreg=cap) for w in weights]), x, weight, rows,
+            dtype, weight.nbytes)
     dense_ms = entry["dense_ms"]
     log(f"\n{key}: dense {dense_ms*1e3:.1f}us ({entry['dense_bytes']/dense_ms/1e6:.0f} GB/s), "
         f"compressed {weight.nbytes/2**20:.1f} MiB")
