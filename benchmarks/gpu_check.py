@@ -133,8 +133,9 @@ PICK_SHAPES = [(8, 64, 1, 4), (16, 64, 1, 4), (16, 64, 1, 2), (8, 32, 1, 1), (16
                (8, 64, 1, 2), (4, 256, 1, 2)]
 DECODE_CONFIGS = BASELINE_DECODE + [
     (bn, bj, sk, warps, 4, False, True, prefetch) for bn, bj, sk, warps in PICK_SHAPES for prefetch in (False, True)]
-# rounds 14-15: 4-16 tokens on the tensor cores as one dot a tile over its kept channels (the 2:4
-# pairs expanded in registers by joins), 64 or 32 rows, split-K up to 8, 4 or 8 warps, prefetch
+# rounds 14-16: 4-16 tokens on the tensor cores as one dot a tile over its kept channels (the 2:4
+# pairs expanded in registers by joins), 64 or 32 rows, split-K 1-4, prefetch (round 15 also timed
+# 8 warps and split-K 8: slower)
 DOT_SHAPES = [(64, bj, sk, 4) for bj in (16, 32) for sk in (1, 2, 4)] + [
     (32, bj, sk, 4) for bj in (16, 32) for sk in (2, 4)]
 DECODE_CONFIGS += [(bn, bj, sk, warps, 3, True, False, True) for bn, bj, sk, warps in DOT_SHAPES]
