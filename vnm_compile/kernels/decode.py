@@ -40,13 +40,32 @@ def _add(a, b):  # tl.sum's combine function; tl.sum itself is a helper the inte
 
 
 @triton.jit
-def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k: tl.constexpr, IN_BOUNDS: tl.constexpr):
-    """[BLOCK_J, BLOCK_T] activations of slot k of the groups (their k-th kept channel)."""
-    channel = group * M + ((words >> (8 * k)) & 0xFF)
+def _kept_channel(words, group, M, k: tl.constexpr):
+    """The input channel kept in slot k of each group (its column word holds the 4 slots' bytes)."""
+    return group * M + ((words >> (8 * k)) & 0xFF)
+
+
+@triton.jit
+def _gather_x(x_ptr, channel, C, offs_t, token_ok, stride_xt, IN_BOUNDS: tl.constexpr):
+    """[len(channel), BLOCK_T]: the activations of the given input channels."""
     x_mask = token_ok[None, :]
     if not IN_BOUNDS:  # padding columns, or groups past the end
         x_mask = x_mask & (channel < C)[:, None]
     return tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+
+
+@triton.jit
+def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k: tl.constexpr, IN_BOUNDS: tl.constexpr):
+    """[BLOCK_J, BLOCK_T] activations of slot k of the groups (their k-th kept channel)."""
+    return _gather_x(x_ptr, _kept_channel(words, group, M, k), C, offs_t, token_ok, stride_xt, IN_BOUNDS)
+
+
+@triton.jit
+def _unpack_group(pair, meta, h: tl.constexpr, half_int, HALF_BITS: tl.constexpr):
+    """The two stored values' bits (lo, hi) of group h (0: even, 1: odd) of each pair, and their slots
+    (s0, s1) from its metadata nibble."""
+    nibble = (meta >> (4 * h)) & 15
+    return pair.to(half_int), (pair >> HALF_BITS).to(half_int), nibble & 3, nibble >> 2
 
 
 @triton.jit
@@ -129,10 +148,9 @@ def _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s
 
 
 @triton.jit
-def _channel_of_pairs(first_channel, M, words_even, words_odd, k: tl.constexpr):
+def _channel_of_pairs(even_group, M, words_even, words_odd, k: tl.constexpr):
     """[BLOCK_J, 2]: the input channel kept in slot k of the even and the odd group of each pair."""
-    return tl.join(first_channel + ((words_even >> (8 * k)) & 0xFF),
-                   first_channel + M + ((words_odd >> (8 * k)) & 0xFF))
+    return tl.join(_kept_channel(words_even, even_group, M, k), _kept_channel(words_odd, even_group + 1, M, k))
 
 
 @triton.jit
@@ -150,31 +168,22 @@ def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, 
     2:4 pairs expanded to their 4 slots in registers (joins: each thread's slots stay its own, no
     layout shuffle), the activations of those channels gathered in the same order."""
     dtype = x_ptr.dtype.element_ty
-    lo_even = pair_even.to(half_int)
-    hi_even = (pair_even >> HALF_BITS).to(half_int)
-    lo_odd = pair_odd.to(half_int)
-    hi_odd = (pair_odd >> HALF_BITS).to(half_int)
-    s0_even = meta & 3
-    s1_even = (meta >> 2) & 3
-    s0_odd = (meta >> 4) & 3
-    s1_odd = (meta >> 6) & 3
+    lo_even, hi_even, s0_even, s1_even = _unpack_group(pair_even, meta, 0, half_int, HALF_BITS)
+    lo_odd, hi_odd, s0_odd, s1_odd = _unpack_group(pair_odd, meta, 1, half_int, HALF_BITS)
     w = _group_slot_order(
         _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 0, dtype),
         _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 1, dtype),
         _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 2, dtype),
         _slot_of_pairs(lo_even, hi_even, s0_even, s1_even, lo_odd, hi_odd, s0_odd, s1_odd, 3, dtype),
     ).reshape(BLOCK_N, 8 * BLOCK_J)
-    first_channel = 2 * offs_j * M
+    even_group = 2 * offs_j
     channel = _group_slot_order(
-        _channel_of_pairs(first_channel, M, words_even, words_odd, 0),
-        _channel_of_pairs(first_channel, M, words_even, words_odd, 1),
-        _channel_of_pairs(first_channel, M, words_even, words_odd, 2),
-        _channel_of_pairs(first_channel, M, words_even, words_odd, 3),
+        _channel_of_pairs(even_group, M, words_even, words_odd, 0),
+        _channel_of_pairs(even_group, M, words_even, words_odd, 1),
+        _channel_of_pairs(even_group, M, words_even, words_odd, 2),
+        _channel_of_pairs(even_group, M, words_even, words_odd, 3),
     ).reshape(8 * BLOCK_J)
-    x_mask = token_ok[None, :]
-    if not IN_BOUNDS:  # padding columns, or groups past the end
-        x_mask = x_mask & (channel < C)[:, None]
-    x = tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+    x = _gather_x(x_ptr, channel, C, offs_t, token_ok, stride_xt, IN_BOUNDS)
     if DOT_IN_FP32:
         w = w.to(tl.float32)
         x = x.to(tl.float32)
@@ -251,11 +260,7 @@ def vnm_decode_kernel(
                 else:
                     pair = pair_odd
                     words = words_odd
-                nibble = (meta >> (4 * h)) & 15
-                s0 = nibble & 3
-                s1 = nibble >> 2
-                lo = pair.to(half_int)
-                hi = (pair >> HALF_BITS).to(half_int)
+                lo, hi, s0, s1 = _unpack_group(pair, meta, h, half_int, HALF_BITS)
                 group = 2 * offs_j + h
                 if SELECT_X and HALF_BITS == 16:  # each stored value times the activation of its slot
                     x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 0, EVEN_C and EVEN_K)
