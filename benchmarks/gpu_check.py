@@ -28,6 +28,7 @@ if "--smoke" in sys.argv:  # CPU dry run of this script under the Triton interpr
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from triton.testing import do_bench
 
 from vnm_compile.format import VNMWeight
@@ -160,6 +161,55 @@ ROWX_CONFIGS = [
 ]
 
 
+@triton.jit
+def _sum(a, b):
+    return a + b
+
+
+@triton.jit
+def loads_only_kernel(x_ptr, values_ptr, meta_ptr, cols_ptr, y_ptr, G, M, BLOCK_N: tl.constexpr,
+                      BLOCK_J: tl.constexpr, GATHER_X: tl.constexpr):
+    """The decode kernel's loads and nothing else: each row tile's 64-bit value quads, metadata bytes
+    and the row block's column words (and, with GATHER_X, the 8 activations of each group pair's kept
+    channels, one token), combined by integer adds so that no load is dead. Its time is what the
+    decode kernel's access pattern costs before any 2:4 work (round 18)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    block = (tl.program_id(0) * BLOCK_N) // 64
+    half_g = (G + 1) // 2
+    acc = tl.zeros((BLOCK_N, BLOCK_J), tl.int32)
+    for j0 in range(0, half_g, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = offs_j < half_g
+        quad = tl.load(values_ptr + offs_n[:, None] * half_g + offs_j[None, :], mask=j_ok[None, :], other=0)
+        meta = tl.load(meta_ptr + offs_n[:, None] * half_g + offs_j[None, :], mask=j_ok[None, :], other=0)
+        acc += (quad.to(tl.int32) ^ (quad >> 32).to(tl.int32)) + meta.to(tl.int32)
+        words_even = tl.load(cols_ptr + block * G + 2 * offs_j, mask=j_ok, other=0)
+        words_odd = tl.load(cols_ptr + block * G + 2 * offs_j + 1, mask=j_ok, other=0)
+        if GATHER_X:
+            for k in tl.static_range(4):
+                x_even = tl.load(x_ptr + 2 * offs_j * M + ((words_even >> (8 * k)) & 0xFF), mask=j_ok, other=0)
+                x_odd = tl.load(x_ptr + (2 * offs_j + 1) * M + ((words_odd >> (8 * k)) & 0xFF), mask=j_ok, other=0)
+                acc += (x_even.to(tl.int16, bitcast=True).to(tl.int32)
+                        ^ x_odd.to(tl.int16, bitcast=True).to(tl.int32))[None, :]
+        else:
+            acc += (words_even ^ words_odd)[None, :]
+    tl.store(y_ptr + offs_n, tl.reduce(acc, 1, _sum))
+
+
+# (BLOCK_N, BLOCK_J, num_warps) of the one-token picks; R must be a multiple of BLOCK_N
+LOADS_ONLY_TILES = [(4, 128, 4), (4, 64, 1), (8, 128, 4), (4, 128, 2)]
+
+
+def run_loads_only(x, weight, tile, gather_x):
+    bn, bj, warps = tile
+    rows = weight.values.shape[0]
+    y = torch.empty(rows, dtype=torch.int32, device=x.device)
+    loads_only_kernel[(rows // bn,)](x, weight.values.view(torch.int64), weight.metadata,
+                                     weight.columns.view(torch.int32), y, weight.groups, weight.m, BLOCK_N=bn,
+                                     BLOCK_J=bj, GATHER_X=gather_x, num_warps=warps)
+    return y
+
+
 def fits(cfg, v):
     return cfg[0] <= v
 
@@ -271,6 +321,11 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
     entry = {"rows": rows, "cols": cols, "tokens": tokens, "v": v, "m": m, "compressed_bytes": weight.nbytes,
              "dense_bytes": rows * cols * 2}
     entry["dense_ms"] = graph_ms([lambda d=d: F.linear(x, d) for d in denses])
+    if tokens == 1 and dtype == torch.float16 and weight.groups % 2 == 0:
+        for gather_x in (False, True):
+            entry[f"loads_only{'_x' if gather_x else ''}_ms"] = min(
+                graph_ms([lambda w=w: run_loads_only(x, w, tile, gather_x) for w in weights])
+                for tile in LOADS_ONLY_TILES if rows % tile[0] == 0)
     entry["variants"] = {}
     expanded = expand_weight(weight.values, weight.metadata)
     expanded_copies = [expanded] + [expanded.clone() for _ in range(max(1, -(-3 * L2_BYTES // expanded.nbytes)) - 1)]
@@ -295,6 +350,10 @@ def decode_case(rows, cols, tokens, v, m, results, dtype=torch.float16):
     dense_ms = entry["dense_ms"]
     log(f"\n{key}: dense {dense_ms*1e3:.1f}us ({entry['dense_bytes']/dense_ms/1e6:.0f} GB/s), "
         f"compressed {weight.nbytes/2**20:.1f} MiB")
+    if "loads_only_ms" in entry:
+        log("  loads only (same tiles, no 2:4 work): " + ", ".join(
+            f"{name} {entry[key_ms]*1e3:.2f}us ({weight.nbytes/entry[key_ms]/1e6:.0f} GB/s)"
+            for name, key_ms in (("weight", "loads_only_ms"), ("weight + x gathers", "loads_only_x_ms"))))
     for name, r in sorted(entry["variants"].items(), key=lambda kv: kv[1].get("ms", 1e9)):
         if "ms" in r:
             log(f"  {name:40s} {r['ms']*1e3:7.2f}us {dense_ms/r['ms']:.2f}x dense {r['GBps']:.0f} GB/s err "
