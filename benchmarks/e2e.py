@@ -79,6 +79,25 @@ def llama(layers: int | None, smoke: bool, device: str):
     return model, config
 
 
+UNMASKED_SDPA = "sdpa_unmasked"
+
+
+def register_unmasked_sdpa() -> None:
+    """SDPA attention whose mask is None when no token is padded, under torch.compile as in eager.
+    transformers 5.17 builds an all-true [B, 1, S, S] mask for unpadded ViT inputs whenever it is
+    traced (eager skips it); with that mask Inductor lowers SDPA to an fp32 bmm-softmax-bmm, and the
+    compiled dense ViT runs 2x slower than eager. Later versions skip the mask under compile too."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def mask_unless_padded(*args, attention_mask=None, **kwargs):
+        return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+    AttentionInterface.register(UNMASKED_SDPA, sdpa_attention_forward)
+    AttentionMaskInterface.register(UNMASKED_SDPA, mask_unless_padded)
+
+
 def vit(layers: int | None, smoke: bool, device: str):
     import transformers
 
@@ -88,7 +107,8 @@ def vit(layers: int | None, smoke: bool, device: str):
     else:  # DeiT-base: ViT-B/16 at 224x224
         config = transformers.ViTConfig(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=layers or 12,
                                         num_attention_heads=12, intermediate_size=3072)
-    config._attn_implementation = "sdpa"
+    register_unmasked_sdpa()
+    config._attn_implementation = UNMASKED_SDPA
     with torch.device(device):
         model = transformers.ViTModel(config, add_pooling_layer=False).to(DTYPE[device]).eval()
     return model, config
