@@ -149,6 +149,22 @@ def test_triton_entry_keeps_leading_dims_and_dispatches(kernels):
         triton_vnm_linear(x, weight, bias, path="sparse")
 
 
+@pytest.mark.parametrize("tokens,path", [(40, "prefill"), (20, "prefill"), (3, "decode"), (1, "decode")])
+def test_entry_reads_channel_major_x(kernels, monkeypatch, tokens, path):
+    """x written channel-major by its producer (passes/layout.py): the prefill path reads it in place,
+    with no transpose; the decode path, which reads x row-major, copies it."""
+    weight, x, bias, ref = make_case(40, 100, 16, 8, tokens, torch.float16, seed=tokens)
+    channel_major = x.t().contiguous().t()
+    assert channel_major.t().is_contiguous() and torch.equal(channel_major, x)
+
+    def no_transpose(*args, **kwargs):
+        raise AssertionError("a channel-major x was transposed again")
+
+    monkeypatch.setattr(kernels["dispatch"], "transpose", no_transpose)
+    y = triton_vnm_linear(channel_major, weight, bias, layout=vnm.kernels.prefill_layout(weight), path=path)
+    assert relative_error(y, ref) < TOLERANCE[torch.float16]
+
+
 def test_dispatch_rules(kernels):
     choose = kernels["dispatch"].choose_path
     cpu = torch.device("cpu")  # no table: the default rules

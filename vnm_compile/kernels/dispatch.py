@@ -76,13 +76,18 @@ def vnm_matmul(
     if tokens == 0:
         return x.new_empty(0, rows)
     wrap = wrap or (lambda kernel: kernel)
-    x = x.contiguous()
     if path == "prefill":
         expanded = expand_weight(values, metadata) if expanded is None else expanded
         channels = channel_index(columns, m) if channels is None else channels
-        xt = x.t() if tokens <= ROW_MAJOR_MAX_TOKENS else transpose(x, wrap(transpose_kernel))
+        if x.t().is_contiguous():  # channel-major already: written so by its producer (passes/layout.py)
+            xt = x.t()
+        elif tokens <= ROW_MAJOR_MAX_TOKENS:
+            xt = x.contiguous().t()
+        else:
+            xt = transpose(x.contiguous(), wrap(transpose_kernel))
         y = launch_prefill(wrap(AUTOTUNED[path]), xt, expanded, channels, bias, v, m, in_features)
     else:
+        x = x.contiguous()
         split_k = DECODE_SPLIT_K if path == "decode_split" else 1
         y = launch_decode(wrap(AUTOTUNED[path]), x, values, columns, metadata, bias, v, m, in_features,
                           split_k=split_k)

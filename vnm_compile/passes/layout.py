@@ -1,0 +1,108 @@
+"""layout: sparse linears whose input comes out of a pointwise kernel read it channel-major.
+
+The prefill kernel gathers the kept input channels of x.T, so a row-major x costs a transpose per
+call (a read and a write of the activations: 18% of a DeiT-base step at batch 256). Where the input
+is made by elementwise ops on the output of a matmul or attention (the GELU or SwiGLU before an
+MLP's down projection, the head merge before the output projection), this stage makes it a
+channel-major copy in the graph; Inductor then writes it that way from the kernel that computes it,
+and the op reads it in place. Inputs that come out of a normalisation are left alone: Inductor may
+fuse the transposed store into the norm's reduction, whose stores then stop coalescing (slower than
+the transpose it saves). Graphs compiled for a few tokens are left alone too: the decode kernels
+read x row-major.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+# What Inductor computes without a kernel boundary between the producer and its consumer.
+_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "truediv", "neg", "gelu", "silu", "relu", "sigmoid", "tanh", "to", "float", "half",
+    "bfloat16", "type_as", "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten",
+    "getitem", "split", "chunk", "squeeze", "unsqueeze",
+}
+# Outputs written by a kernel that is not fused with what follows.
+_KERNEL_OUTPUTS = {"scaled_dot_product_attention", "linear", "matmul", "bmm"}
+
+
+def channel_major_inputs(gm: fx.GraphModule) -> list[str]:
+    """Give each eligible vnm.linear (CUDA input, more than ROW_MAJOR_MAX_TOKENS tokens where the
+    graph was traced, made by elementwise ops on kernel outputs) a channel-major copy of its input,
+    one per input node; returns the names of the vnm.linear nodes changed."""
+    copies: dict[fx.Node, fx.Node] = {}
+    changed = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.vnm.linear.default:
+            continue
+        x = node.args[0]
+        if x not in copies:
+            if not (_prefill_sized(x) and _from_kernel_outputs(x, set())):
+                continue
+            with gm.graph.inserting_after(x):
+                copies[x] = gm.graph.call_function(_channel_major, (x,))
+        node.replace_input_with(x, copies[x])
+        changed.append(node.name)
+    gm.recompile()
+    return changed
+
+
+def _channel_major(x: torch.Tensor) -> torch.Tensor:
+    """x with the same shape and values, laid out channel-major (its last dimension slowest)."""
+    order = (x.dim() - 1, *range(x.dim() - 1))
+    return x.permute(order).contiguous().permute((*range(1, x.dim()), 0))
+
+
+def _prefill_sized(x: fx.Node) -> bool:
+    example = x.meta.get("example_value", x.meta.get("val"))
+    if not isinstance(example, torch.Tensor) or example.device.type != "cuda" or example.dim() < 2:
+        return False
+    from ..kernels.prefill import ROW_MAJOR_MAX_TOKENS  # CUDA graphs only: keeps the kernels unloaded on CPU
+
+    tokens = math.prod(_hint(size) for size in example.shape[:-1])
+    return tokens > ROW_MAJOR_MAX_TOKENS
+
+
+def _hint(size: Any) -> int:
+    """The size the graph was traced with (a dynamic size's hint; 0 when it has none)."""
+    if isinstance(size, torch.SymInt):
+        return size.node.hint or 0
+    return int(size)
+
+
+def _from_kernel_outputs(node: fx.Node, seen: set[fx.Node]) -> bool:
+    """Whether `node` is made by elementwise ops from at least one kernel output and from nothing
+    else but parameters and constants."""
+    if node in seen:
+        return True
+    seen.add(node)
+    if node.op in ("get_attr", "placeholder"):
+        return True
+    name = _name(node)
+    if node.target is torch.ops.vnm.linear.default or name in _KERNEL_OUTPUTS:
+        return True
+    if name not in _ELEMENTWISE:
+        return False
+    inputs = [arg for arg in node.all_input_nodes if not _is_size(arg)]
+    return all(_from_kernel_outputs(arg, seen) for arg in inputs) and any(
+        arg.op not in ("get_attr", "placeholder") for arg in inputs)
+
+
+def _is_size(node: fx.Node) -> bool:
+    """A size (x.shape[0], x.size(1), a symbolic size), read by a view: no data flows through it."""
+    example = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(example, (int, torch.SymInt)):
+        return True
+    if _name(node) in ("size", "sym_size", "sym_size_int"):
+        return True
+    if node.target is getattr and node.args[1:] == ("shape",):
+        return True
+    return node.target is operator.getitem and isinstance(node.args[0], fx.Node) and _is_size(node.args[0])
+
+
+def _name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
