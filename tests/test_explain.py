@@ -175,7 +175,7 @@ def test_lower_stage_shows_what_inductor_lowers(route, tmp_path):
         report = vnm.reports()[-1]
         assert "after lower" in path.read_text(encoding="utf-8")
     stages = {stage.stage: stage for stage in report.stages}
-    assert list(stages) == ["discover", "score", "permute", "fold", "sparsify", "lower"]
+    assert list(stages) == ["discover", "score", "permute", "fold", "sparsify", "layout", "lower"]
     sparse_nodes = [node for node, origin in stages["sparsify"].provenance.items() if not origin.startswith("new")]
     lower = stages["lower"]
     assert len(sparse_nodes) == 2 and lower.changed

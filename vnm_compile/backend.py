@@ -69,7 +69,7 @@ def transform(
     extra_skips: dict[str, str] | None = None,
     reuse: Reuse | None = None,
 ) -> Transformed:
-    """Run discover, score, permute, fold, sparsify (and verify) on a Dynamo graph whose parameters
+    """Run discover, score, permute, fold, sparsify, layout (and verify) on a Dynamo graph whose parameters
     are `found` (`graph_parameters`, taken while Dynamo's metadata is still on the graph).
 
     `reuse`, made for exactly these parameters and this config (`_reuse_for`), lends the work of
