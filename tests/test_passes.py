@@ -88,6 +88,9 @@ def test_module_path_from_dynamo_sources():
         == "model.layers.3.weight"
     assert module_path("L['self'].transformer.h[0].attn.c_attn") == "transformer.h.0.attn.c_attn"
     assert module_path("L['self']") == ""
+    # a forward behind a `wrapper(*args, **kwargs)` decorator (transformers >= 5.25)
+    assert module_path("L['args'][0]._modules['lm_head']._parameters['weight']") == "lm_head.weight"
+    assert module_path("L['kwargs']['self'].model.layers[2]") == "model.layers.2"
 
 
 def test_residual_stream_and_mlp_hidden_are_groups():

@@ -29,8 +29,13 @@ from .scoring import ActivationNorms, importance, run_batch
 
 log = logging.getLogger(__name__)
 
-# A block replayed on stored inputs must not read or extend a key/value cache.
-_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "use_cache")
+# A block replayed on stored inputs must not read or extend a key/value cache (transformers >= 5.25
+# passes it as `cache`; the class check catches a cache under any other name).
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "use_cache", "cache")
+
+
+def _is_cache_argument(name: str, value: Any) -> bool:
+    return name in _CACHE_ARGUMENTS or any(cls.__name__ == "Cache" for cls in type(value).__mro__)
 
 
 class _FirstBlockReached(Exception):
@@ -125,7 +130,7 @@ def _first_block_inputs(model: nn.Module, first: nn.Module, batches: Iterable, d
     inputs: list[list] = []
 
     def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = {k: value for k, value in kwargs.items() if k not in _CACHE_ARGUMENTS}
+        kwargs = {k: value for k, value in kwargs.items() if not _is_cache_argument(k, value)}
         inputs.append([_to(list(args), device), _to(kwargs, device)])
         raise _FirstBlockReached
 

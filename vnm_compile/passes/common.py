@@ -15,17 +15,19 @@ _MISSING = object()
 
 _SOURCE_ATTRIBUTES = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]")
 _SUBSCRIPTS = re.compile(r"\['([^']*)'\]|\[(\d+)\]")
+_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\['[^']*'\]|\[\d+\])*")
 
 
 def module_path(source: str) -> str:
     """`L['self']._modules['model']._modules['layers']._modules['3']` or `L['self'].model.layers[3]`
-    -> `model.layers.3`: the dotted name relative to the root module the graph was traced from."""
-    path = _SOURCE_ATTRIBUTES.sub(lambda match: "." + match.group(1), source)
+    -> `model.layers.3`: the dotted name relative to the root module the graph was traced from.
+
+    The root is the frame local (or global) with any subscripts straight after it: a forward wrapped
+    by a decorator `wrapper(*args, **kwargs)` sees the module as `L['args'][0]`."""
+    path = _ROOT.sub("", source, count=1)
+    path = _SOURCE_ATTRIBUTES.sub(lambda match: "." + match.group(1), path)
     path = _SUBSCRIPTS.sub(lambda match: "." + (match.group(1) or match.group(2)), path)
-    parts = path.split(".")
-    if parts[0] in ("L", "G"):  # a frame local or global: the root module itself
-        parts = parts[2:]
-    return ".".join(parts)
+    return path.lstrip(".")
 
 
 def attribute_name(name: str, taken) -> str:
