@@ -1,5 +1,7 @@
 """The passes on small hand-written models, without Inductor: channel rules, permutation search, verify."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,26 @@ def test_module_path_from_dynamo_sources():
     # a forward behind a `wrapper(*args, **kwargs)` decorator (transformers >= 5.25)
     assert module_path("L['args'][0]._modules['lm_head']._parameters['weight']") == "lm_head.weight"
     assert module_path("L['kwargs']['self'].model.layers[2]") == "model.layers.2"
+
+
+def _passthrough(forward):
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+    return wrapper
+
+
+class DecoratedResidual(Residual):
+    forward = _passthrough(Residual.forward)
+
+
+def test_decorated_forward_keeps_module_names():
+    """Dynamo sees the module as the wrapper's L['args'][0]: names stay relative to the module."""
+    torch.manual_seed(0)
+    model = DecoratedResidual().eval()
+    _, _, found = capture(model, torch.randint(0, 40, (2, 5)))
+    names = {name for name, _ in found.values()}
+    assert names == {name for name, _ in model.named_parameters()}
 
 
 def test_residual_stream_and_mlp_hidden_are_groups():
