@@ -3,9 +3,10 @@
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out $OUT/check.json
 
 Every variant is checked against a float64 reference (random token rows of a poisoned output)
-before it is timed. Prefill times are do_bench medians (L2 flushed before each run); decode times
-are CUDA-graph replays of many calls that rotate over enough weight copies to overflow L2, so the
-weight streams from device memory as it does in a real decode step.
+before it is timed. Prefill times are CUDA-graph replays of one call (kernel time without Python's
+launch cost, which do_bench counts); decode times are CUDA-graph replays of many calls that rotate
+over enough weight copies to overflow L2, so the weight streams from device memory as it does in a
+real decode step.
 
 This is the exploration harness: its variant lists are those of the last round (benchmarks/NOTES.md
 tells the rounds; results/gpu_check-round*.json hold each round's numbers). The sweep and the
@@ -29,23 +30,14 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 
 from vnm_compile.format import VNMWeight
-from vnm_compile.kernels.common import dot_precision, grid_order
 from vnm_compile.kernels.decode import launch_decode, vnm_decode_kernel
 from vnm_compile.kernels.prefill import channel_index, expand_weight, launch_prefill, transpose, vnm_prefill_kernel
 from timing import DEVICE, ceilings, fake_weight, graph_us, log, precompile
 
 warnings.filterwarnings("ignore", message="column_select='optimal'")
 L2_BYTES = 60 << 20
-
-
-def median_ms(fn) -> float:
-    if DEVICE == "cpu":
-        fn()
-        return 1.0
-    return float(do_bench(fn, warmup=10, rep=60, return_mode="median"))
 
 
 def graph_ms(calls) -> float:
@@ -86,11 +78,10 @@ class Kernels:
 
     def __init__(self):
         self.prefill, self.decode, self.last = Capture(vnm_prefill_kernel), Capture(vnm_decode_kernel), None
-        self.multiblock = Capture(multiblock_prefill_kernel)
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            kernel = self.prefill if "W_LEFT" in kwargs else self.multiblock if "ROW_BLOCKS" in kwargs else self.decode
+            kernel = self.prefill if "W_LEFT" in kwargs else self.decode
             self.last = kernel[grid](*args, **kwargs)
             return self.last
         return run
@@ -201,80 +192,6 @@ def loads_only_kernel(x_ptr, values_ptr, meta_ptr, cols_ptr, y_ptr, G, M, BLOCK_
 LOADS_ONLY_TILES = [(4, 128, 4), (4, 64, 1), (8, 128, 4), (4, 128, 2)]
 
 
-# Round 21: ROW_BLOCKS row blocks a program, each gathering its own kept channels of the same token
-# tile. With X_CACHE=".ca" the gathers go through L1 (cp.async.ca; Triton's default for 16-byte
-# copies bypasses it), so channels that several of the program's row blocks keep are read from L2
-# once: at M = 8 two random row blocks share half their kept channels, four cover 7.5 of a group's
-# 8 channels with 16 gathers. (ROW_BLOCKS, BLOCK_T, BLOCK_K, X_CACHE, num_warps, num_stages, GROUP_N)
-MULTIBLOCK_CONFIGS = [
-    (1, 128, 64, "", 4, 3, 64), (1, 128, 64, ".ca", 4, 3, 64), (2, 128, 64, "", 4, 3, 32),
-    (2, 128, 64, ".ca", 4, 3, 32), (2, 128, 64, ".ca", 8, 3, 32), (2, 64, 64, ".ca", 4, 4, 32),
-    (4, 128, 64, "", 8, 3, 16), (4, 128, 64, ".ca", 8, 3, 16), (4, 128, 64, ".ca", 8, 2, 16),
-    (4, 64, 64, ".ca", 8, 3, 16),
-    # half the shared memory (99 KB at 4 row blocks), so that L1 keeps ~150 KB of an SM's 256
-    (4, 128, 32, "", 8, 3, 16), (4, 128, 32, ".ca", 8, 3, 16), (2, 128, 32, ".ca", 4, 3, 32),
-]
-
-
-@triton.jit
-def _row_block_dot(acc, x_ptr, w_ptr, channel_ptr, row0, R, C, kept, blocks, k0, offs_t, token_ok,
-                   stride_xc, stride_xt, V: tl.constexpr, BLOCK_K: tl.constexpr, X_CACHE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    """acc + one K step of the row block whose rows start at row0 (a multiple of V)."""
-    rows = row0 + tl.arange(0, V)
-    block = row0 // V
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < tl.where(block < blocks, kept, 0)  # row blocks past R gather nothing
-    channel = tl.load(channel_ptr + block * kept + offs_k, mask=k_ok, other=C)
-    w = tl.load(w_ptr + rows[:, None] * kept + offs_k[None, :], mask=(rows < R)[:, None] & k_ok[None, :], other=0.0)
-    x = tl.load(x_ptr + channel[:, None] * stride_xc + offs_t[None, :] * stride_xt,
-                mask=(channel < C)[:, None] & token_ok[None, :], other=0.0, cache_modifier=X_CACHE)
-    return tl.dot(w, x, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _store_row_block(acc, y_ptr, row0, R, offs_t, token_ok, V: tl.constexpr):
-    rows = row0 + tl.arange(0, V)
-    tl.store(y_ptr + offs_t[None, :] * R + rows[:, None], acc.to(y_ptr.dtype.element_ty),
-             mask=(rows < R)[:, None] & token_ok[None, :])
-
-
-@triton.jit
-def multiblock_prefill_kernel(x_ptr, w_ptr, channel_ptr, y_ptr, R, C, T, G, stride_xc, stride_xt,
-                              V: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_T: tl.constexpr,
-                              BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, X_CACHE: tl.constexpr,
-                              DOT_PRECISION: tl.constexpr):
-    """The prefill kernel's gather GEMM (W on the left, the expanded weight, x as [C, T]) over
-    ROW_BLOCKS (1, 2 or 4) row blocks of V rows a program, one accumulator each."""
-    pid_n, pid_t = grid_order(tl.program_id(0), R, T, V * ROW_BLOCKS, BLOCK_T, GROUP_N)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_ok = offs_t < T
-    kept = 4 * G
-    blocks = (R + V - 1) // V
-    row0 = pid_n * V * ROW_BLOCKS
-    acc0 = tl.full((V, BLOCK_T), 0.0, tl.float32)
-    acc1 = tl.full((V, BLOCK_T), 0.0, tl.float32)
-    acc2 = tl.full((V, BLOCK_T), 0.0, tl.float32)
-    acc3 = tl.full((V, BLOCK_T), 0.0, tl.float32)
-    for k0 in range(0, kept, BLOCK_K):
-        acc0 = _row_block_dot(acc0, x_ptr, w_ptr, channel_ptr, row0, R, C, kept, blocks, k0, offs_t, token_ok,
-                              stride_xc, stride_xt, V, BLOCK_K, X_CACHE, DOT_PRECISION)
-        if ROW_BLOCKS >= 2:
-            acc1 = _row_block_dot(acc1, x_ptr, w_ptr, channel_ptr, row0 + V, R, C, kept, blocks, k0, offs_t,
-                                  token_ok, stride_xc, stride_xt, V, BLOCK_K, X_CACHE, DOT_PRECISION)
-        if ROW_BLOCKS >= 4:
-            acc2 = _row_block_dot(acc2, x_ptr, w_ptr, channel_ptr, row0 + 2 * V, R, C, kept, blocks, k0, offs_t,
-                                  token_ok, stride_xc, stride_xt, V, BLOCK_K, X_CACHE, DOT_PRECISION)
-            acc3 = _row_block_dot(acc3, x_ptr, w_ptr, channel_ptr, row0 + 3 * V, R, C, kept, blocks, k0, offs_t,
-                                  token_ok, stride_xc, stride_xt, V, BLOCK_K, X_CACHE, DOT_PRECISION)
-    _store_row_block(acc0, y_ptr, row0, R, offs_t, token_ok, V)
-    if ROW_BLOCKS >= 2:
-        _store_row_block(acc1, y_ptr, row0 + V, R, offs_t, token_ok, V)
-    if ROW_BLOCKS >= 4:
-        _store_row_block(acc2, y_ptr, row0 + 2 * V, R, offs_t, token_ok, V)
-        _store_row_block(acc3, y_ptr, row0 + 3 * V, R, offs_t, token_ok, V)
-
-
 KERNEL = Kernels()
 
 
@@ -288,9 +205,9 @@ def run_loads_only(x, weight, tile, gather_x):
     return y
 
 
-def fits(cfg, v, variant="exp"):
-    """A multi-block tile holds ROW_BLOCKS * V rows (at most 256); the others' BLOCK_N must divide V."""
-    return v * cfg[0] <= 256 if variant == "mb" else cfg[0] <= v
+def fits(cfg, v):
+    """BLOCK_N must divide V: a tile's rows share one row block's kept channels."""
+    return cfg[0] <= v
 
 
 def run_prefill(layout, cfg, expanded, bias=None, out=None):
@@ -301,24 +218,6 @@ def run_prefill(layout, cfg, expanded, bias=None, out=None):
         KERNEL, layout["xt"], expanded, layout["channels"], bias, weight.v, weight.m, weight.in_features, out=out,
         BLOCK_N=bn, BLOCK_T=bt, BLOCK_K=bk, W_LEFT=w_left, GROUP_N=group_n, num_warps=warps, num_stages=stages,
     )
-
-
-def run_multiblock(layout, cfg, expanded, out=None):
-    row_blocks, bt, bk, x_cache, warps, stages, group_n = cfg
-    weight, xt = layout["weight"], layout["xt"]
-    rows, tokens = expanded.shape[0], xt.shape[1]
-    y = torch.empty(tokens, rows, dtype=xt.dtype, device=xt.device) if out is None else out
-    grid = (triton.cdiv(rows, weight.v * row_blocks) * triton.cdiv(tokens, bt),)
-    KERNEL[grid](xt, expanded, layout["channels"], y, rows, weight.in_features, tokens, weight.groups,
-                 xt.stride(0), xt.stride(1), V=weight.v, ROW_BLOCKS=row_blocks, BLOCK_T=bt, BLOCK_K=bk,
-                 GROUP_N=group_n, X_CACHE=x_cache, DOT_PRECISION=dot_precision(xt.dtype), num_warps=warps,
-                 num_stages=stages)
-    return y
-
-
-def run_variant(variant, layout, cfg, expanded, out=None):
-    """A prefill variant by name: "exp" (the package's kernel) or "mb" (round 21's multi-block)."""
-    return (run_multiblock if variant == "mb" else run_prefill)(layout, cfg, expanded, out=out)
 
 
 def run_decode(x, weight, cfg, out=None, maxnreg=None):
@@ -339,7 +238,7 @@ def decode_fits(cfg, tokens):
 
 def compile_job(job):
     """Compile (and run once) one variant in a worker, filling Triton's on-disk cache."""
-    kind, rows, cols, tokens, v, m, variant, cfg = job
+    kind, rows, cols, tokens, v, m, cfg = job
     torch.cuda.init()
     weight = fake_weight(rows, cols, v, m)
     try:
@@ -347,7 +246,7 @@ def compile_job(job):
             x = torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16)
             layout = {"xt": x.t() if kind == "rowx" else transpose(x), "weight": weight,
                       "channels": channel_index(weight.columns, m)}
-            run_variant(variant or "exp", layout, cfg, expand_weight(weight.values, weight.metadata))
+            run_prefill(layout, cfg, expand_weight(weight.values, weight.metadata))
         else:
             run_decode(torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16), weight, cfg)
         torch.cuda.synchronize()
@@ -369,7 +268,7 @@ def measure(run, timed, x, weight, rows, dtype, nbytes=None) -> dict:
         return {"error": repr(error)[:300]}
 
 
-def prefill_case(rows, cols, tokens, v, m, variants, results, dtype=torch.float16):
+def prefill_case(rows, cols, tokens, v, m, configs, results, dtype=torch.float16):
     key = f"{rows}x{cols}@{tokens} {v}:2:{m}"
     weight = random_weight(rows, cols, v, m, dtype)
     x = torch.randn(tokens, cols, device=DEVICE, dtype=dtype)
@@ -377,20 +276,20 @@ def prefill_case(rows, cols, tokens, v, m, variants, results, dtype=torch.float1
     expanded = expand_weight(weight.values, weight.metadata)
     dense = weight.to_dense().contiguous()
     entry = {"rows": rows, "cols": cols, "tokens": tokens, "v": v, "m": m}
-    entry["dense_ms"] = median_ms(lambda: F.linear(x, dense))
+    entry["dense_ms"] = graph_ms([lambda: F.linear(x, dense)])
     kc = 4 * weight.groups
     xc = torch.randn(tokens, kc, device=DEVICE, dtype=dtype)
     wc = torch.randn(rows, kc, device=DEVICE, dtype=dtype)
-    entry["condensed_ms"] = median_ms(lambda: F.linear(xc, wc))
-    entry["transpose_ms"] = median_ms(lambda: transpose(x))
-    entry["torch_transpose_ms"] = median_ms(lambda: x.t().contiguous())
+    entry["condensed_ms"] = graph_ms([lambda: F.linear(xc, wc)])
+    entry["transpose_ms"] = graph_ms([lambda: transpose(x)])
+    entry["torch_transpose_ms"] = graph_ms([lambda: x.t().contiguous()])
     entry["variants"] = {}
-    for variant, cfg in variants:
-        if not fits(cfg, v, variant):
+    for cfg in configs:
+        if not fits(cfg, v):
             continue
-        entry["variants"][f"{variant} {cfg}"] = measure(
-            lambda y: run_variant(variant, layout, cfg, expanded, out=y),
-            lambda: median_ms(lambda: run_variant(variant, layout, cfg, expanded)), x, weight, rows, dtype)
+        entry["variants"][f"exp {cfg}"] = measure(
+            lambda y: run_prefill(layout, cfg, expanded, out=y),
+            lambda: graph_ms([lambda: run_prefill(layout, cfg, expanded)]), x, weight, rows, dtype)
     dense_ms, tr = entry["dense_ms"], entry["transpose_ms"]
     log(f"\n{key}: dense {dense_ms*1e3:.1f}us  condensed bound {entry['condensed_ms']*1e3:.1f}us "
         f"({dense_ms/entry['condensed_ms']:.2f}x)  transpose triton {tr*1e3:.1f}us torch "
@@ -473,13 +372,12 @@ def best_variants_of(results):
         name = min(timed)[1]
         case = [entry["rows"], entry["cols"], entry["tokens"], entry["v"], entry["m"]]
         if kind == "prefill":
-            variant, cfg = name.split(" ", 1)
-            spec.append([kind, case, variant, list(eval(cfg))])
+            spec.append([kind, case, list(eval(name.split(" ", 1)[1]))])
         else:
             body, *parts = name.split()
             bn, bj, sk, w, st = (int(part[2:] if part[:2] in ("bn", "bj", "sk") else part[1:])
                                  for part in parts if part != "pf")
-            spec.append([kind, case, "", [bn, bj, sk, w, st, body == "dot", body == "prmt", "pf" in parts]])
+            spec.append([kind, case, [bn, bj, sk, w, st, body == "dot", body == "prmt", "pf" in parts]])
     log("profiling", spec)
     return spec
 
@@ -487,14 +385,14 @@ def best_variants_of(results):
 def profile(args):
     """Run the named variants once each (for ncu)."""
     spec = json.loads(args.profile)
-    for kind, case, variant, cfg in spec:
+    for kind, case, cfg in spec:
         rows, cols, tokens, v, m = case
         weight = random_weight(rows, cols, v, m, torch.float16)
         x = torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16)
         if kind == "prefill":
             layout = {"xt": transpose(x), "weight": weight, "channels": channel_index(weight.columns, m)}
             exp = expand_weight(weight.values, weight.metadata)
-            run_variant(variant, layout, tuple(cfg), exp)
+            run_prefill(layout, tuple(cfg), exp)
         else:
             run_decode(x, weight, tuple(cfg))
     torch.cuda.synchronize()
@@ -510,7 +408,7 @@ def main():
     parser.add_argument("--decode-tokens", default="1,2,4,8,16")
     parser.add_argument("--decode-shapes", default="4096x4096,11008x4096,4096x11008")
     parser.add_argument("--decode-m", default="8", help="M of the 64:2:M decode cases, comma-separated")
-    parser.add_argument("--profile", help="JSON list of [kind, case, variant, config] to run once each")
+    parser.add_argument("--profile", help="JSON list of [kind, case, config] to run once each")
     parser.add_argument("--profile-best", help="a results JSON: run its fastest prefill and decode variants once")
     args = parser.parse_args()
     if args.profile_best:
@@ -536,39 +434,36 @@ def main():
         decode_shapes, decode_tokens = [(192, 100)], [1, 3]
     if args.prefill_only:
         decode_shapes = []
-    first_variants = [("exp", c) for c in PREFILL_CONFIGS] + [("mb", c) for c in MULTIBLOCK_CONFIGS]
     if not args.skip_precompile and not args.smoke:
-        jobs = [] if args.decode_only else [("prefill", *first, variant, cfg) for variant, cfg in first_variants
-                                            if fits(cfg, first[3], variant)]
-        jobs += [("decode", r, c, t, 64, m, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
+        jobs = [] if args.decode_only else [("prefill", *first, cfg) for cfg in PREFILL_CONFIGS
+                                            if fits(cfg, first[3])]
+        jobs += [("decode", r, c, t, 64, m, cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
                  for t in decode_tokens for m in decode_ms for cfg in DECODE_CONFIGS if decode_fits(cfg, t)]
-        jobs += [("rowx", r, c, t, 64, m, "", cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
+        jobs += [("rowx", r, c, t, 64, m, cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
                  for t in decode_tokens for m in decode_ms for cfg in ROWX_CONFIGS if t >= 4]
         precompile(compile_job, jobs)
     if args.decode_only:
         first, others = None, []
-    best_variants = []
+    best_configs = []
     if first is not None:
-        prefill_case(*first, first_variants, results)
+        prefill_case(*first, PREFILL_CONFIGS, results)
         first_key = f"{first[0]}x{first[1]}@{first[2]} {first[3]}:2:{first[4]}"
         ranked = sorted((r["ms"], name) for name, r in results["prefill"][first_key]["variants"].items()
                         if "ms" in r and r["err"] < 1e-2)
-        best = [name for _, name in ranked if name.startswith("exp")][:3] + [
-            name for _, name in ranked if name.startswith("mb")][:3]
-        best_variants = [(name.split(" ", 1)[0], eval(name.split(" ", 1)[1])) for name in best]
-        log("best:", best, f"[{time.time() - start:.0f}s]")
+        best_configs = [eval(name.split(" ", 1)[1]) for _, name in ranked[:3]]
+        log("best:", best_configs, f"[{time.time() - start:.0f}s]")
         json.dump(results, open(args.out, "w"), indent=1)
 
-    def case_variants(case):
-        extra = [("exp", c) for c in PREFILL_CONFIGS if (c[0] == case[3] and case[3] != 64) or
+    def case_configs(case):
+        extra = [c for c in PREFILL_CONFIGS if (c[0] == case[3] and case[3] != 64) or
                  (case[2] <= 256 and c[1] == 64 and c[0] <= case[3])]
-        return list(dict.fromkeys(best_variants + extra))
+        return list(dict.fromkeys(best_configs + extra))
 
     if others and not args.skip_precompile and not args.smoke:
-        precompile(compile_job, [("prefill", *case, variant, cfg) for case in others for variant, cfg in case_variants(case)
-                    if fits(cfg, case[3], variant)])
+        precompile(compile_job, [("prefill", *case, cfg) for case in others for cfg in case_configs(case)
+                    if fits(cfg, case[3])])
     for case in others:
-        prefill_case(*case, case_variants(case), results)
+        prefill_case(*case, case_configs(case), results)
         json.dump(results, open(args.out, "w"), indent=1)
     log(f"[{time.time() - start:.0f}s]")
     for (rows, cols), m, tokens in itertools.product(decode_shapes, decode_ms, decode_tokens):
