@@ -58,13 +58,16 @@ def make_case(rows, cols, v, m, tokens, dtype, seed):
     return weight, x, bias, ref
 
 
-def run_path(kernels, path, weight, x, bias, kernel=None, channel_major=None, **config):
-    """One launch of `path` (autotuned unless `kernel` and its config are given) into a poisoned output.
-    The prefill kernel reads x as the dispatcher hands it over (transposed beyond
-    ROW_MAJOR_MAX_TOKENS, in place below), unless `channel_major` says which."""
+def run_path(kernels, path, weight, x, bias, kernel=None, channel_major=None, channel_major_out=False, **config):
+    """One launch of `path` (autotuned unless `kernel` and its config are given) into a poisoned output,
+    channel-major with `channel_major_out` (prefill only). The prefill kernel reads x as the
+    dispatcher hands it over (transposed beyond ROW_MAJOR_MAX_TOKENS, in place below), unless
+    `channel_major` says which."""
     decode, prefill, tuning = kernels["decode"], kernels["prefill"], kernels["tuning"]
     kernel = kernel or tuning.AUTOTUNED[path]
     poisoned = torch.full((x.shape[0], weight.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    if channel_major_out:
+        poisoned = poisoned.t().contiguous().t()
     if path == "prefill":
         layout = vnm.kernels.prefill_layout(weight)
         if channel_major is None:
@@ -120,11 +123,14 @@ def test_interpreted_decode_variants(kernels, use_dot, select_x, prefetch, block
 @interpreter_only
 @pytest.mark.parametrize("w_left", [True, False])
 @pytest.mark.parametrize("channel_major", [True, False])
-def test_interpreted_prefill_orientations(kernels, w_left, channel_major):
-    """Weight or tokens on the MMA's M side; x transposed or read in place (row-major)."""
+@pytest.mark.parametrize("channel_major_out", [False, True])
+def test_interpreted_prefill_orientations(kernels, w_left, channel_major, channel_major_out):
+    """Weight or tokens on the MMA's M side; x transposed or read in place (row-major); y written
+    row-major or channel-major (for a consumer that reads it so)."""
     weight, x, bias, ref = make_case(90, 100, 32, 8, 20, torch.float16, seed=7)
     y = run_path(kernels, "prefill", weight, x, bias, kernels["prefill"].vnm_prefill_kernel,
-                 channel_major=channel_major, BLOCK_N=32, BLOCK_T=16, BLOCK_K=32, W_LEFT=w_left, GROUP_N=2)
+                 channel_major=channel_major, channel_major_out=channel_major_out, BLOCK_N=32, BLOCK_T=16,
+                 BLOCK_K=32, W_LEFT=w_left, GROUP_N=2)
     assert relative_error(y, ref) < TOLERANCE[torch.float16]
 
 
@@ -163,6 +169,18 @@ def test_entry_reads_channel_major_x(kernels, monkeypatch, tokens, path):
     monkeypatch.setattr(kernels["dispatch"], "transpose", no_transpose)
     y = triton_vnm_linear(channel_major, weight, bias, layout=vnm.kernels.prefill_layout(weight), path=path)
     assert relative_error(y, ref) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 3, 17, 129])
+@pytest.mark.parametrize("path", ["prefill", "decode", "dense"])
+def test_entry_writes_channel_major_on_request(kernels, tokens, path):
+    """channel_major_out: the prefill kernel writes y.T, the other paths copy; the same values."""
+    weight, x, bias, ref = make_case(70, 45, 16, 6, tokens, torch.float32, seed=tokens + 1)
+    y = kernels["dispatch"].vnm_matmul(x, weight.values, weight.columns, weight.metadata, bias, weight.v, weight.m,
+                                       weight.in_features, dense=weight.to_dense(), path=path, channel_major_out=True)
+    assert y.shape == (tokens, 70) and y.t().is_contiguous()
+    if tokens:
+        assert relative_error(y, ref) < TOLERANCE[torch.float32]
 
 
 def test_dispatch_rules(kernels):

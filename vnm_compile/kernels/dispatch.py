@@ -58,8 +58,11 @@ def vnm_matmul(
     channels: torch.Tensor | None = None,
     path: str | None = None,
     wrap: Callable | None = None,
+    channel_major_out: bool = False,
 ) -> torch.Tensor:
     """y = x @ W.T + bias for a 2-D x [T, C]; `path` (one of PATHS) overrides the dispatcher.
+    channel_major_out: y [T, R] laid out as a contiguous y.T (the prefill kernel writes it so; the
+    other paths copy).
 
     expanded / channels are the prefill layouts (`expand_weight`, `channel_index`); the prefill
     path builds them on the fly when they are not given. `wrap` is torch.library.wrap_triton inside
@@ -69,14 +72,14 @@ def vnm_matmul(
     path = path or choose_path(rows, in_features, tokens, v, m, x.dtype, x.device, dense is not None)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    wrap = wrap or (lambda kernel: kernel)
     if path == "dense":
         if dense is None:
             raise ValueError("path='dense' needs the decompressed weight (dense=...)")
-        return F.linear(x, dense, bias)
-    if tokens == 0:
-        return x.new_empty(0, rows)
-    wrap = wrap or (lambda kernel: kernel)
-    if path == "prefill":
+        y = F.linear(x, dense, bias)
+    elif tokens == 0:
+        y = x.new_empty(0, rows)
+    elif path == "prefill":
         expanded = expand_weight(values, metadata) if expanded is None else expanded
         channels = channel_index(columns, m) if channels is None else channels
         if x.t().is_contiguous():  # channel-major already: written so by its producer (passes/layout.py)
@@ -85,11 +88,13 @@ def vnm_matmul(
             xt = x.contiguous().t()
         else:
             xt = transpose(x.contiguous(), wrap(transpose_kernel))
-        y = launch_prefill(wrap(AUTOTUNED[path]), xt, expanded, channels, bias, v, m, in_features)
+        y = launch_prefill(wrap(AUTOTUNED[path]), xt, expanded, channels, bias, v, m, in_features,
+                           channel_major_out=channel_major_out)
     else:
-        x = x.contiguous()
         split_k = DECODE_SPLIT_K if path == "decode_split" else 1
-        y = launch_decode(wrap(AUTOTUNED[path]), x, values, columns, metadata, bias, v, m, in_features,
-                          split_k=split_k)
+        y = launch_decode(wrap(AUTOTUNED[path]), x.contiguous(), values, columns, metadata, bias, v, m,
+                          in_features, split_k=split_k)
     remember_tuned()
+    if channel_major_out and y.stride(1) == 1:  # not written channel-major (or one token: the same)
+        y = y.t().contiguous().t()
     return y

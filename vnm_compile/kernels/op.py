@@ -52,23 +52,36 @@ def linear(
     dense: torch.Tensor | None = None,
     expanded: torch.Tensor | None = None,
     channels: torch.Tensor | None = None,
+    channel_major_out: bool = False,
 ) -> torch.Tensor:
-    """dense, expanded, channels: optional layouts kept by the caller (see `vnm_linear`)."""
+    """dense, expanded, channels: optional layouts kept by the caller (see `vnm_linear`).
+    channel_major_out: y laid out channel-major (see `channel_major`), for a consumer that reads it
+    so (passes/layout.py); the values are the same."""
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
     if x.device.type != "cuda":
-        return linear_reference(x, values, columns, metadata, bias, v, m, in_features)
+        y = linear_reference(x, values, columns, metadata, bias, v, m, in_features)
+        return channel_major(y) if channel_major_out else y
     if not all(isinstance(size, int) for size in x.shape):
-        return linear_at_run_time(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels)
-    return _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, wrap_triton)
+        return linear_at_run_time(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels,
+                                  channel_major_out)
+    return _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels,
+                       channel_major_out, wrap_triton)
 
 
-def _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, wrap=None):
+def channel_major(x: torch.Tensor) -> torch.Tensor:
+    """x with the same shape and values, laid out channel-major (its last dimension slowest)."""
+    order = (x.dim() - 1, *range(x.dim() - 1))
+    return x.permute(order).contiguous().permute((*range(1, x.dim()), 0))
+
+
+def _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, channel_major_out,
+                wrap=None):
     """The CUDA body: x flattened to [T, C] for the dispatcher, its leading dims restored."""
     from .dispatch import vnm_matmul  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
 
     y = vnm_matmul(x.reshape(-1, in_features), values, columns, metadata, bias, v, m, in_features,
-                   dense=dense, expanded=expanded, channels=channels, wrap=wrap)
-    return y.reshape(*x.shape[:-1], values.shape[0])
+                   dense=dense, expanded=expanded, channels=channels, wrap=wrap, channel_major_out=channel_major_out)
+    return y.reshape(*x.shape[:-1], values.shape[0])  # a view of either layout: the token dims stay contiguous
 
 
 @torch.library.custom_op("vnm::linear_at_run_time", mutates_args=())
@@ -84,23 +97,31 @@ def linear_at_run_time(
     dense: torch.Tensor | None,
     expanded: torch.Tensor | None,
     channels: torch.Tensor | None,
+    channel_major_out: bool,
 ) -> torch.Tensor:
     """vnm.linear for graphs whose token count is symbolic (dynamic shapes): an operator tracing does
     not enter, so the kernel, its config and the dense-or-sparse choice are picked per call from the
     real token count and the measured tables. Traced into such a graph, the kernels would be tuned
     once for the first token count seen and run with that config for every other one, and each
     token-count threshold of the dispatcher would add a guard (a recompile)."""
-    return _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels)
+    y = _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels,
+                    channel_major_out)
+    if channel_major_out:  # the fake's strides, also on size-1 dims (where a view's may differ): the same memory
+        y = y.as_strided(y.shape, channel_major(torch.empty(y.shape, device="meta")).stride())
+    return y
 
 
 @linear_at_run_time.register_fake
-def _(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels):
-    return x.new_empty(*x.shape[:-1], values.shape[0])
+def _(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, channel_major_out):
+    y = x.new_empty(*x.shape[:-1], values.shape[0])
+    return channel_major(y) if channel_major_out else y
 
 
 @linear.register_kernel("cpu")
-def _(x, values, columns, metadata, bias, v, m, in_features, dense=None, expanded=None, channels=None):
-    return linear_reference(x, values, columns, metadata, bias, v, m, in_features)
+def _(x, values, columns, metadata, bias, v, m, in_features, dense=None, expanded=None, channels=None,
+      channel_major_out=False):
+    y = linear_reference(x, values, columns, metadata, bias, v, m, in_features)
+    return channel_major(y) if channel_major_out else y
 
 
 def _backward(ctx, grad):

@@ -47,6 +47,7 @@ def vnm_prefill_kernel(
     EVEN_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    Y_CHANNEL_MAJOR: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -85,12 +86,18 @@ def vnm_prefill_kernel(
         else:  # tokens on the M side: suits row tiles narrower than 64
             acc = tl.dot(tl.trans(x), tl.trans(w), acc, input_precision=DOT_PRECISION)
 
-    if W_LEFT:
-        acc = tl.trans(acc)  # [BLOCK_T, BLOCK_N]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_t[:, None] * R + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=token_ok[:, None] & row_ok[None, :])
+    if W_LEFT != Y_CHANNEL_MAJOR:  # acc to the output's orientation
+        acc = tl.trans(acc)
+    if Y_CHANNEL_MAJOR:  # y as y.T [R, T], read channel-major by the next sparse linear (passes/layout.py)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs_n[:, None] * T + offs_t[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & token_ok[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_t[:, None] * R + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=token_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
@@ -141,14 +148,22 @@ def launch_prefill(
     m: int,
     in_features: int,
     out: torch.Tensor | None = None,
+    channel_major_out: bool = False,
     **config,
 ) -> torch.Tensor:
     """y [T, R] from xt [C, T] (x.T, either channel-major from `transpose` or the strided view
     `x.t()` of a row-major x), the expanded weight [R, 4G] and its channel index [ceil(R/V), 4G];
-    `kernel` is vnm_prefill_kernel (config: its blocks) or an autotuned wrapper."""
+    `kernel` is vnm_prefill_kernel (config: its blocks) or an autotuned wrapper. y is row-major,
+    or channel-major (the view y.T.t() of a contiguous [R, T]) with channel_major_out; `out`, if
+    given, is either."""
     tokens = xt.shape[1]
     rows, groups = expanded.shape[0], expanded.shape[1] // KEPT_COLUMNS
-    y = torch.empty(tokens, rows, dtype=xt.dtype, device=xt.device) if out is None else out
+    if out is not None:
+        y = out
+    elif channel_major_out:
+        y = torch.empty(rows, tokens, dtype=xt.dtype, device=xt.device).t()
+    else:
+        y = torch.empty(tokens, rows, dtype=xt.dtype, device=xt.device)
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(tokens, meta["BLOCK_T"]),)
@@ -158,6 +173,7 @@ def launch_prefill(
         rows, in_features, tokens, groups, xt.stride(0), xt.stride(1), m, token_bucket(tokens),
         V=v, HAS_BIAS=bias is not None, EVEN_C=in_features == groups * m,
         DOT_PRECISION=dot_precision(xt.dtype), DOT_IN_FP32=xt.dtype == torch.bfloat16 and interpreting(),
+        Y_CHANNEL_MAJOR=y.stride(1) != 1,  # a single token or row: both layouts are the same memory
         **config,
     )
     return y
