@@ -1,4 +1,5 @@
-"""passes/layout.py: which sparse linears read their input channel-major, and that nothing changes."""
+"""passes/layout.py: which sparse linears read their input or write their output channel-major, and
+that nothing changes."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vnm_compile.format import VNMWeight
-from vnm_compile.passes import channel_major_inputs
+from vnm_compile.passes import channel_major_layouts
 from vnm_compile.passes.layout import _name
 
 
@@ -37,10 +38,26 @@ class Block(nn.Module):
         return self.sparse("fc2", F.gelu(hidden)) + self.sparse("fc3", F.silu(gate) * up) + self.sparse("fc4", merged * 0.5)
 
 
-def traced(tokens: int, device: str) -> fx.GraphModule:
-    """The block's graph, each input of a vnm.linear carrying an example value of `tokens` tokens
-    on `device` (fake: the pass reads only the metadata)."""
-    gm = fx.symbolic_trace(Block())
+class Mlp(Block):
+    """fc1's output reaches fc2 through ReLU and fc3 through a gated product of its halves, nothing
+    else; with `residual`, it is also added to the result. (ReLU and a product give the same bits on
+    any layout; CPU GELU and SiLU round differently on strided inputs.)"""
+
+    def __init__(self, residual: bool = False):
+        super().__init__()
+        self.residual = residual
+
+    def forward(self, x):
+        hidden = self.sparse("fc1", F.layer_norm(x, (32,)))
+        gate, up = hidden.split(32, dim=-1)
+        out = self.sparse("fc2", F.relu(hidden)) + self.sparse("fc3", F.relu(gate) * up)
+        return out + gate if self.residual else out
+
+
+def traced(tokens: int, device: str, module: nn.Module | None = None) -> fx.GraphModule:
+    """The module's graph (default: Block), each input of a vnm.linear carrying an example value of
+    `tokens` tokens on `device` (fake: the pass reads only the metadata)."""
+    gm = fx.symbolic_trace(module or Block())
     with FakeTensorMode():
         for node in gm.graph.nodes:
             if node.target is torch.ops.vnm.linear.default:
@@ -53,28 +70,91 @@ def traced(tokens: int, device: str) -> fx.GraphModule:
 def copied_inputs(gm: fx.GraphModule) -> dict[str, str]:
     return {node.name: node.args[0].args[0].name for node in gm.graph.nodes
             if node.target is torch.ops.vnm.linear.default and node.args[0].op == "call_function"
-            and node.args[0].target.__name__ == "_channel_major"}
+            and node.args[0].target.__name__ == "channel_major"}
+
+
+def channel_major_writers(gm: fx.GraphModule) -> list[str]:
+    return [node.name for node in gm.graph.nodes if node.kwargs.get("channel_major_out")]
 
 
 def test_inputs_made_from_kernel_outputs_become_channel_major():
     gm = traced(64, "cuda")
-    changed = channel_major_inputs(gm)
+    changed = channel_major_layouts(gm)
     copied = copied_inputs(gm)
-    assert sorted(changed) == sorted(copied)
+    assert sorted(changed["inputs"]) == sorted(copied)
     # fc2, fc3 and fc4 read elementwise functions of fc1; fc1 reads a norm: left row-major
     assert set(copied.values()) == {"gelu", "mul", "mul_1"}
+    # fc1's output also goes through views that merge dimensions (the head merge): written row-major
+    assert changed["outputs"] == [] and channel_major_writers(gm) == []
+
+
+def test_output_read_only_by_channel_major_copies_is_written_channel_major():
+    gm = traced(64, "cuda", Mlp())
+    changed = channel_major_layouts(gm)
+    assert sorted(copied_inputs(gm).values()) == ["mul", "relu"]
+    assert changed["outputs"] == channel_major_writers(gm) == ["linear_default"]  # fc1
+
+
+def test_output_with_another_use_stays_row_major():
+    gm = traced(64, "cuda", Mlp(residual=True))
+    changed = channel_major_layouts(gm)
+    assert sorted(copied_inputs(gm).values()) == ["mul", "relu"] and changed["outputs"] == []
 
 
 @pytest.mark.parametrize("tokens,device", [(32, "cuda"), (64, "cpu")])
 def test_few_tokens_and_cpu_graphs_are_left_alone(tokens, device):
-    gm = traced(tokens, device)
-    assert channel_major_inputs(gm) == [] and copied_inputs(gm) == {}
+    gm = traced(tokens, device, Mlp())
+    assert channel_major_layouts(gm) == {"inputs": [], "outputs": []}
+    assert copied_inputs(gm) == {} and channel_major_writers(gm) == []
 
 
-def test_channel_major_graph_computes_the_same():
-    gm = traced(64, "cuda")
+@pytest.mark.parametrize("module", [Block, Mlp])
+def test_channel_major_graph_computes_the_same(module):
+    gm = traced(64, "cuda", module())
     x = torch.randn(2, 32, 32)
     expected = gm(x)
-    channel_major_inputs(gm)
+    channel_major_layouts(gm)
     assert copied_inputs(gm)
     torch.testing.assert_close(gm(x), expected, rtol=0, atol=0)
+
+
+def test_op_writes_channel_major_on_request():
+    block = Block()
+    x = torch.randn(2, 5, 32)
+    args = (x, block.fc1_values, block.fc1_columns, block.fc1_metadata, None, 16, 8, 32)
+    row_major = torch.ops.vnm.linear(*args)
+    written = torch.ops.vnm.linear(*args, channel_major_out=True)
+    assert row_major.is_contiguous() and written.permute(2, 0, 1).is_contiguous()
+    assert torch.equal(written, row_major)
+
+
+class DenseMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(256), nn.Linear(256, 1024), nn.Linear(1024, 256)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_mlp_writes_fc1_channel_major():
+    """On CUDA, with Inductor: fc1 writes its output channel-major, the GELU keeps that layout, fc2
+    reads it in place, and the result is what the graph computes without the layout stage."""
+    import vnm_compile as vnm
+    from vnm_compile.backend import vnm_backend  # not the name "vnm": the GPU machine runs tests uninstalled
+
+    torch.manual_seed(0)
+    model = DenseMlp().cuda().half().eval()
+    x = torch.randn(4, 128, 256, device="cuda", dtype=torch.float16)
+    outputs, reports = {}, {}
+    for inductor in (True, False):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            outputs[inductor] = torch.compile(model, backend=vnm_backend, options={"m": 8, "verify": True,
+                                                                                    "inductor": inductor})(x)
+        reports[inductor] = vnm.reports()[-1]
+        assert reports[inductor].verification.sparse_error < 1e-2
+    layout_code = next(stage.after for stage in reports[True].stages if stage.stage == "layout")
+    assert layout_code.count("channel_major_out = True") == 1 and "channel_major(gelu)" in layout_code
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=2e-3, atol=2e-3)

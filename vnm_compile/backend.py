@@ -34,7 +34,7 @@ from torch import fx
 
 from .calibration import Calibration
 from .config import VNMConfig
-from .passes import channel_major_inputs, discover, fold, permute, score, sparsify, verify
+from .passes import channel_major_layouts, discover, fold, permute, score, sparsify, verify
 from .passes.common import Reuse, concrete_inputs, graph_parameters
 from .passes.diff import StageRecorder
 from .passes.fold import Folded
@@ -112,7 +112,7 @@ def transform(
         stages.record("sparsify", sparse.gm)
         if config.inductor:  # the copies it adds are free only where Inductor fuses them into their producer
             with timed("layout"):
-                channel_major_inputs(sparse.gm)
+                channel_major_layouts(sparse.gm)
             stages.record("layout", sparse.gm)
     verification = None
     if config.verify:

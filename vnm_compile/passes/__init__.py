@@ -2,10 +2,10 @@
 
 from .discover import discover
 from .fold import fold
-from .layout import channel_major_inputs
+from .layout import channel_major_layouts
 from .permute import permute
 from .score import score
 from .sparsify import sparsify
 from .verify import verify
 
-__all__ = ["channel_major_inputs", "discover", "fold", "permute", "score", "sparsify", "verify"]
+__all__ = ["channel_major_layouts", "discover", "fold", "permute", "score", "sparsify", "verify"]

@@ -5,10 +5,13 @@ call (a read and a write of the activations: 18% of a DeiT-base step at batch 25
 is made by elementwise ops on the output of a matmul or attention (the GELU or SwiGLU before an
 MLP's down projection, the head merge before the output projection), this stage makes it a
 channel-major copy in the graph; Inductor then writes it that way from the kernel that computes it,
-and the op reads it in place. Inputs that come out of a normalisation are left alone: Inductor may
-fuse the transposed store into the norm's reduction, whose stores then stop coalescing (slower than
-the transpose it saves). Graphs compiled for a few tokens are left alone too: the decode kernels
-read x row-major.
+and the op reads it in place. Where that elementwise work reads a sparse linear's output and
+nothing else uses it (fc1 -> GELU -> fc2, gate/up -> SwiGLU -> down), the producing linear writes
+channel-major too, so that the elementwise kernel reads and writes one layout instead of
+transposing. Inputs that come out of a normalisation are left alone: Inductor may fuse the
+transposed store into the norm's reduction, whose stores then stop coalescing (slower than the
+transpose it saves). Graphs compiled for a few tokens are left alone too: the decode kernels read x
+row-major.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..kernels.op import channel_major
+
 # What Inductor computes without a kernel boundary between the producer and its consumer.
 _ELEMENTWISE = {
     "add", "sub", "mul", "div", "truediv", "neg", "gelu", "silu", "relu", "sigmoid", "tanh", "to", "float", "half",
@@ -28,33 +33,54 @@ _ELEMENTWISE = {
 }
 # Outputs written by a kernel that is not fused with what follows.
 _KERNEL_OUTPUTS = {"scaled_dot_product_attention", "linear", "matmul", "bmm"}
+# What keeps a channel-major tensor channel-major: elementwise math, and splits of its last dimension
+# (views; a view that merges dimensions could fail on it).
+_LAYOUT_KEEPING = {
+    "add", "sub", "mul", "div", "truediv", "neg", "gelu", "silu", "relu", "sigmoid", "tanh", "to", "float", "half",
+    "bfloat16", "type_as", "getitem", "split", "chunk",
+}
 
 
-def channel_major_inputs(gm: fx.GraphModule) -> list[str]:
+def channel_major_layouts(gm: fx.GraphModule) -> dict[str, list[str]]:
     """Give each eligible vnm.linear (CUDA input, more than ROW_MAJOR_MAX_TOKENS tokens where the
     graph was traced, made by elementwise ops on kernel outputs) a channel-major copy of its input,
-    one per input node; returns the names of the vnm.linear nodes changed."""
+    one per input node, and make each vnm.linear whose output reaches only such copies write it
+    channel-major; returns the names of the vnm.linear nodes changed, under "inputs" and "outputs"."""
     copies: dict[fx.Node, fx.Node] = {}
-    changed = []
+    inputs = []
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.vnm.linear.default:
+        if not _is_sparse_linear(node):
             continue
         x = node.args[0]
         if x not in copies:
             if not (_prefill_sized(x) and _from_kernel_outputs(x, set())):
                 continue
             with gm.graph.inserting_after(x):
-                copies[x] = gm.graph.call_function(_channel_major, (x,))
+                copies[x] = gm.graph.call_function(channel_major, (x,))
         node.replace_input_with(x, copies[x])
-        changed.append(node.name)
+        inputs.append(node.name)
+    copy_nodes = set(copies.values())
+    outputs = []
+    for node in gm.graph.nodes:
+        if _is_sparse_linear(node) and _prefill_sized(node.args[0]) and _reaches_only(node, copy_nodes, set()):
+            node.update_kwarg("channel_major_out", True)
+            outputs.append(node.name)
     gm.recompile()
-    return changed
+    return {"inputs": inputs, "outputs": outputs}
 
 
-def _channel_major(x: torch.Tensor) -> torch.Tensor:
-    """x with the same shape and values, laid out channel-major (its last dimension slowest)."""
-    order = (x.dim() - 1, *range(x.dim() - 1))
-    return x.permute(order).contiguous().permute((*range(1, x.dim()), 0))
+def _is_sparse_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.vnm.linear.default
+
+
+def _reaches_only(node: fx.Node, copies: set[fx.Node], seen: set[fx.Node]) -> bool:
+    """Whether every use of `node`'s value, followed through layout-keeping ops, is one of `copies`."""
+    if node in seen:
+        return True
+    seen.add(node)
+    return bool(node.users) and all(
+        user in copies or (_name(user) in _LAYOUT_KEEPING and _reaches_only(user, copies, seen))
+        for user in node.users)
 
 
 def _prefill_sized(x: fx.Node) -> bool:
