@@ -25,20 +25,17 @@ from torch import fx
 
 from ..kernels.op import channel_major
 
-# What Inductor computes without a kernel boundary between the producer and its consumer.
-_ELEMENTWISE = {
-    "add", "sub", "mul", "div", "truediv", "neg", "gelu", "silu", "relu", "sigmoid", "tanh", "to", "float", "half",
-    "bfloat16", "type_as", "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten",
-    "getitem", "split", "chunk", "squeeze", "unsqueeze",
-}
-# Outputs written by a kernel that is not fused with what follows.
-_KERNEL_OUTPUTS = {"scaled_dot_product_attention", "linear", "matmul", "bmm"}
 # What keeps a channel-major tensor channel-major: elementwise math, and splits of its last dimension
 # (views; a view that merges dimensions could fail on it).
 _LAYOUT_KEEPING = {
     "add", "sub", "mul", "div", "truediv", "neg", "gelu", "silu", "relu", "sigmoid", "tanh", "to", "float", "half",
     "bfloat16", "type_as", "getitem", "split", "chunk",
 }
+# What Inductor computes without a kernel boundary between the producer and its consumer.
+_ELEMENTWISE = _LAYOUT_KEEPING | {
+    "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "squeeze", "unsqueeze"}
+# Outputs written by a kernel that is not fused with what follows.
+_KERNEL_OUTPUTS = {"scaled_dot_product_attention", "linear", "matmul", "bmm"}
 
 
 def channel_major_layouts(gm: fx.GraphModule) -> dict[str, list[str]]:
