@@ -35,6 +35,7 @@ from vnm_compile.format import VNMWeight
 from vnm_compile.kernels.decode import launch_decode, vnm_decode_kernel
 from vnm_compile.kernels.prefill import channel_index, expand_weight, launch_prefill, transpose, vnm_prefill_kernel
 from timing import DEVICE, ceilings, fake_weight, graph_us, log, precompile
+import gluon_prefill
 
 warnings.filterwarnings("ignore", message="column_select='optimal'")
 L2_BYTES = 60 << 20
@@ -78,10 +79,11 @@ class Kernels:
 
     def __init__(self):
         self.prefill, self.decode, self.last = Capture(vnm_prefill_kernel), Capture(vnm_decode_kernel), None
+        self.gluon = Capture(gluon_prefill.gluon_prefill_kernel)
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            kernel = self.prefill if "W_LEFT" in kwargs else self.decode
+            kernel = self.prefill if "W_LEFT" in kwargs else self.gluon if "WORDS" in kwargs else self.decode
             self.last = kernel[grid](*args, **kwargs)
             return self.last
         return run
@@ -220,6 +222,23 @@ def run_prefill(layout, cfg, expanded, bias=None, out=None):
     )
 
 
+# Round 23: the Gluon prefill kernel (gluon_prefill.py), M = 8, V = 64: x read row-major in dense
+# chunks once for ROW_BLOCKS row blocks, each block's kept channels picked in registers by byte
+# permutes into wgmma's register A operand. (ROW_BLOCKS, CHUNK_GROUPS, STAGES, BLOCK_T)
+GLUON_CONFIGS = [(2, 8, 3, 64), (4, 4, 3, 64), (1, 8, 3, 128), (2, 8, 3, 128), (4, 4, 3, 128), (4, 8, 2, 128)]
+
+
+def gluon_fits(v, m):
+    return DEVICE == "cuda" and v == 64 and m == 8
+
+
+def run_gluon(x, layout, cfg, expanded, out=None):
+    """layout["weight"], layout["channels"] as for run_prefill; x row-major (no transpose)."""
+    weight = layout["weight"]
+    return gluon_prefill.launch(x, expanded, layout["channels"], weight.v, weight.in_features, *cfg, out=out,
+                                kernel=KERNEL)
+
+
 def run_decode(x, weight, cfg, out=None, maxnreg=None):
     bn, bj, split_k, warps, stages, use_dot, select_x, prefetch = cfg
     cap = {} if maxnreg is None else {"maxnreg": maxnreg}
@@ -242,7 +261,11 @@ def compile_job(job):
     torch.cuda.init()
     weight = fake_weight(rows, cols, v, m)
     try:
-        if kind in ("prefill", "rowx"):
+        if kind == "gluon":
+            x = torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16)
+            layout = {"weight": weight, "channels": channel_index(weight.columns, m)}
+            run_gluon(x, layout, cfg, expand_weight(weight.values, weight.metadata))
+        elif kind in ("prefill", "rowx"):
             x = torch.randn(tokens, cols, device=DEVICE, dtype=torch.float16)
             layout = {"xt": x.t() if kind == "rowx" else transpose(x), "weight": weight,
                       "channels": channel_index(weight.columns, m)}
@@ -290,6 +313,10 @@ def prefill_case(rows, cols, tokens, v, m, configs, results, dtype=torch.float16
         entry["variants"][f"exp {cfg}"] = measure(
             lambda y: run_prefill(layout, cfg, expanded, out=y),
             lambda: graph_ms([lambda: run_prefill(layout, cfg, expanded)]), x, weight, rows, dtype)
+    for cfg in GLUON_CONFIGS if gluon_fits(v, m) else []:  # reads x row-major: compare with exp's +T ratio
+        entry["variants"][f"gl {cfg}"] = measure(
+            lambda y: run_gluon(x, layout, cfg, expanded, out=y),
+            lambda: graph_ms([lambda: run_gluon(x, layout, cfg, expanded)]), x, weight, rows, dtype)
     dense_ms, tr = entry["dense_ms"], entry["transpose_ms"]
     log(f"\n{key}: dense {dense_ms*1e3:.1f}us  condensed bound {entry['condensed_ms']*1e3:.1f}us "
         f"({dense_ms/entry['condensed_ms']:.2f}x)  transpose triton {tr*1e3:.1f}us torch "
@@ -436,7 +463,8 @@ def main():
         decode_shapes = []
     if not args.skip_precompile and not args.smoke:
         jobs = [] if args.decode_only else [("prefill", *first, cfg) for cfg in PREFILL_CONFIGS
-                                            if fits(cfg, first[3])]
+                                            if fits(cfg, first[3])] + [
+            ("gluon", *first, cfg) for cfg in GLUON_CONFIGS if gluon_fits(first[3], first[4])]
         jobs += [("decode", r, c, t, 64, m, cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
                  for t in decode_tokens for m in decode_ms for cfg in DECODE_CONFIGS if decode_fits(cfg, t)]
         jobs += [("rowx", r, c, t, 64, m, cfg) for (r, c) in decode_shapes[:1] + decode_shapes[2:]
@@ -461,7 +489,8 @@ def main():
 
     if others and not args.skip_precompile and not args.smoke:
         precompile(compile_job, [("prefill", *case, cfg) for case in others for cfg in case_configs(case)
-                    if fits(cfg, case[3])])
+                    if fits(cfg, case[3])] + [("gluon", *case, cfg) for case in others for cfg in GLUON_CONFIGS
+                                              if gluon_fits(case[3], case[4])])
     for case in others:
         prefill_case(*case, case_configs(case), results)
         json.dump(results, open(args.out, "w"), indent=1)

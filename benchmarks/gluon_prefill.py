@@ -1,0 +1,211 @@
+"""Round 23's prefill kernel in Gluon (Triton's lower-level dialect): x reused across row blocks.
+
+The package's prefill kernel gathers each row block's kept channels of x.T from L2 into shared
+memory, so x is read R/V times (benchmarks/NOTES.md, rounds 2, 11, 21). Here a program owns
+ROW_BLOCKS row blocks and BLOCK_T tokens (64 a warpgroup, tokens on the MMA's M side). Per step it loads
+one dense chunk of row-major x (CHUNK_GROUPS groups of M channels, 16-byte vectors; no transpose)
+into registers once, each thread holding all M channels of the (token, group) pairs whose kept
+values it holds in wgmma's register A layout. For each row block, `gl.gather` along the channel
+axis then picks the block's 4 kept channels of every group inside each thread (register selects,
+no shuffles) and the result is wgmma's A operand as it stands; the row block's expanded weights
+[V, 4 * CHUNK_GROUPS] are the B operand, from shared memory. x crosses L2 once per ROW_BLOCKS row
+blocks instead of once per row block, and no gathered tile goes through shared memory.
+
+Pipelining: the weight tiles of all row blocks come by cp.async into a ring of STAGES steps,
+issued STAGES - 1 steps ahead; x's words for the next step are loaded into registers while this
+step's picks and MMAs run; the row blocks' MMAs are issued asynchronously and awaited together.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+# Two kept fp16 values of one group (8 channels in 4 words, $1-$4) packed in $0: one byte permute
+# picks each value's half-word out of words 0-1, one out of words 2-3, a third keeps the right one of
+# each ($5, $6: the selectors of `_pair_selectors`). One line, no escapes.
+_PICK_PAIR: gl.constexpr = gl.constexpr(
+    "{ .reg .b32 lo, hi; prmt.b32 lo, $1, $2, $5; prmt.b32 hi, $3, $4, $5; prmt.b32 $0, lo, hi, $6; }")
+
+
+@gluon.jit
+def _pair_selectors(even, odd):
+    """prmt selectors that pick in-group columns `even` and `odd` (0-7) of a group's 4 words."""
+    byte_even = ((even >> 1) & 1) * 4 + (even & 1) * 2
+    byte_odd = ((odd >> 1) & 1) * 4 + (odd & 1) * 2
+    within = byte_even | ((byte_even + 1) << 4) | (byte_odd << 8) | ((byte_odd + 1) << 12)
+    upper_even = (even >> 2) * 4
+    upper_odd = (odd >> 2) * 4 + 2
+    upper = upper_even | ((upper_even + 1) << 4) | (upper_odd << 8) | ((upper_odd + 1) << 12)
+    return within, upper
+
+
+@gluon.jit
+def _picked(w0, w1, w2, w3, channel_ptr, block, blocks, kept, k0, CHUNK_GROUPS: gl.constexpr,
+            PAIRS: gl.constexpr, A_LAYOUT: gl.constexpr):
+    """Row block `block`'s kept channels of the chunk (4 of each group's 8, as 2 pairs), picked in
+    registers: wgmma's A operand [BLOCK_T tokens, 4 * CHUNK_GROUPS]."""
+    SELECTORS: gl.constexpr = gl.SliceLayout(0, PAIRS)  # [CHUNK_GROUPS, 2 pairs]
+    slots = k0 + gl.expand_dims(gl.arange(0, CHUNK_GROUPS, layout=gl.SliceLayout(1, SELECTORS)), 1) * 4 \
+        + gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, SELECTORS)), 0) * 2
+    slot_ok = (slots < kept) & (block < blocks)
+    start = (slots // 4) * 8
+    even = gl.load(channel_ptr + block * kept + slots, mask=slot_ok, other=0) - start
+    odd = gl.load(channel_ptr + block * kept + slots + 1, mask=slot_ok, other=0) - start
+    within, upper = _pair_selectors(gl.where(slot_ok, even, 0), gl.where(slot_ok, odd, 0))
+    pairs = gl.inline_asm_elementwise(_PICK_PAIR, "=r,r,r,r,r,r,r",
+                                      [w0, w1, w2, w3, gl.expand_dims(within, 0), gl.expand_dims(upper, 0)],
+                                      dtype=gl.int32, is_pure=True, pack=1)  # [BLOCK_T, CHUNK_GROUPS, 2]
+    low = (pairs & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
+    high = (pairs >> 16).to(gl.int16).to(gl.float16, bitcast=True)
+    picked = gl.join(low, high)
+    return gl.convert_layout(gl.reshape(picked, [picked.shape[0], 4 * CHUNK_GROUPS]), A_LAYOUT, assert_trivial=True)
+
+
+@gluon.jit
+def _load_weights(w_smem, w_ptr, first, R, kept, step, STAGES: gl.constexpr, ROW_BLOCKS: gl.constexpr,
+                  V: gl.constexpr, KS: gl.constexpr, W_LAYOUT: gl.constexpr):
+    """cp.async of step `step`'s expanded weight tiles [V, KS] of the program's row blocks into its
+    ring slot (nothing past the last step or row), as one commit group."""
+    rows = first * V + gl.arange(0, V, layout=gl.SliceLayout(1, W_LAYOUT))
+    slots = step * KS + gl.arange(0, KS, layout=gl.SliceLayout(0, W_LAYOUT))
+    for r in gl.static_range(ROW_BLOCKS):
+        block_rows = rows + r * V
+        mask = gl.expand_dims(block_rows < R, 1) & gl.expand_dims(slots < kept, 0)
+        async_copy.async_copy_global_to_shared(w_smem.index((step % STAGES) * ROW_BLOCKS + r),
+                                               w_ptr + gl.expand_dims(block_rows, 1) * kept + gl.expand_dims(slots, 0),
+                                               mask=mask)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _load_words(x_ptr, rows_x, token_ok, in_chunk, words_per_row, k0):
+    """A chunk of x as int32 words [BLOCK_T, CHUNK_GROUPS, 4]: 4 words (8 channels) a group."""
+    columns = k0 + in_chunk  # 4 words a group, as 4 kept slots a group
+    return gl.load(x_ptr + rows_x + columns, mask=token_ok & (columns < words_per_row), other=0)
+
+
+@gluon.jit
+def _store_row_block(acc, y_ptr, block, R, T, t0, V: gl.constexpr, MMA: gl.constexpr):
+    tokens = t0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, MMA))
+    rows = block * V + gl.arange(0, V, layout=gl.SliceLayout(0, MMA))
+    mask = gl.expand_dims(tokens < T, 1) & gl.expand_dims(rows < R, 0)
+    gl.store(y_ptr + gl.expand_dims(tokens, 1) * R + gl.expand_dims(rows, 0), acc.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@gluon.jit
+def gluon_prefill_kernel(x_ptr, w_ptr, channel_ptr, y_ptr, R, C, T, G,
+                         V: gl.constexpr, ROW_BLOCKS: gl.constexpr, CHUNK_GROUPS: gl.constexpr,
+                         STAGES: gl.constexpr, BLOCK_T: gl.constexpr, WORDS: gl.constexpr, PAIRS: gl.constexpr):
+    """y [T, R] from row-major x [T, C] read as int32 words [T, C / 2] (M = 8), the expanded weight
+    [R, 4G] and the channel index [ceil(R/V), 4G]; the layouts come from `layouts`."""
+    KS: gl.constexpr = 4 * CHUNK_GROUPS
+    WARPS: gl.constexpr = BLOCK_T // 16
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, V, 16])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    W_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])  # [V, KS], kept slots fastest
+    W_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([V, KS], gl.float16)
+    GROUP_WORDS: gl.constexpr = gl.SliceLayout(2, PAIRS)  # [BLOCK_T, CHUNK_GROUPS]: one word of each group
+
+    t0 = gl.program_id(1) * BLOCK_T
+    first = gl.program_id(0) * ROW_BLOCKS
+    blocks = (R + V - 1) // V
+    kept = 4 * G
+    steps = (kept + KS - 1) // KS
+    words_per_row = C // 2
+    w_smem = gl.allocate_shared_memory(gl.float16, [STAGES * ROW_BLOCKS, V, KS], W_SMEM)
+    acc0 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
+    acc1 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
+    acc2 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
+    acc3 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
+    tokens = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
+    groups = gl.arange(0, CHUNK_GROUPS, layout=gl.SliceLayout(1, gl.SliceLayout(0, WORDS)))
+    word = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, WORDS)))
+    in_chunk = gl.expand_dims(gl.expand_dims(groups, 1) * 4 + gl.expand_dims(word, 0), 0)  # [1, CG, 4]
+    token_ok = gl.expand_dims(gl.expand_dims(tokens < T, 1), 2)
+    rows_x = gl.expand_dims(gl.expand_dims(tokens, 1), 2) * words_per_row
+
+    for step in gl.static_range(STAGES - 1):
+        _load_weights(w_smem, w_ptr, first, R, kept, step, STAGES, ROW_BLOCKS, V, KS, W_LAYOUT)
+    x_words = _load_words(x_ptr, rows_x, token_ok, in_chunk, words_per_row, 0)
+    for step in range(steps):
+        k0 = step * KS
+        _load_weights(w_smem, w_ptr, first, R, kept, step + STAGES - 1, STAGES, ROW_BLOCKS, V, KS, W_LAYOUT)
+        next_words = _load_words(x_ptr, rows_x, token_ok, in_chunk, words_per_row, k0 + KS)
+        evens, odds = gl.split(gl.reshape(x_words, [BLOCK_T, CHUNK_GROUPS, 2, 2]))  # words 0, 2 and 1, 3
+        w0, w2 = gl.split(evens)
+        w1, w3 = gl.split(odds)
+        w0 = gl.expand_dims(gl.convert_layout(w0, GROUP_WORDS, assert_trivial=True), 2)
+        w1 = gl.expand_dims(gl.convert_layout(w1, GROUP_WORDS, assert_trivial=True), 2)
+        w2 = gl.expand_dims(gl.convert_layout(w2, GROUP_WORDS, assert_trivial=True), 2)
+        w3 = gl.expand_dims(gl.convert_layout(w3, GROUP_WORDS, assert_trivial=True), 2)
+        async_copy.wait_group(STAGES - 1)  # this step's weight tiles, from this thread's copies
+        gl.thread_barrier()  # and from every other thread's
+        fence_async_shared()
+        slot = (step % STAGES) * ROW_BLOCKS
+        a = _picked(w0, w1, w2, w3, channel_ptr, first, blocks, kept, k0, CHUNK_GROUPS, PAIRS, A_LAYOUT)
+        acc0 = warpgroup_mma(a, w_smem.index(slot).permute((1, 0)), acc0, is_async=True)
+        if ROW_BLOCKS >= 2:
+            a = _picked(w0, w1, w2, w3, channel_ptr, first + 1, blocks, kept, k0, CHUNK_GROUPS, PAIRS, A_LAYOUT)
+            acc1 = warpgroup_mma(a, w_smem.index(slot + 1).permute((1, 0)), acc1, is_async=True)
+        if ROW_BLOCKS >= 4:
+            a = _picked(w0, w1, w2, w3, channel_ptr, first + 2, blocks, kept, k0, CHUNK_GROUPS, PAIRS, A_LAYOUT)
+            acc2 = warpgroup_mma(a, w_smem.index(slot + 2).permute((1, 0)), acc2, is_async=True)
+            a = _picked(w0, w1, w2, w3, channel_ptr, first + 3, blocks, kept, k0, CHUNK_GROUPS, PAIRS, A_LAYOUT)
+            acc3 = warpgroup_mma(a, w_smem.index(slot + 3).permute((1, 0)), acc3, is_async=True)
+        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
+        gl.thread_barrier()  # the slot is rewritten STAGES - 1 steps on
+        x_words = next_words
+    async_copy.wait_group(0)
+    _store_row_block(acc0, y_ptr, first, R, T, t0, V, MMA)
+    if ROW_BLOCKS >= 2:
+        _store_row_block(acc1, y_ptr, first + 1, R, T, t0, V, MMA)
+    if ROW_BLOCKS >= 4:
+        _store_row_block(acc2, y_ptr, first + 2, R, T, t0, V, MMA)
+        _store_row_block(acc3, y_ptr, first + 3, R, T, t0, V, MMA)
+
+
+def _a_operand_bases(tokens: int, kept_slots: int) -> tuple[list, list, list]:
+    """wgmma's register A layout (fp16, tokens / 16 warps) of a [tokens, kept_slots] tile as
+    linear-layout bases (register, lane, warp) over (token, slot)."""
+    registers = [[0, 1], [8, 0]] + [[0, 8 << i] for i in range(kept_slots.bit_length() - 4)]
+    warps = [[16 << i, 0] for i in range(tokens.bit_length() - 5)]
+    return registers, [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], warps
+
+
+def layouts(tokens: int, chunk_groups: int) -> tuple[gl.DistributedLinearLayout, gl.DistributedLinearLayout]:
+    """(words, pairs) for M = 8: the layout of a chunk of x as int32 words [tokens, chunk_groups, 4]
+    and of the picked pairs [tokens, chunk_groups, 2]. Kept slot k = 4 g + 2 p + h of the A layout is
+    half h of pair p of group g; a thread holds all 4 words of each group it picks from (the lanes
+    that differ in p only hold the same words: a broadcast), so the pick never leaves the thread."""
+    registers, lanes, warps = _a_operand_bases(tokens, 4 * chunk_groups)
+    split = lambda basis: [basis[0], basis[1] >> 2, (basis[1] >> 1) & 1]  # (token, group, pair); drops h
+    half = [0, 1]
+    pairs = gl.DistributedLinearLayout([split(b) for b in registers if b != half], [split(b) for b in lanes],
+                                       [split(b) for b in warps], [], [tokens, chunk_groups, 2])
+    words = gl.DistributedLinearLayout(
+        [[0, 0, 1], [0, 0, 2]] + [split(b) for b in registers if b != half and split(b)[2] == 0],
+        [split(b) if split(b)[2] == 0 else [0, 0, 0] for b in lanes], [split(b) for b in warps], [],
+        [tokens, chunk_groups, 4])
+    return words, pairs
+
+
+def launch(x: torch.Tensor, expanded: torch.Tensor, channels: torch.Tensor, v: int, in_features: int,
+           row_blocks: int, chunk_groups: int, stages: int = 3, block_t: int = 64, out: torch.Tensor | None = None,
+           kernel=gluon_prefill_kernel) -> torch.Tensor:
+    """y = x @ W.T from row-major fp16 x [T, C] at M = 8 (C even); 4 * chunk_groups one of 16, 32, 64;
+    block_t 64 (one warpgroup) or 128 (two).
+    `kernel` stands in for gluon_prefill_kernel (gpu_check's capture of the compiled kernel)."""
+    tokens, rows, groups = x.shape[0], expanded.shape[0], expanded.shape[1] // 4
+    y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device) if out is None else out
+    words, pairs = layouts(block_t, chunk_groups)
+    grid = (triton.cdiv(triton.cdiv(rows, v), row_blocks), triton.cdiv(tokens, block_t))
+    kernel[grid](x.view(torch.int32), expanded, channels, y, rows, in_features, tokens, groups, V=v,
+                               ROW_BLOCKS=row_blocks, CHUNK_GROUPS=chunk_groups, STAGES=stages, BLOCK_T=block_t,
+                               WORDS=words, PAIRS=pairs, num_warps=block_t // 16)
+    return y
