@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .common import token_bucket
 from .decode import launch_decode
+from .op import channel_major
 from .prefill import ROW_MAJOR_MAX_TOKENS, channel_index, expand_weight, launch_prefill, transpose, transpose_kernel
 from .tuning import AUTOTUNED, gpu_slug, load_table, remember_tuned, table_key
 
@@ -96,5 +97,5 @@ def vnm_matmul(
                           in_features, split_k=split_k)
     remember_tuned()
     if channel_major_out and y.stride(1) == 1:  # not written channel-major (or one token: the same)
-        y = y.t().contiguous().t()
+        y = channel_major(y)
     return y
