@@ -45,18 +45,16 @@ def _pair_selectors(even, odd):
 
 
 @gluon.jit
-def _picked(w0, w1, w2, w3, channel_ptr, block, blocks, kept, k0, CHUNK_GROUPS: gl.constexpr,
-            PAIRS: gl.constexpr, A_LAYOUT: gl.constexpr):
-    """Row block `block`'s kept channels of the chunk (4 of each group's 8, as 2 pairs), picked in
-    registers: wgmma's A operand [BLOCK_T tokens, 4 * CHUNK_GROUPS]."""
+def _picked(w0, w1, w2, w3, channels, block: gl.constexpr, CHUNK_GROUPS: gl.constexpr, PAIRS: gl.constexpr,
+            A_LAYOUT: gl.constexpr):
+    """A row block's kept channels of the chunk (4 of each group's 8, as 2 pairs), picked in
+    registers: wgmma's A operand [BLOCK_T tokens, 4 * CHUNK_GROUPS]. `channels` holds the step's
+    channels as [(row block, half, group), pair] (0 past the last kept slot); `block` is the row
+    block's place among the program's."""
     SELECTORS: gl.constexpr = gl.SliceLayout(0, PAIRS)  # [CHUNK_GROUPS, 2 pairs]
-    slots = k0 + gl.expand_dims(gl.arange(0, CHUNK_GROUPS, layout=gl.SliceLayout(1, SELECTORS)), 1) * 4 \
-        + gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, SELECTORS)), 0) * 2
-    slot_ok = (slots < kept) & (block < blocks)
-    start = (slots // 4) * 8
-    even = gl.load(channel_ptr + block * kept + slots, mask=slot_ok, other=0) - start
-    odd = gl.load(channel_ptr + block * kept + slots + 1, mask=slot_ok, other=0) - start
-    within, upper = _pair_selectors(gl.where(slot_ok, even, 0), gl.where(slot_ok, odd, 0))
+    even = channels.slice(2 * block * CHUNK_GROUPS, CHUNK_GROUPS).load(SELECTORS) & 7  # groups start at multiples of 8
+    odd = channels.slice((2 * block + 1) * CHUNK_GROUPS, CHUNK_GROUPS).load(SELECTORS) & 7
+    within, upper = _pair_selectors(even, odd)
     pairs = gl.inline_asm_elementwise(_PICK_PAIR, "=r,r,r,r,r,r,r",
                                       [w0, w1, w2, w3, gl.expand_dims(within, 0), gl.expand_dims(upper, 0)],
                                       dtype=gl.int32, is_pure=True, pack=1)  # [BLOCK_T, CHUNK_GROUPS, 2]
@@ -67,26 +65,41 @@ def _picked(w0, w1, w2, w3, channel_ptr, block, blocks, kept, k0, CHUNK_GROUPS: 
 
 
 @gluon.jit
-def _load_weights(w_smem, w_ptr, first, R, kept, step, STAGES: gl.constexpr, ROW_BLOCKS: gl.constexpr,
-                  V: gl.constexpr, KS: gl.constexpr, W_LAYOUT: gl.constexpr):
-    """cp.async of step `step`'s expanded weight tiles [V, KS] of the program's row blocks into its
-    ring slot (nothing past the last step or row), as one commit group."""
-    rows = first * V + gl.arange(0, V, layout=gl.SliceLayout(1, W_LAYOUT))
-    slots = step * KS + gl.arange(0, KS, layout=gl.SliceLayout(0, W_LAYOUT))
-    for r in gl.static_range(ROW_BLOCKS):
-        block_rows = rows + r * V
-        mask = gl.expand_dims(block_rows < R, 1) & gl.expand_dims(slots < kept, 0)
-        async_copy.async_copy_global_to_shared(w_smem.index((step % STAGES) * ROW_BLOCKS + r),
-                                               w_ptr + gl.expand_dims(block_rows, 1) * kept + gl.expand_dims(slots, 0),
-                                               mask=mask)
+def _load_step(x_smem, w_smem, channel_smem, x_ptr, w_ptr, channel_ptr, t0, T, words_per_row, first, R, kept,
+               step, STAGES: gl.constexpr, ROW_BLOCKS: gl.constexpr, V: gl.constexpr, CHUNK_GROUPS: gl.constexpr,
+               BLOCK_T: gl.constexpr):
+    """cp.async of step `step`'s x chunk, its row blocks' expanded weight tiles and their channel
+    indices into ring slot `step % STAGES`, as one commit group (all masked past the last step).
+    One copy a buffer: copies into one buffer at indices the compiler cannot tell apart would each
+    get a CTA barrier."""
+    KS: gl.constexpr = 4 * CHUNK_GROUPS
+    WARPS: gl.constexpr = BLOCK_T // 16
+    X_COPY: gl.constexpr = gl.BlockedLayout([1, 1, 4], [32 // CHUNK_GROUPS, CHUNK_GROUPS, 1], [WARPS, 1, 1], [2, 1, 0])
+    W_COPY: gl.constexpr = gl.BlockedLayout([1, 8], [256 // KS, KS // 8], [WARPS, 1], [1, 0])  # kept slots fastest
+    C_COPY: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    slot = step % STAGES
+    k0 = step * KS
+
+    tokens = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, gl.SliceLayout(2, X_COPY)))
+    groups = gl.arange(0, CHUNK_GROUPS, layout=gl.SliceLayout(1, gl.SliceLayout(0, X_COPY)))
+    word = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, X_COPY)))
+    columns = gl.expand_dims(k0 + gl.expand_dims(groups, 1) * 4 + gl.expand_dims(word, 0), 0)  # 4 words a group
+    rows_x = gl.expand_dims(gl.expand_dims(tokens, 1), 2)
+    async_copy.async_copy_global_to_shared(x_smem.index(slot), x_ptr + rows_x * words_per_row + columns,
+                                           mask=(rows_x < T) & (columns < words_per_row))
+
+    rows = first * V + gl.arange(0, ROW_BLOCKS * V, layout=gl.SliceLayout(1, W_COPY))
+    slots = k0 + gl.arange(0, KS, layout=gl.SliceLayout(0, W_COPY))
+    async_copy.async_copy_global_to_shared(
+        w_smem.index(slot), w_ptr + gl.expand_dims(rows, 1) * kept + gl.expand_dims(slots, 0),
+        mask=gl.expand_dims(rows < R, 1) & gl.expand_dims(slots < kept, 0))
+
+    entry = gl.arange(0, ROW_BLOCKS * 4 * CHUNK_GROUPS, layout=C_COPY)  # [row block, half, group, pair]
+    block = first + entry // (4 * CHUNK_GROUPS)
+    kept_slot = k0 + (entry // 2 % CHUNK_GROUPS) * 4 + (entry % 2) * 2 + entry // (2 * CHUNK_GROUPS) % 2
+    async_copy.async_copy_global_to_shared(channel_smem.index(slot), channel_ptr + block * kept + kept_slot,
+                                           mask=(block * V < R) & (kept_slot < kept))
     async_copy.commit_group()
-
-
-@gluon.jit
-def _load_words(x_ptr, rows_x, token_ok, in_chunk, words_per_row, k0):
-    """A chunk of x as int32 words [BLOCK_T, CHUNK_GROUPS, 4]: 4 words (8 channels) a group."""
-    columns = k0 + in_chunk  # 4 words a group, as 4 kept slots a group
-    return gl.load(x_ptr + rows_x + columns, mask=token_ok & (columns < words_per_row), other=0)
 
 
 @gluon.jit
@@ -101,42 +114,45 @@ def _store_row_block(acc, y_ptr, block, R, T, t0, V: gl.constexpr, MMA: gl.const
 @gluon.jit
 def gluon_prefill_kernel(x_ptr, w_ptr, channel_ptr, y_ptr, R, C, T, G,
                          V: gl.constexpr, ROW_BLOCKS: gl.constexpr, CHUNK_GROUPS: gl.constexpr,
-                         STAGES: gl.constexpr, BLOCK_T: gl.constexpr, WORDS: gl.constexpr, PAIRS: gl.constexpr):
+                         STAGES: gl.constexpr, BLOCK_T: gl.constexpr, MMA_LAG: gl.constexpr,
+                         WORDS: gl.constexpr, PAIRS: gl.constexpr, X_SMEM: gl.constexpr):
     """y [T, R] from row-major x [T, C] read as int32 words [T, C / 2] (M = 8), the expanded weight
     [R, 4G] and the channel index [ceil(R/V), 4G]; the layouts come from `layouts`."""
     KS: gl.constexpr = 4 * CHUNK_GROUPS
     WARPS: gl.constexpr = BLOCK_T // 16
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, V, 16])
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    W_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])  # [V, KS], kept slots fastest
-    W_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([V, KS], gl.float16)
+    W_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROW_BLOCKS * V, KS], gl.float16)
+    C_SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     GROUP_WORDS: gl.constexpr = gl.SliceLayout(2, PAIRS)  # [BLOCK_T, CHUNK_GROUPS]: one word of each group
 
     t0 = gl.program_id(1) * BLOCK_T
     first = gl.program_id(0) * ROW_BLOCKS
-    blocks = (R + V - 1) // V
     kept = 4 * G
     steps = (kept + KS - 1) // KS
     words_per_row = C // 2
-    w_smem = gl.allocate_shared_memory(gl.float16, [STAGES * ROW_BLOCKS, V, KS], W_SMEM)
+    x_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_T, CHUNK_GROUPS, 4], X_SMEM)
+    w_smem = gl.allocate_shared_memory(gl.float16, [STAGES, ROW_BLOCKS * V, KS], W_SMEM)
+    channel_smem = gl.allocate_shared_memory(gl.int32, [STAGES, ROW_BLOCKS * 4 * CHUNK_GROUPS], C_SMEM)
     acc0 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
     acc1 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
     acc2 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
     acc3 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
-    tokens = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
-    groups = gl.arange(0, CHUNK_GROUPS, layout=gl.SliceLayout(1, gl.SliceLayout(0, WORDS)))
-    word = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, WORDS)))
-    in_chunk = gl.expand_dims(gl.expand_dims(groups, 1) * 4 + gl.expand_dims(word, 0), 0)  # [1, CG, 4]
-    token_ok = gl.expand_dims(gl.expand_dims(tokens < T, 1), 2)
-    rows_x = gl.expand_dims(gl.expand_dims(tokens, 1), 2) * words_per_row
+    # The A operands of the wgmmas still in flight (MMA_LAG 1), kept alive through the wait's deps.
+    a0 = gl.zeros([BLOCK_T, KS], gl.float16, A_LAYOUT)
+    a1 = gl.zeros([BLOCK_T, KS], gl.float16, A_LAYOUT)
+    a2 = gl.zeros([BLOCK_T, KS], gl.float16, A_LAYOUT)
+    a3 = gl.zeros([BLOCK_T, KS], gl.float16, A_LAYOUT)
 
     for step in gl.static_range(STAGES - 1):
-        _load_weights(w_smem, w_ptr, first, R, kept, step, STAGES, ROW_BLOCKS, V, KS, W_LAYOUT)
-    x_words = _load_words(x_ptr, rows_x, token_ok, in_chunk, words_per_row, 0)
+        _load_step(x_smem, w_smem, channel_smem, x_ptr, w_ptr, channel_ptr, t0, T, words_per_row, first, R, kept,
+                   step, STAGES, ROW_BLOCKS, V, CHUNK_GROUPS, BLOCK_T)
     for step in range(steps):
-        k0 = step * KS
-        _load_weights(w_smem, w_ptr, first, R, kept, step + STAGES - 1, STAGES, ROW_BLOCKS, V, KS, W_LAYOUT)
-        next_words = _load_words(x_ptr, rows_x, token_ok, in_chunk, words_per_row, k0 + KS)
+        async_copy.wait_group(STAGES - 2)  # this step's copies, from this thread
+        gl.thread_barrier()  # and from every other thread
+        fence_async_shared()
+        slot = step % STAGES
+        x_words = x_smem.index(slot).load(WORDS)
         evens, odds = gl.split(gl.reshape(x_words, [BLOCK_T, CHUNK_GROUPS, 2, 2]))  # words 0, 2 and 1, 3
         w0, w2 = gl.split(evens)
         w1, w3 = gl.split(odds)
@@ -144,23 +160,26 @@ def gluon_prefill_kernel(x_ptr, w_ptr, channel_ptr, y_ptr, R, C, T, G,
         w1 = gl.expand_dims(gl.convert_layout(w1, GROUP_WORDS, assert_trivial=True), 2)
         w2 = gl.expand_dims(gl.convert_layout(w2, GROUP_WORDS, assert_trivial=True), 2)
         w3 = gl.expand_dims(gl.convert_layout(w3, GROUP_WORDS, assert_trivial=True), 2)
-        async_copy.wait_group(STAGES - 1)  # this step's weight tiles, from this thread's copies
-        gl.thread_barrier()  # and from every other thread's
-        fence_async_shared()
-        slot = (step % STAGES) * ROW_BLOCKS
-        a = _picked(w0, w1, w2, w3, channel_ptr, first, blocks, kept, k0, CHUNK_GROUPS, PAIRS, A_LAYOUT)
-        acc0 = warpgroup_mma(a, w_smem.index(slot).permute((1, 0)), acc0, is_async=True)
+        channels = channel_smem.index(slot).reshape([ROW_BLOCKS * 2 * CHUNK_GROUPS, 2])
+        weights = w_smem.index(slot)
+        n0 = _picked(w0, w1, w2, w3, channels, 0, CHUNK_GROUPS, PAIRS, A_LAYOUT)
+        acc0 = warpgroup_mma(n0, weights.slice(0, V).permute((1, 0)), acc0, is_async=True)
+        n1, n2, n3 = a1, a2, a3
         if ROW_BLOCKS >= 2:
-            a = _picked(w0, w1, w2, w3, channel_ptr, first + 1, blocks, kept, k0, CHUNK_GROUPS, PAIRS, A_LAYOUT)
-            acc1 = warpgroup_mma(a, w_smem.index(slot + 1).permute((1, 0)), acc1, is_async=True)
+            n1 = _picked(w0, w1, w2, w3, channels, 1, CHUNK_GROUPS, PAIRS, A_LAYOUT)
+            acc1 = warpgroup_mma(n1, weights.slice(V, V).permute((1, 0)), acc1, is_async=True)
         if ROW_BLOCKS >= 4:
-            a = _picked(w0, w1, w2, w3, channel_ptr, first + 2, blocks, kept, k0, CHUNK_GROUPS, PAIRS, A_LAYOUT)
-            acc2 = warpgroup_mma(a, w_smem.index(slot + 2).permute((1, 0)), acc2, is_async=True)
-            a = _picked(w0, w1, w2, w3, channel_ptr, first + 3, blocks, kept, k0, CHUNK_GROUPS, PAIRS, A_LAYOUT)
-            acc3 = warpgroup_mma(a, w_smem.index(slot + 3).permute((1, 0)), acc3, is_async=True)
-        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
-        gl.thread_barrier()  # the slot is rewritten STAGES - 1 steps on
-        x_words = next_words
+            n2 = _picked(w0, w1, w2, w3, channels, 2, CHUNK_GROUPS, PAIRS, A_LAYOUT)
+            acc2 = warpgroup_mma(n2, weights.slice(2 * V, V).permute((1, 0)), acc2, is_async=True)
+            n3 = _picked(w0, w1, w2, w3, channels, 3, CHUNK_GROUPS, PAIRS, A_LAYOUT)
+            acc3 = warpgroup_mma(n3, weights.slice(3 * V, V).permute((1, 0)), acc3, is_async=True)
+        acc0, acc1, acc2, acc3, a0, a1, a2, a3, n0, n1, n2, n3 = warpgroup_mma_wait(
+            MMA_LAG * ROW_BLOCKS, deps=(acc0, acc1, acc2, acc3, a0, a1, a2, a3, n0, n1, n2, n3))
+        a0, a1, a2, a3 = n0, n1, n2, n3
+        gl.thread_barrier()  # the previous step's slot is free in every warpgroup: refill it
+        _load_step(x_smem, w_smem, channel_smem, x_ptr, w_ptr, channel_ptr, t0, T, words_per_row, first, R, kept,
+                   step + STAGES - 1, STAGES, ROW_BLOCKS, V, CHUNK_GROUPS, BLOCK_T)
+    acc0, acc1, acc2, acc3, a0, a1, a2, a3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3, a0, a1, a2, a3))
     async_copy.wait_group(0)
     _store_row_block(acc0, y_ptr, first, R, T, t0, V, MMA)
     if ROW_BLOCKS >= 2:
@@ -178,11 +197,15 @@ def _a_operand_bases(tokens: int, kept_slots: int) -> tuple[list, list, list]:
     return registers, [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], warps
 
 
-def layouts(tokens: int, chunk_groups: int) -> tuple[gl.DistributedLinearLayout, gl.DistributedLinearLayout]:
-    """(words, pairs) for M = 8: the layout of a chunk of x as int32 words [tokens, chunk_groups, 4]
-    and of the picked pairs [tokens, chunk_groups, 2]. Kept slot k = 4 g + 2 p + h of the A layout is
-    half h of pair p of group g; a thread holds all 4 words of each group it picks from (the lanes
-    that differ in p only hold the same words: a broadcast), so the pick never leaves the thread."""
+def layouts(tokens: int, chunk_groups: int) -> tuple[gl.DistributedLinearLayout, gl.DistributedLinearLayout,
+                                                      gl.SharedLinearLayout]:
+    """(words, pairs, shared words) for M = 8: the layout of a chunk of x as int32 words
+    [tokens, chunk_groups, 4], of the picked pairs [tokens, chunk_groups, 2], and of the chunk in
+    shared memory. Kept slot k = 4 g + 2 p + h of the A layout is half h of pair p of group g; a
+    thread holds all 4 words of each group it picks from (the lanes that differ in p only hold the
+    same words: a broadcast), so the pick never leaves the thread. A quarter-warp's 16-byte reads
+    cover groups g, g + 1 of tokens t, t + 1: in shared memory token bit 0 flips group bit 1, so
+    the four fall in different banks."""
     registers, lanes, warps = _a_operand_bases(tokens, 4 * chunk_groups)
     split = lambda basis: [basis[0], basis[1] >> 2, (basis[1] >> 1) & 1]  # (token, group, pair); drops h
     half = [0, 1]
@@ -192,20 +215,23 @@ def layouts(tokens: int, chunk_groups: int) -> tuple[gl.DistributedLinearLayout,
         [[0, 0, 1], [0, 0, 2]] + [split(b) for b in registers if b != half and split(b)[2] == 0],
         [split(b) if split(b)[2] == 0 else [0, 0, 0] for b in lanes], [split(b) for b in warps], [],
         [tokens, chunk_groups, 4])
-    return words, pairs
+    shared = gl.SharedLinearLayout(
+        [[0, 0, 1], [0, 0, 2]] + [[0, 1 << i, 0] for i in range(chunk_groups.bit_length() - 1)] + [[1, 2, 0]]
+        + [[1 << i, 0, 0] for i in range(1, tokens.bit_length() - 1)])
+    return words, pairs, shared
 
 
 def launch(x: torch.Tensor, expanded: torch.Tensor, channels: torch.Tensor, v: int, in_features: int,
-           row_blocks: int, chunk_groups: int, stages: int = 3, block_t: int = 64, out: torch.Tensor | None = None,
-           kernel=gluon_prefill_kernel) -> torch.Tensor:
-    """y = x @ W.T from row-major fp16 x [T, C] at M = 8 (C even); 4 * chunk_groups one of 16, 32, 64;
-    block_t 64 (one warpgroup) or 128 (two).
+           row_blocks: int, chunk_groups: int, stages: int = 3, block_t: int = 64, mma_lag: int = 1,
+           out: torch.Tensor | None = None, kernel=gluon_prefill_kernel) -> torch.Tensor:
+    """y = x @ W.T from row-major fp16 x [T, C] at M = 8 (C even); chunk_groups 4 or 8; block_t 64
+    (one warpgroup) or 128 (two); mma_lag 1 leaves a step's wgmmas running into the next step.
     `kernel` stands in for gluon_prefill_kernel (gpu_check's capture of the compiled kernel)."""
     tokens, rows, groups = x.shape[0], expanded.shape[0], expanded.shape[1] // 4
     y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device) if out is None else out
-    words, pairs = layouts(block_t, chunk_groups)
+    words, pairs, shared = layouts(block_t, chunk_groups)
     grid = (triton.cdiv(triton.cdiv(rows, v), row_blocks), triton.cdiv(tokens, block_t))
     kernel[grid](x.view(torch.int32), expanded, channels, y, rows, in_features, tokens, groups, V=v,
-                               ROW_BLOCKS=row_blocks, CHUNK_GROUPS=chunk_groups, STAGES=stages, BLOCK_T=block_t,
-                               WORDS=words, PAIRS=pairs, num_warps=block_t // 16)
+                 ROW_BLOCKS=row_blocks, CHUNK_GROUPS=chunk_groups, STAGES=stages, BLOCK_T=block_t,
+                 MMA_LAG=mma_lag, WORDS=words, PAIRS=pairs, X_SMEM=shared, num_warps=block_t // 16)
     return y

@@ -222,10 +222,12 @@ def run_prefill(layout, cfg, expanded, bias=None, out=None):
     )
 
 
-# Round 23: the Gluon prefill kernel (gluon_prefill.py), M = 8, V = 64: x read row-major in dense
+# Rounds 23-24: the Gluon prefill kernel (gluon_prefill.py), M = 8, V = 64: x read row-major in dense
 # chunks once for ROW_BLOCKS row blocks, each block's kept channels picked in registers by byte
-# permutes into wgmma's register A operand. (ROW_BLOCKS, CHUNK_GROUPS, STAGES, BLOCK_T)
-GLUON_CONFIGS = [(2, 8, 3, 64), (4, 4, 3, 64), (1, 8, 3, 128), (2, 8, 3, 128), (4, 4, 3, 128), (4, 8, 2, 128)]
+# permutes into wgmma's register A operand; round 24 brings x, weights and channel indices through
+# a shared-memory ring. (ROW_BLOCKS, CHUNK_GROUPS, STAGES, BLOCK_T, MMA_LAG)
+GLUON_CONFIGS = [(2, 8, 4, 64, 0), (2, 8, 4, 64, 1), (4, 8, 4, 64, 1), (2, 8, 4, 128, 1), (4, 8, 4, 128, 1),
+                 (1, 16, 4, 128, 1), (2, 16, 4, 64, 1), (2, 16, 3, 128, 1)]
 
 
 def gluon_fits(v, m):
@@ -450,7 +452,8 @@ def main():
     log(results["device"], results["ceilings"])
 
     first = (4096, 4096, 8192, 64, 8)
-    others = [(4096, 4096, 8192, 64, 16), (4096, 4096, 2048, 64, 8), (4096, 4096, 256, 64, 8),
+    others = [(200, 136, 17, 64, 8), (200, 136, 129, 64, 8),  # partial row blocks, chunks and token tiles
+              (4096, 4096, 8192, 64, 16), (4096, 4096, 2048, 64, 8), (4096, 4096, 256, 64, 8),
               (4096, 4096, 64, 64, 8), (768, 3072, 2048, 64, 8), (3072, 768, 256, 64, 8), (4096, 4096, 8192, 128, 8),
               (768, 3072, 50432, 64, 8)]  # the ViT's fc2 at batch 256
     decode_shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.decode_shapes.split(",")]
