@@ -1,19 +1,16 @@
-"""Round 23's prefill kernel in Gluon (Triton's lower-level dialect): x reused across row blocks.
+"""The Gluon prefill kernel of rounds 23-25 (Triton's lower-level dialect): x reused across row blocks.
 
 The package's prefill kernel gathers each row block's kept channels of x.T from L2 into shared
 memory, so x is read R/V times (benchmarks/NOTES.md, rounds 2, 11, 21). Here a program owns
-ROW_BLOCKS row blocks and BLOCK_T tokens (64 a warpgroup, tokens on the MMA's M side). Per step it loads
-one dense chunk of row-major x (CHUNK_GROUPS groups of M channels, 16-byte vectors; no transpose)
-into registers once, each thread holding all M channels of the (token, group) pairs whose kept
-values it holds in wgmma's register A layout. For each row block, `gl.gather` along the channel
-axis then picks the block's 4 kept channels of every group inside each thread (register selects,
-no shuffles) and the result is wgmma's A operand as it stands; the row block's expanded weights
-[V, 4 * CHUNK_GROUPS] are the B operand, from shared memory. x crosses L2 once per ROW_BLOCKS row
-blocks instead of once per row block, and no gathered tile goes through shared memory.
-
-Pipelining: the weight tiles of all row blocks come by cp.async into a ring of STAGES steps,
-issued STAGES - 1 steps ahead; x's words for the next step are loaded into registers while this
-step's picks and MMAs run; the row blocks' MMAs are issued asynchronously and awaited together.
+ROW_BLOCKS row blocks and BLOCK_T tokens (64 a warpgroup, tokens on the MMA's M side). Each step
+brings one dense chunk of row-major x (CHUNK_GROUPS groups of M = 8 channels; no transpose), the
+row blocks' expanded weight tiles and their channel indices by cp.async into a ring of STAGES
+steps, issued STAGES - 1 steps ahead. The chunk is read from shared memory once for all row
+blocks into registers, each thread holding all 8 channels of the (token, group) pairs whose kept
+values it holds in wgmma's register A layout; for each row block, byte permutes pick the block's
+4 kept channels of every group inside each thread, and the result is wgmma's A operand as it
+stands; the weight tiles are the B operand. MMA_LAG 1 leaves a step's wgmmas running into the
+next step. Correct, and issue-bound: ~2x slower than the package's kernel (NOTES, rounds 24-25).
 """
 
 from __future__ import annotations
