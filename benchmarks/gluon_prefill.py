@@ -1,4 +1,4 @@
-"""The Gluon prefill kernel of rounds 23-26 (Triton's lower-level dialect): x reused across row blocks.
+"""The Gluon prefill kernel of rounds 23-27 (Triton's lower-level dialect): x reused across row blocks.
 
 The package's prefill kernel gathers each row block's kept channels of x.T from L2 into shared
 memory, so x is read R/V times (benchmarks/NOTES.md, rounds 2, 11, 21). Here a program owns
@@ -10,7 +10,7 @@ blocks into registers, each thread holding all 8 channels of the (token, group) 
 values it holds in wgmma's register A layout; for each row block, byte permutes pick the block's
 4 kept channels of every group inside each thread, and the result is wgmma's A operand as it
 stands; the weight tiles are the B operand. MMA_LAG 1 leaves a step's wgmmas running into the
-next step. Issue-bound in rounds 24-25 (NOTES), ~2x slower than the package's kernel.
+next step. Correct, and 1.5x slower than the package's kernel after round 27: integer issue and shared-memory traffic bind (NOTES).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _load_step(x_smem, w_smem, selector_smem, x_ptr, w_ptr, selector_ptr, t0, T,
     WARPS: gl.constexpr = BLOCK_T // 16
     X_COPY: gl.constexpr = gl.BlockedLayout([1, 1, 4], [32 // CHUNK_GROUPS, CHUNK_GROUPS, 1], [WARPS, 1, 1], [2, 1, 0])
     W_COPY: gl.constexpr = gl.BlockedLayout([1, 8], [256 // KS, KS // 8], [WARPS, 1], [1, 0])  # kept slots fastest
-    C_COPY: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    SELECTOR_COPY: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     slot = step % STAGES
     k0 = step * KS
     if EVEN:
@@ -85,7 +85,7 @@ def _load_step(x_smem, w_smem, selector_smem, x_ptr, w_ptr, selector_ptr, t0, T,
     async_copy.async_copy_global_to_shared(
         w_smem.index(slot), w_ptr + gl.expand_dims(rows, 1) * kept + gl.expand_dims(slots, 0), mask=w_mask)
 
-    entry = gl.arange(0, ROW_BLOCKS * 4 * CHUNK_GROUPS, layout=C_COPY)  # [row block, within or upper, group, pair]
+    entry = gl.arange(0, ROW_BLOCKS * 4 * CHUNK_GROUPS, layout=SELECTOR_COPY)  # [row block, within or upper, group, pair]
     block = first + entry // (4 * CHUNK_GROUPS)
     pair = k0 // 2 + entry // 2 % CHUNK_GROUPS * 2 + entry % 2
     selector_mask = None
@@ -119,7 +119,7 @@ def gluon_prefill_kernel(x_ptr, w_ptr, selector_ptr, y_ptr, R, C, T, G,
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, V, 16])
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     W_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROW_BLOCKS * V, KS], gl.float16)
-    C_SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    SELECTOR_SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     GROUP_WORDS: gl.constexpr = gl.SliceLayout(2, PAIRS)  # [BLOCK_T, CHUNK_GROUPS]: one word of each group
 
     t0 = gl.program_id(1) * BLOCK_T
@@ -129,7 +129,7 @@ def gluon_prefill_kernel(x_ptr, w_ptr, selector_ptr, y_ptr, R, C, T, G,
     words_per_row = C // 2
     x_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_T, CHUNK_GROUPS, 4], X_SMEM)
     w_smem = gl.allocate_shared_memory(gl.float16, [STAGES, ROW_BLOCKS * V, KS], W_SMEM)
-    selector_smem = gl.allocate_shared_memory(gl.int32, [STAGES, ROW_BLOCKS * 4 * CHUNK_GROUPS], C_SMEM)
+    selector_smem = gl.allocate_shared_memory(gl.int32, [STAGES, ROW_BLOCKS * 4 * CHUNK_GROUPS], SELECTOR_SMEM)
     acc0 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
     acc1 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
     acc2 = gl.zeros([BLOCK_T, V], gl.float32, MMA)
