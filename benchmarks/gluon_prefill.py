@@ -10,7 +10,8 @@ blocks into registers, each thread holding all 8 channels of the (token, group) 
 values it holds in wgmma's register A layout; for each row block, byte permutes pick the block's
 4 kept channels of every group inside each thread, and the result is wgmma's A operand as it
 stands; the weight tiles are the B operand. MMA_LAG 1 leaves a step's wgmmas running into the
-next step. Correct, and 1.5x slower than the package's kernel after round 27: integer issue and shared-memory traffic bind (NOTES).
+next step. Correct, and 1.5x slower than the package's kernel after round 27: integer issue and
+shared-memory traffic bind (NOTES).
 """
 
 from __future__ import annotations
