@@ -3,15 +3,15 @@
 The package's prefill kernel gathers each row block's kept channels of x.T from L2 into shared
 memory, so x is read R/V times (benchmarks/NOTES.md, rounds 2, 11, 21). Here a program owns
 ROW_BLOCKS row blocks and BLOCK_T tokens (64 a warpgroup, tokens on the MMA's M side). Each step
-brings one dense chunk of row-major x (CHUNK_GROUPS groups of M = 8 channels; no transpose), the
-row blocks' expanded weight tiles and their byte-permute selectors (made once per weight from its
-channel index) by cp.async into a ring of STAGES steps, issued STAGES - 1 steps ahead. The chunk
-is read from shared memory once for all row blocks into registers, each thread holding all 8 channels of the (token, group) pairs whose kept
-values it holds in wgmma's register A layout; for each row block, byte permutes pick the block's
-4 kept channels of every group inside each thread, and the result is wgmma's A operand as it
-stands; the weight tiles are the B operand. MMA_LAG 1 leaves a step's wgmmas running into the
-next step. Correct, and 1.5x slower than the package's kernel after round 27: integer issue and
-shared-memory traffic bind (NOTES).
+brings one dense chunk of row-major x (CHUNK_GROUPS groups of M = 8 channels; no transpose), the row
+blocks' expanded weight tiles and their byte-permute selectors (made once per weight from its
+channel index) by cp.async into a ring of STAGES steps, issued STAGES - 1 steps ahead. The chunk is
+read from shared memory once for all row blocks into registers, each thread holding all 8 channels
+of the (token, group) pairs whose kept values it holds in wgmma's register A layout; for each row
+block, byte permutes pick the block's 4 kept channels of every group inside each thread, and the
+result is wgmma's A operand as it stands; the weight tiles are the B operand. MMA_LAG 1 leaves a
+step's wgmmas running into the next step. Correct, and 1.5x slower than the package's kernel after
+round 27: integer issue and shared-memory traffic bind (NOTES).
 """
 
 from __future__ import annotations
