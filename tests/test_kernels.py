@@ -18,7 +18,6 @@ import torch
 import triton.language  # noqa: F401  (see above)
 
 import vnm_compile as vnm
-from vnm_compile.kernels import triton_vnm_linear
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
@@ -41,6 +40,13 @@ def kernels():
     if isinstance(modules[1].vnm_decode_kernel.fn, JITFunction) != ON_GPU:
         modules = [importlib.reload(sys.modules[name]) for name in names]
     return dict(zip(KERNEL_MODULES, modules))
+
+
+def kernel_entry(kernels, x, weight, bias=None, dense_weight=None, layout=None, path=None):
+    """The kernels' entry (`kernel_linear`) on x of any leading dims, as vnm.linear calls it on CUDA."""
+    operands = vnm.kernels.operands(weight, bias, dense_weight, layout)
+    y = kernels["dispatch"].kernel_linear(x.reshape(-1, weight.in_features), operands, path=path)
+    return y.reshape(*x.shape[:-1], weight.out_features)
 
 
 def relative_error(out, ref):
@@ -72,14 +78,14 @@ def run_path(kernels, path, weight, x, bias, kernel=None, channel_major=None, ch
         layout = vnm.kernels.prefill_layout(weight)
         if channel_major is None:
             channel_major = x.shape[0] > prefill.ROW_MAJOR_MAX_TOKENS
-        xt = prefill.transpose(x) if channel_major else x.t()
-        y = prefill.launch_prefill(kernel, xt, layout.expanded, layout.channels, bias, weight.v,
-                                   weight.m, weight.in_features, out=poisoned, **config)
+        xt = x.t().contiguous() if channel_major else x.t()
+        y = prefill.launch_prefill(kernel, xt, layout.expanded, layout.channels,
+                                   vnm.kernels.operands(weight, bias), out=poisoned, **config)
         assert y is poisoned
     else:  # a split decode accumulates into zeros, so its check is the float64 comparison alone
         split_k = 4 if path == "decode_split" else 1
-        y = decode.launch_decode(kernel, x, weight.values, weight.columns, weight.metadata, bias, weight.v,
-                                 weight.m, weight.in_features, split_k=split_k, out=poisoned, **config)
+        y = decode.launch_decode(kernel, x, vnm.kernels.operands(weight, bias), split_k=split_k, out=poisoned,
+                                 **config)
         assert (y is poisoned) == (split_k == 1)
     return y
 
@@ -136,23 +142,25 @@ def test_interpreted_prefill_orientations(kernels, w_left, channel_major, channe
 
 def test_transpose_is_exact(kernels):
     x = torch.randn(37, 70, device=DEVICE).half()
-    assert torch.equal(kernels["prefill"].transpose(x), x.t())
+    xt = torch.empty(70, 37, device=DEVICE).half()
+    kernels["prefill"].transpose_kernel[(3, 5)](x, xt, 37, 70, BLOCK_T=16, BLOCK_C=16)
+    assert torch.equal(xt, x.t())
 
 
-def test_triton_entry_keeps_leading_dims_and_dispatches(kernels):
+def test_kernel_entry_dispatches(kernels):
     weight, x, bias, ref = make_case(40, 24, 16, 8, 6, torch.float32, seed=1)
-    y = triton_vnm_linear(x.view(2, 3, 24), weight, bias)
+    y = kernel_entry(kernels, x.view(2, 3, 24), weight, bias)
     assert y.shape == (2, 3, 40)
     assert relative_error(y.reshape(6, 40), ref) < TOLERANCE[torch.float32]
     layout = vnm.kernels.prefill_layout(weight)
-    assert relative_error(triton_vnm_linear(x, weight, bias, layout=layout, path="prefill"), ref) < 1e-5
-    y = triton_vnm_linear(x, weight, bias, dense_weight=weight.to_dense(), path="dense")
+    assert relative_error(kernel_entry(kernels, x, weight, bias, layout=layout, path="prefill"), ref) < 1e-5
+    y = kernel_entry(kernels, x, weight, bias, dense_weight=weight.to_dense(), path="dense")
     assert relative_error(y, ref) < TOLERANCE[torch.float32]
-    assert triton_vnm_linear(x[:0], weight, bias).shape == (0, 40)
+    assert kernel_entry(kernels, x[:0], weight, bias).shape == (0, 40)
     with pytest.raises(ValueError, match="^dense_weight"):
-        triton_vnm_linear(x, weight, bias, dense_weight=torch.zeros(3, 3, device=DEVICE))
+        vnm.vnm_linear(x, weight, bias, dense_weight=torch.zeros(3, 3, device=DEVICE))
     with pytest.raises(ValueError, match="^path"):
-        triton_vnm_linear(x, weight, bias, path="sparse")
+        kernel_entry(kernels, x, weight, bias, path="sparse")
 
 
 @pytest.mark.parametrize("tokens,path", [(40, "prefill"), (20, "prefill"), (3, "decode"), (1, "decode")])
@@ -163,11 +171,12 @@ def test_entry_reads_channel_major_x(kernels, monkeypatch, tokens, path):
     channel_major = x.t().contiguous().t()
     assert channel_major.t().is_contiguous() and torch.equal(channel_major, x)
 
-    def no_transpose(*args, **kwargs):
-        raise AssertionError("a channel-major x was transposed again")
+    class NoTranspose:
+        def __getitem__(self, grid):
+            raise AssertionError("a channel-major x was transposed again")
 
-    monkeypatch.setattr(kernels["dispatch"], "transpose", no_transpose)
-    y = triton_vnm_linear(channel_major, weight, bias, layout=vnm.kernels.prefill_layout(weight), path=path)
+    monkeypatch.setattr(kernels["dispatch"], "transpose_kernel", NoTranspose())
+    y = kernel_entry(kernels, channel_major, weight, bias, layout=vnm.kernels.prefill_layout(weight), path=path)
     assert relative_error(y, ref) < TOLERANCE[torch.float16]
 
 
@@ -176,8 +185,8 @@ def test_entry_reads_channel_major_x(kernels, monkeypatch, tokens, path):
 def test_entry_writes_channel_major_on_request(kernels, tokens, path):
     """channel_major_out: the prefill kernel writes y.T, the other paths copy; the same values."""
     weight, x, bias, ref = make_case(70, 45, 16, 6, tokens, torch.float32, seed=tokens + 1)
-    y = kernels["dispatch"].vnm_matmul(x, weight.values, weight.columns, weight.metadata, bias, weight.v, weight.m,
-                                       weight.in_features, dense=weight.to_dense(), path=path, channel_major_out=True)
+    operands = vnm.kernels.operands(weight, bias, weight.to_dense())
+    y = kernels["dispatch"].kernel_linear(x, operands, path=path, channel_major_out=True)
     assert y.shape == (tokens, 70) and y.t().is_contiguous()
     if tokens:
         assert relative_error(y, ref) < TOLERANCE[torch.float32]
@@ -250,7 +259,7 @@ GPU_PATTERNS = [(64, 4), (64, 5), (64, 6), (64, 8), (64, 16), (128, 8), (32, 8)]
 def test_gpu_dispatch_real_sizes(kernels, untuned, v, m, dtype):
     for (rows, cols), tokens in [((4096, 4096), 1), ((768, 3072), 16), ((3072, 768), 129), ((4096, 4096), 2048)]:
         weight, x, bias, ref = make_case(rows, cols, v, m, tokens, dtype, seed=tokens)
-        y = triton_vnm_linear(x, weight, bias)
+        y = kernel_entry(kernels, x, weight, bias)
         assert relative_error(y, ref) < TOLERANCE[dtype], (rows, cols, tokens)
 
 
@@ -319,7 +328,7 @@ def test_gpu_inductor_emits_the_kernel(kernels, untuned, tokens):
 
 @pytest.mark.gpu
 def test_gpu_dynamic_token_count_dispatches_per_call(kernels):
-    """With a symbolic token count the op defers to vnm.linear_at_run_time: one graph serves every
+    """With a symbolic token count the op defers to vnm.linear_dispatched: one graph serves every
     token count, each call picks its kernel and config from its real size, and the results stay right."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
@@ -334,8 +343,35 @@ def test_gpu_dynamic_token_count_dispatches_per_call(kernels):
         ref = torch.nn.functional.gelu(x.double() @ weight.to_dense().double().T + bias.double())
         if index == 0:
             y, code = run_and_get_code(compiled, x)
-            assert "vnm.linear_at_run_time" in "\n".join(code)
+            assert "vnm.linear_dispatched" in "\n".join(code)
         else:
             y = compiled(x)
         assert relative_error(y, ref) < TOLERANCE[torch.float16], tokens
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("v,m,rows,cols", [(64, 8, 1000, 777), (32, 16, 4096, 4100), (64, 5, 384, 4096)])
+def test_gpu_planned_calls_match_float64(kernels, v, m, rows, cols, dtype):
+    """vnm.linear_dispatched on CUDA relaunches the binaries of its first call per weight and token
+    bucket: token counts inside one bucket that Triton specialises differently (1, divisible by 16 or
+    not), x that is misaligned or channel-major, with and without bias and layouts, all stay right."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = vnm.VNMWeight.from_dense(torch.randn(rows, cols, generator=gen).to(dtype), v, m).cuda()
+    bias = torch.randn(rows, generator=gen).to(dtype).cuda()
+    layout = vnm.kernels.prefill_layout(weight)
+    for tokens in (1, 2, 3, 16, 17, 31, 32, 33, 48, 129, 128, 2047, 2048):
+        for with_bias, with_layout, kind in ((True, True, "row"), (False, False, "row"), (True, True, "misaligned"),
+                                             (True, True, "channel-major")):
+            base = torch.randn(tokens * cols + 1, generator=gen).to(dtype).cuda()
+            x = base[1:] if kind == "misaligned" else base[:-1]
+            x = x.view(tokens, cols)
+            if kind == "channel-major":
+                x = x.t().contiguous().t()
+            b = bias if with_bias else None
+            operands = vnm.kernels.operands(weight, b, layout=layout if with_layout else None)
+            for _ in range(2):  # the first call makes the binary, the second relaunches it
+                y = torch.ops.vnm.linear_dispatched(x, *operands.op_arguments(), False)
+                ref = x.double() @ weight.to_dense().double().T + (b.double() if with_bias else 0)
+                assert relative_error(y, ref) < TOLERANCE[dtype], (tokens, with_bias, with_layout, kind)

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import dot_precision, interpreting, slot_weight, token_bucket
+from .operands import Operands
 
 
 @triton.jit
@@ -298,45 +299,44 @@ def vnm_decode_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def launch_decode(
-    kernel,
-    x: torch.Tensor,
-    values: torch.Tensor,
-    columns: torch.Tensor,
-    metadata: torch.Tensor,
-    bias: torch.Tensor | None,
-    v: int,
-    m: int,
-    in_features: int,
-    split_k: int = 1,
-    out: torch.Tensor | None = None,
-    **config,
-) -> torch.Tensor:
-    """y [T, R] for row-major x [T, C] (made for T <= BLOCK_T; more tokens take more programs).
-
-    `kernel` is vnm_decode_kernel (config: its blocks, USE_DOT) or an autotuned wrapper."""
-    if x.stride(1) != 1:
-        raise ValueError(f"x must be row-major (channel stride 1), got strides {tuple(x.stride())}")
-    tokens = x.shape[0]
-    rows, groups = values.shape[0], values.shape[1] // 2
+def decode_arguments(x: torch.Tensor, operands: Operands, split_k: int, y: torch.Tensor) -> tuple[list, dict]:
+    """The decode kernel's arguments but its config, for row-major x [T, C] into y: (positional, constexpr)."""
+    values, groups = operands.values, operands.groups
     quads = values.element_size() == 2 and groups % 2 == 0
     pairs = values.view(torch.int64 if quads or values.element_size() == 4 else torch.int32)
-    words = columns.view(torch.int32).view(columns.shape[0], groups)
+    words = operands.columns.view(torch.int32).view(operands.columns.shape[0], groups)
+    bias = operands.bias
+    positional = [x, pairs, operands.metadata, words, bias if bias is not None else values, y,
+                  operands.rows, operands.in_features, x.shape[0], groups, operands.m, x.stride(0),
+                  token_bucket(x.shape[0])]
+    constexprs = dict(V=operands.v, HAS_BIAS=bias is not None, QUADS=quads, HALF_BITS=8 * values.element_size(),
+                      SPLIT_K=split_k, EVEN_C=operands.in_features == groups * operands.m,
+                      DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),
+                      BYTE_PERMUTE=x.is_cuda and not interpreting())
+    return positional, constexprs
+
+
+def decode_output(x: torch.Tensor, rows: int, split_k: int) -> torch.Tensor:
+    """What the kernel writes: y [T, R], or with split-K fp32 partial sums added into zeros."""
     if split_k > 1:
-        y = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device)
-    else:
-        y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device) if out is None else out
+        return torch.zeros(x.shape[0], rows, dtype=torch.float32, device=x.device)
+    return torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
 
-    def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_N"]), split_k, triton.cdiv(tokens, meta["BLOCK_T"]))
 
-    kernel[grid](
-        x, pairs, metadata, words, bias if bias is not None else x, y,
-        rows, in_features, tokens, groups, m, x.stride(0), token_bucket(tokens),
-        V=v, HAS_BIAS=bias is not None, QUADS=quads, HALF_BITS=8 * values.element_size(), SPLIT_K=split_k,
-        EVEN_C=in_features == groups * m,
-        DOT_PRECISION=dot_precision(x.dtype), DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),
-        BYTE_PERMUTE=x.is_cuda and not interpreting(),
-        **config,
-    )
+def decode_grid(rows: int, tokens: int, split_k: int, block_n: int, block_t: int) -> tuple[int, int, int]:
+    return triton.cdiv(rows, block_n), split_k, triton.cdiv(tokens, block_t)
+
+
+def launch_decode(kernel, x: torch.Tensor, operands: Operands, split_k: int = 1, out: torch.Tensor | None = None,
+                  **config) -> torch.Tensor:
+    """y [T, R] for row-major x [T, C] (made for T <= BLOCK_T; more tokens take more programs).
+
+    `kernel` is vnm_decode_kernel (config: its blocks, USE_DOT) or an autotuned wrapper; `out`, if
+    given, receives y unless split-K adds into zeros of its own."""
+    if x.stride(1) != 1:
+        raise ValueError(f"x must be row-major (channel stride 1), got strides {tuple(x.stride())}")
+    y = out if out is not None and split_k == 1 else decode_output(x, operands.rows, split_k)
+    positional, constexprs = decode_arguments(x, operands, split_k, y)
+    grid = lambda meta: decode_grid(operands.rows, x.shape[0], split_k, meta["BLOCK_N"], meta["BLOCK_T"])
+    kernel[grid](*positional, **constexprs, **config)
     return y.to(x.dtype) if split_k > 1 else y

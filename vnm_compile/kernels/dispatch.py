@@ -1,23 +1,34 @@
-"""Which implementation runs a V:N:M linear: the decode kernel, the prefill kernel, or dense cuBLAS.
+"""Which implementation runs a V:N:M linear on CUDA, and running it: the decode kernel, the prefill
+kernel, or dense cuBLAS.
 
-The choice is per (shape, pattern, dtype, token bucket) and comes from measurements on the GPU,
-stored with the package in tables/<gpu>.json ("dispatch", written by benchmarks/kernels.py).
+The choice (`choose_path`) is per (shape, pattern, dtype, token bucket) and comes from measurements on
+the GPU, stored with the package in tables/<gpu>.json ("dispatch", written by benchmarks/kernels.py).
 Dense cuBLAS on the decompressed weight is only an option when the caller keeps that weight (it
 costs the dense memory); without it the sparse kernel runs anyway. Shapes the table lacks follow
 its "rules" (measured crossovers), or DEFAULT_RULES on GPUs without a table.
+
+Two ways to run a call:
+  - `kernel_linear`: choose, then launch through Triton (the eager call, and the traced body of
+    vnm.linear in a graph whose token count is static, where Inductor emits the launches itself);
+  - `planned_linear`: the body of vnm.linear_dispatched, for graphs whose token count is symbolic.
+    The choice and the kernels' configs are made once per weight and token bucket (a `_Plan`), and
+    later calls relaunch the compiled binaries (`BinaryLaunch`): a few microseconds of Python a call.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .common import token_bucket
-from .decode import launch_decode
-from .op import channel_major
-from .prefill import ROW_MAJOR_MAX_TOKENS, channel_index, expand_weight, launch_prefill, transpose, transpose_kernel
+from .decode import decode_arguments, decode_grid, decode_output, launch_decode
+from .launcher import BinaryLaunch, jit_function, specialization
+from .operands import Operands, channel_major
+from .prefill import (ROW_MAJOR_MAX_TOKENS, channel_index, expand_weight, launch_prefill, prefill_arguments,
+                      prefill_grid, prefill_output, transpose_kernel)
 from .tuning import AUTOTUNED, gpu_slug, load_table, remember_tuned, table_key
 
 PATHS = ("decode", "decode_split", "prefill", "dense")
@@ -27,6 +38,7 @@ DEFAULT_RULES = {"decode_max_tokens": 16, "dense_when_m_at_most": 5}
 # both timings move by a few percent from run to run, and a kept dense weight is there so that the
 # layer never runs slower than dense.
 SPARSE_MARGIN = 1.05
+TRANSPOSE_BLOCK = 64
 
 
 def choose_path(
@@ -45,57 +57,152 @@ def choose_path(
     return "decode" if tokens <= rules["decode_max_tokens"] else "prefill"
 
 
-def vnm_matmul(
+def kernel_linear(
     x: torch.Tensor,
-    values: torch.Tensor,
-    columns: torch.Tensor,
-    metadata: torch.Tensor,
-    bias: torch.Tensor | None,
-    v: int,
-    m: int,
-    in_features: int,
-    dense: torch.Tensor | None = None,
-    expanded: torch.Tensor | None = None,
-    channels: torch.Tensor | None = None,
+    operands: Operands,
     path: str | None = None,
     wrap: Callable | None = None,
     channel_major_out: bool = False,
 ) -> torch.Tensor:
     """y = x @ W.T + bias for a 2-D x [T, C]; `path` (one of PATHS) overrides the dispatcher.
     channel_major_out: y [T, R] laid out as a contiguous y.T (the prefill kernel writes it so; the
-    other paths copy).
-
-    expanded / channels are the prefill layouts (`expand_weight`, `channel_index`); the prefill
-    path builds them on the fly when they are not given. `wrap` is torch.library.wrap_triton inside
-    the triton_op, so that tracing records the kernel launches.
-    """
-    tokens, rows = x.shape[0], values.shape[0]
-    path = path or choose_path(rows, in_features, tokens, v, m, x.dtype, x.device, dense is not None)
+    other paths copy). `wrap` is torch.library.wrap_triton inside the triton_op, so that tracing
+    records the kernel launches. The prefill layout is built on the fly where the operands lack it."""
+    tokens = x.shape[0]
+    path = path or choose_path(operands.rows, operands.in_features, tokens, operands.v, operands.m, x.dtype,
+                               x.device, operands.dense is not None)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     wrap = wrap or (lambda kernel: kernel)
     if path == "dense":
-        if dense is None:
-            raise ValueError("path='dense' needs the decompressed weight (dense=...)")
-        y = F.linear(x, dense, bias)
+        if operands.dense is None:
+            raise ValueError("path='dense' needs the decompressed weight (Operands.dense)")
+        y = F.linear(x, operands.dense, operands.bias)
     elif tokens == 0:
-        y = x.new_empty(0, rows)
+        y = x.new_empty(0, operands.rows)
     elif path == "prefill":
-        expanded = expand_weight(values, metadata) if expanded is None else expanded
-        channels = channel_index(columns, m) if channels is None else channels
-        if x.t().is_contiguous():  # channel-major already: written so by its producer (passes/layout.py)
-            xt = x.t()
-        elif tokens <= ROW_MAJOR_MAX_TOKENS:
-            xt = x.contiguous().t()
-        else:
-            xt = transpose(x.contiguous(), wrap(transpose_kernel))
-        y = launch_prefill(wrap(AUTOTUNED[path]), xt, expanded, channels, bias, v, m, in_features,
+        expanded, channels = _prefill_layout(operands)
+        transpose = lambda x, xt: wrap(transpose_kernel)[_transpose_grid(x)](
+            x, xt, x.shape[0], x.shape[1], BLOCK_T=TRANSPOSE_BLOCK, BLOCK_C=TRANSPOSE_BLOCK)
+        y = launch_prefill(wrap(AUTOTUNED[path]), _channels_first(x, transpose), expanded, channels, operands,
                            channel_major_out=channel_major_out)
     else:
         split_k = DECODE_SPLIT_K if path == "decode_split" else 1
-        y = launch_decode(wrap(AUTOTUNED[path]), x.contiguous(), values, columns, metadata, bias, v, m,
-                          in_features, split_k=split_k)
+        y = launch_decode(wrap(AUTOTUNED[path]), x.contiguous(), operands, split_k=split_k)
     remember_tuned()
     if channel_major_out and y.stride(1) == 1:  # not written channel-major (or one token: the same)
         y = channel_major(y)
     return y
+
+
+def _prefill_layout(operands: Operands) -> tuple[torch.Tensor, torch.Tensor]:
+    expanded = operands.expanded if operands.expanded is not None else expand_weight(operands.values, operands.metadata)
+    channels = operands.channels if operands.channels is not None else channel_index(operands.columns, operands.m)
+    return expanded, channels
+
+
+def _channels_first(x: torch.Tensor, transpose: Callable[[torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+    """x.T [C, T] for the prefill kernel: in place where x is channel-major already (written so by its
+    producer, passes/layout.py) or small enough to stay in L2, else written by `transpose(x, xt)`."""
+    if x.t().is_contiguous():
+        return x.t()
+    x = x.contiguous()
+    if x.shape[0] <= ROW_MAJOR_MAX_TOKENS:
+        return x.t()
+    xt = torch.empty(x.shape[1], x.shape[0], dtype=x.dtype, device=x.device)
+    transpose(x, xt)
+    return xt
+
+
+def _transpose_grid(x: torch.Tensor) -> tuple[int, int, int]:
+    return -(-x.shape[0] // TRANSPOSE_BLOCK), -(-x.shape[1] // TRANSPOSE_BLOCK), 1
+
+
+# Plans by weight (the `values` tensor, held weakly: a plan keeps only addresses, so it dies with the
+# weight), then by the call's kind: token bucket, dtype, x's layout, optional operands present.
+_PLANS: weakref.WeakKeyDictionary[torch.Tensor, dict[tuple, "_Plan"]] = weakref.WeakKeyDictionary()
+
+
+def planned_linear(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, metadata: torch.Tensor,
+                   bias: torch.Tensor | None, v: int, m: int, in_features: int, dense: torch.Tensor | None,
+                   expanded: torch.Tensor | None, channels: torch.Tensor | None,
+                   channel_major_out: bool) -> torch.Tensor:
+    """vnm.linear on CUDA for any token count, by the plan made for this weight and token bucket."""
+    x2 = x.reshape(-1, in_features)
+    tokens = x2.shape[0]
+    bucket = 1 << max(0, min(13, (tokens - 1).bit_length()))
+    key = (bucket, x2.dtype, x2.stride(), dense is not None, expanded is not None, bias is not None,
+           channel_major_out)
+    plans = _PLANS.get(values)
+    if plans is None:
+        plans = _PLANS[values] = {}
+    plan = plans.get(key)
+    flat = (values, columns, metadata, v, m, in_features, bias, dense, expanded, channels)
+    if plan is None:
+        operands = Operands(*flat)
+        plan = plans[key] = _Plan(choose_path(operands.rows, in_features, tokens, v, m, x2.dtype, x2.device,
+                                              dense is not None))
+    y = plan(x2, flat, channel_major_out) if tokens else x2.new_empty(0, values.shape[0])
+    if channel_major_out and y.stride(1) == 1 and tokens > 1:
+        y = channel_major(y)
+    return y.reshape(*x.shape[:-1], values.shape[0])
+
+
+class _Plan:
+    """One path for one weight and token bucket, and the binaries its kernels were compiled to, by the
+    specialisation of the arguments that change from call to call."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.binaries: dict[tuple, BinaryLaunch] = {}
+
+    def __call__(self, x: torch.Tensor, flat: tuple, channel_major_out: bool) -> torch.Tensor:
+        if self.path == "dense":
+            return F.linear(x, flat[7], flat[6])
+        if self.path == "prefill":
+            return self._prefill(x, flat, channel_major_out)
+        return self._decode(x.contiguous(), flat)
+
+    def _launch(self, kernel, grid: Callable[[dict], tuple], arguments: Callable[[], tuple[list, dict]],
+                varying: dict[str, object], device: torch.device) -> None:
+        """Run `kernel` on the grid its config gives: by the binary made for arguments that specialise
+        as `varying` do (the arguments that change between calls, by name), else through Triton
+        (compiling or autotuning as needed) with all its `arguments()`, keeping the binary."""
+        key = (kernel, specialization(tuple(varying.values())))
+        binary = self.binaries.get(key)
+        if binary is not None:
+            binary(grid(binary.arguments), *varying.values())
+            return
+        positional, constexprs = arguments()
+        compiled = kernel[grid](*positional, **constexprs)
+        config = getattr(kernel, "best_config", None)  # the autotuner's pick for this key
+        named = {**dict(zip(jit_function(kernel).arg_names, positional)), **constexprs,
+                 **(config.kwargs if config is not None else {})}
+        self.binaries[key] = BinaryLaunch(kernel, compiled, named, tuple(varying), device.index)
+        remember_tuned()
+
+    def _decode(self, x: torch.Tensor, flat: tuple) -> torch.Tensor:
+        rows, tokens = flat[0].shape[0], x.shape[0]
+        split_k = DECODE_SPLIT_K if self.path == "decode_split" else 1
+        y = decode_output(x, rows, split_k)
+        self._launch(AUTOTUNED[self.path],
+                     lambda meta: decode_grid(rows, tokens, split_k, meta["BLOCK_N"], meta["BLOCK_T"]),
+                     lambda: decode_arguments(x, Operands(*flat), split_k, y),
+                     {"x_ptr": x, "y_ptr": y, "T": tokens}, x.device)
+        return y.to(x.dtype) if split_k > 1 else y
+
+    def _prefill(self, x: torch.Tensor, flat: tuple, channel_major_out: bool) -> torch.Tensor:
+        operands = Operands(*flat)
+        expanded, channels = _prefill_layout(operands)
+        rows, tokens = operands.rows, x.shape[0]
+        transpose = lambda x, xt: self._launch(
+            transpose_kernel, lambda meta: _transpose_grid(x),
+            lambda: ([x, xt, tokens, x.shape[1]], dict(BLOCK_T=TRANSPOSE_BLOCK, BLOCK_C=TRANSPOSE_BLOCK)),
+            {"x_ptr": x, "xt_ptr": xt, "T": tokens}, x.device)
+        xt = _channels_first(x, transpose)
+        y = prefill_output(xt, rows, channel_major_out)
+        self._launch(AUTOTUNED["prefill"], lambda meta: prefill_grid(rows, tokens, meta["BLOCK_N"], meta["BLOCK_T"]),
+                     lambda: prefill_arguments(xt, expanded, channels, operands, y),
+                     {"x_ptr": xt, "y_ptr": y, "T": tokens, "stride_xc": xt.stride(0), "stride_xt": xt.stride(1)},
+                     x.device)
+        return y

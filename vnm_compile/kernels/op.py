@@ -1,10 +1,14 @@
-"""`torch.ops.vnm.linear`: the V:N:M linear as a torch.library operator, and its Python entry.
+"""The V:N:M linear as torch.library operators, and its Python entry `vnm_linear`.
 
-It is a `triton_op`: torch.compile traces its body, so Inductor sees the Triton kernel launch
-(through `wrap_triton`), writes the kernel into its generated code, and compiles the model with no
-graph break. On CUDA the body dispatches to the Triton kernels (or dense cuBLAS, see dispatch.py);
-on other devices it runs the reference implementation, registered as the CPU kernel too. In a graph
-with a symbolic token count the body defers to `linear_at_run_time`, which dispatches per call.
+`torch.ops.vnm.linear` is a `triton_op`: where the token count is static, torch.compile traces its
+body, so Inductor sees the Triton kernel launches (through `wrap_triton`), writes the kernels into
+its generated code, and compiles the model with no graph break. Its body defers to
+`torch.ops.vnm.linear_dispatched`, an operator tracing does not enter, where the implementation is
+only known when the call runs: on CPU (the reference, whose chunking arithmetic would otherwise
+specialise a symbolic token count) and on CUDA with a symbolic token count, where the kernel and its
+config are picked per call from the real size (`planned_linear`). Traced into such a graph, the
+kernels would be tuned once for the first token count seen and each token-count threshold of the
+dispatcher would add a guard (a recompile).
 """
 
 from __future__ import annotations
@@ -15,28 +19,8 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from ..format import VNMWeight
+from .operands import Operands, channel_major
 from .reference import reference_linear
-
-
-@torch.library.custom_op("vnm::linear_reference", mutates_args=())
-def linear_reference(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    columns: torch.Tensor,
-    metadata: torch.Tensor,
-    bias: torch.Tensor | None,
-    v: int,
-    m: int,
-    in_features: int,
-) -> torch.Tensor:
-    """The reference, as an operator tracing does not enter: its chunking arithmetic on the token
-    count would otherwise specialise a dynamic token dimension."""
-    return reference_linear(x, values, columns, metadata, bias, v, m, in_features)
-
-
-@linear_reference.register_fake
-def _(x, values, columns, metadata, bias, v, m, in_features):
-    return x.new_empty(*x.shape[:-1], values.shape[0])
 
 
 @triton_op("vnm::linear", mutates_args=())
@@ -54,73 +38,53 @@ def linear(
     channels: torch.Tensor | None = None,
     channel_major_out: bool = False,
 ) -> torch.Tensor:
-    """dense, expanded, channels: optional layouts kept by the caller (see `vnm_linear`).
-    channel_major_out: y laid out channel-major (see `channel_major`), for a consumer that reads it
-    so (passes/layout.py); the values are the same."""
+    """y = x @ W.T + bias for the V:N:M weight (values, columns, metadata) of pattern v:2:m over
+    in_features inputs; dense, expanded, channels: optional layouts kept by the caller (see
+    `Operands`). channel_major_out: y laid out channel-major (see `channel_major`), for a consumer
+    that reads it so (passes/layout.py); the values are the same."""
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
-    if x.device.type != "cuda":
-        y = linear_reference(x, values, columns, metadata, bias, v, m, in_features)
-        return channel_major(y) if channel_major_out else y
-    if not all(isinstance(size, int) for size in x.shape):
-        return linear_at_run_time(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels,
-                                  channel_major_out)
-    return _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels,
-                       channel_major_out, wrap_triton)
+    if x.device.type != "cuda" or not all(isinstance(size, int) for size in x.shape):
+        return torch.ops.vnm.linear_dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded,
+                                               channels, channel_major_out)
+    from .dispatch import kernel_linear  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
 
-
-def channel_major(x: torch.Tensor) -> torch.Tensor:
-    """x with the same shape and values, laid out channel-major (its last dimension slowest)."""
-    order = (x.dim() - 1, *range(x.dim() - 1))
-    return x.permute(order).contiguous().permute((*range(1, x.dim()), 0))
-
-
-def _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, channel_major_out,
-                wrap=None):
-    """The CUDA body: x flattened to [T, C] for the dispatcher, its leading dims restored."""
-    from .dispatch import vnm_matmul  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
-
-    y = vnm_matmul(x.reshape(-1, in_features), values, columns, metadata, bias, v, m, in_features,
-                   dense=dense, expanded=expanded, channels=channels, wrap=wrap, channel_major_out=channel_major_out)
+    operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels)
+    y = kernel_linear(x.reshape(-1, in_features), operands, wrap=wrap_triton, channel_major_out=channel_major_out)
     return y.reshape(*x.shape[:-1], values.shape[0])  # a view of either layout: the token dims stay contiguous
-
-
-@torch.library.custom_op("vnm::linear_at_run_time", mutates_args=())
-def linear_at_run_time(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    columns: torch.Tensor,
-    metadata: torch.Tensor,
-    bias: torch.Tensor | None,
-    v: int,
-    m: int,
-    in_features: int,
-    dense: torch.Tensor | None,
-    expanded: torch.Tensor | None,
-    channels: torch.Tensor | None,
-    channel_major_out: bool,
-) -> torch.Tensor:
-    """vnm.linear for graphs whose token count is symbolic (dynamic shapes): an operator tracing does
-    not enter, so the kernel, its config and the dense-or-sparse choice are picked per call from the
-    real token count and the measured tables. Traced into such a graph, the kernels would be tuned
-    once for the first token count seen and run with that config for every other one, and each
-    token-count threshold of the dispatcher would add a guard (a recompile)."""
-    y = _dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels,
-                    channel_major_out)
-    if channel_major_out:  # the fake's strides, also on size-1 dims (where a view's may differ): the same memory
-        y = y.as_strided(y.shape, channel_major(torch.empty(y.shape, device="meta")).stride())
-    return y
-
-
-@linear_at_run_time.register_fake
-def _(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, channel_major_out):
-    y = x.new_empty(*x.shape[:-1], values.shape[0])
-    return channel_major(y) if channel_major_out else y
 
 
 @linear.register_kernel("cpu")
 def _(x, values, columns, metadata, bias, v, m, in_features, dense=None, expanded=None, channels=None,
       channel_major_out=False):
-    y = linear_reference(x, values, columns, metadata, bias, v, m, in_features)
+    return _reference(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels,
+                      channel_major_out)
+
+
+def _reference(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, channel_major_out):
+    y = reference_linear(x, Operands(values, columns, metadata, v, m, in_features, bias))
+    return channel_major(y) if channel_major_out else y
+
+
+def _planned(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, channel_major_out):
+    from .dispatch import planned_linear
+
+    return planned_linear(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels,
+                          channel_major_out)
+
+
+# A plain operator, not a custom_op: its call costs a few microseconds less, which a decode step of a
+# large model pays a hundred times over.
+_LIBRARY = torch.library.Library("vnm", "FRAGMENT")
+_LIBRARY.define(
+    "linear_dispatched(Tensor x, Tensor values, Tensor columns, Tensor metadata, Tensor? bias, int v, int m, "
+    "int in_features, Tensor? dense, Tensor? expanded, Tensor? channels, bool channel_major_out) -> Tensor")
+_LIBRARY.impl("linear_dispatched", _reference, "CPU")
+_LIBRARY.impl("linear_dispatched", _planned, "CUDA")
+
+
+@torch.library.register_fake("vnm::linear_dispatched", lib=_LIBRARY)
+def _(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, channel_major_out):
+    y = x.new_empty(*x.shape[:-1], values.shape[0])
     return channel_major(y) if channel_major_out else y
 
 
@@ -182,6 +146,14 @@ def prefill_layout(weight: VNMWeight) -> PrefillLayout:
     return PrefillLayout(expand_weight(weight.values, weight.metadata), channel_index(weight.columns, weight.m))
 
 
+def operands(weight: VNMWeight, bias: torch.Tensor | None = None, dense_weight: torch.Tensor | None = None,
+             layout: PrefillLayout | None = None) -> Operands:
+    """The operands of a linear on `weight` with what the caller keeps beside it."""
+    expanded, channels = (layout.expanded, layout.channels) if layout is not None else (None, None)
+    return Operands(weight.values, weight.columns, weight.metadata, weight.v, weight.m, weight.in_features, bias,
+                    dense_weight, expanded, channels)
+
+
 def vnm_linear(
     x: torch.Tensor,
     weight: VNMWeight,
@@ -198,6 +170,4 @@ def vnm_linear(
         (many tokens) builds it on every call.
     """
     check_inputs(x, weight, bias, dense_weight, layout)
-    expanded, channels = (layout.expanded, layout.channels) if layout is not None else (None, None)
-    return linear(x, weight.values, weight.columns, weight.metadata, bias, weight.v, weight.m, weight.in_features,
-                  dense_weight, expanded, channels)
+    return linear(x, *operands(weight, bias, dense_weight, layout).op_arguments())

@@ -14,7 +14,7 @@ block, so they share those channels) and BLOCK_T tokens; per BLOCK_K step it loa
     channel is a contiguous run of tokens, so the gather is 16-byte vector loads that Triton
     pipelines like a dense tile (from row-major x each element would be its own 2-byte load);
 and multiplies them with one tl.dot, fp32 accumulation, bias and cast fused in the epilogue.
-`transpose` writes x.T with a tiled Triton kernel (one read and one write of x). For a few tokens
+`transpose_kernel` writes x.T in tiles (one read and one write of x). For a few tokens
 (at most ROW_MAJOR_MAX_TOKENS) x is small enough to stay in L2, its gathers are cheap next to the
 weight stream, and the kernel reads it in place (a strided view) instead: no transpose launch.
 
@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ..format import KEPT_COLUMNS, unpack_slots
 from .common import dot_precision, grid_order, interpreting, token_bucket
+from .operands import Operands
 
 
 @triton.heuristics({"EVEN_K": lambda a: (4 * a["G"]) % a["BLOCK_K"] == 0})
@@ -112,15 +113,6 @@ def transpose_kernel(x_ptr, xt_ptr, T, C, BLOCK_T: tl.constexpr, BLOCK_C: tl.con
 ROW_MAJOR_MAX_TOKENS = 32
 
 
-def transpose(x: torch.Tensor, kernel=transpose_kernel) -> torch.Tensor:
-    """x.T made contiguous ([T, C] -> [C, T]) in one tiled pass."""
-    tokens, cols = x.shape
-    xt = torch.empty(cols, tokens, dtype=x.dtype, device=x.device)
-    block = 16 if interpreting() else 64
-    kernel[(triton.cdiv(tokens, block), triton.cdiv(cols, block))](x, xt, tokens, cols, BLOCK_T=block, BLOCK_C=block)
-    return xt
-
-
 def channel_index(columns: torch.Tensor, m: int) -> torch.Tensor:
     """[ceil(R/V), 4G] int32: the absolute input channel of each kept column, g*M + columns[b, g, k]."""
     groups = columns.shape[1]
@@ -138,42 +130,40 @@ def expand_weight(values: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
     return expanded.view(rows, groups * KEPT_COLUMNS)
 
 
-def launch_prefill(
-    kernel,
-    xt: torch.Tensor,
-    expanded: torch.Tensor,
-    channels: torch.Tensor,
-    bias: torch.Tensor | None,
-    v: int,
-    m: int,
-    in_features: int,
-    out: torch.Tensor | None = None,
-    channel_major_out: bool = False,
-    **config,
-) -> torch.Tensor:
-    """y [T, R] from xt [C, T] (x.T, either channel-major from `transpose` or the strided view
-    `x.t()` of a row-major x), the expanded weight [R, 4G] and its channel index [ceil(R/V), 4G];
-    `kernel` is vnm_prefill_kernel (config: its blocks) or an autotuned wrapper. y is row-major,
-    or channel-major (the view y.T.t() of a contiguous [R, T]) with channel_major_out; `out`, if
-    given, is either."""
+def prefill_output(xt: torch.Tensor, rows: int, channel_major_out: bool) -> torch.Tensor:
+    """y [T, R]: row-major, or channel-major (the view y.T.t() of a contiguous [R, T])."""
     tokens = xt.shape[1]
-    rows, groups = expanded.shape[0], expanded.shape[1] // KEPT_COLUMNS
-    if out is not None:
-        y = out
-    elif channel_major_out:
-        y = torch.empty(rows, tokens, dtype=xt.dtype, device=xt.device).t()
-    else:
-        y = torch.empty(tokens, rows, dtype=xt.dtype, device=xt.device)
+    if channel_major_out:
+        return torch.empty(rows, tokens, dtype=xt.dtype, device=xt.device).t()
+    return torch.empty(tokens, rows, dtype=xt.dtype, device=xt.device)
 
-    def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(tokens, meta["BLOCK_T"]),)
 
-    kernel[grid](
-        xt, expanded, channels, bias if bias is not None else expanded, y,
-        rows, in_features, tokens, groups, xt.stride(0), xt.stride(1), m, token_bucket(tokens),
-        V=v, HAS_BIAS=bias is not None, EVEN_C=in_features == groups * m,
-        DOT_PRECISION=dot_precision(xt.dtype), DOT_IN_FP32=xt.dtype == torch.bfloat16 and interpreting(),
-        Y_CHANNEL_MAJOR=y.stride(1) != 1,  # a single token or row: both layouts are the same memory
-        **config,
-    )
+def prefill_arguments(xt: torch.Tensor, expanded: torch.Tensor, channels: torch.Tensor, operands: Operands,
+                      y: torch.Tensor) -> tuple[list, dict]:
+    """The prefill kernel's arguments but its config: (positional, constexpr). xt is x.T [C, T], either
+    channel-major (from `transpose_kernel` or its producer) or the strided view `x.t()` of a row-major x."""
+    tokens, bias = xt.shape[1], operands.bias
+    groups = expanded.shape[1] // KEPT_COLUMNS
+    positional = [xt, expanded, channels, bias if bias is not None else expanded, y,
+                  expanded.shape[0], operands.in_features, tokens, groups, xt.stride(0), xt.stride(1), operands.m,
+                  token_bucket(tokens)]
+    constexprs = dict(V=operands.v, HAS_BIAS=bias is not None, EVEN_C=operands.in_features == groups * operands.m,
+                      DOT_PRECISION=dot_precision(xt.dtype), DOT_IN_FP32=xt.dtype == torch.bfloat16 and interpreting(),
+                      Y_CHANNEL_MAJOR=y.stride(1) != 1)  # a single token or row: both layouts are the same memory
+    return positional, constexprs
+
+
+def prefill_grid(rows: int, tokens: int, block_n: int, block_t: int) -> tuple[int, int, int]:
+    return triton.cdiv(rows, block_n) * triton.cdiv(tokens, block_t), 1, 1
+
+
+def launch_prefill(kernel, xt: torch.Tensor, expanded: torch.Tensor, channels: torch.Tensor, operands: Operands,
+                   out: torch.Tensor | None = None, channel_major_out: bool = False, **config) -> torch.Tensor:
+    """y [T, R] from xt [C, T], the expanded weight [R, 4G] and its channel index [ceil(R/V), 4G];
+    `kernel` is vnm_prefill_kernel (config: its blocks) or an autotuned wrapper. y is row-major, or
+    channel-major with channel_major_out; `out`, if given, is either."""
+    y = prefill_output(xt, expanded.shape[0], channel_major_out) if out is None else out
+    positional, constexprs = prefill_arguments(xt, expanded, channels, operands, y)
+    grid = lambda meta: prefill_grid(expanded.shape[0], xt.shape[1], meta["BLOCK_N"], meta["BLOCK_T"])
+    kernel[grid](*positional, **constexprs, **config)
     return y

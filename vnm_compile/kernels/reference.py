@@ -9,22 +9,17 @@ from __future__ import annotations
 import torch
 
 from ..format import KEPT_COLUMNS, unpack_slots
+from .operands import Operands
 
 # Elements (gathered activations + expanded weight) one chunk may hold.
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def reference_linear(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    columns: torch.Tensor,
-    metadata: torch.Tensor,
-    bias: torch.Tensor | None,
-    v: int,
-    m: int,
-    in_features: int,
-) -> torch.Tensor:
-    """y = x @ W.T (+ bias) for the V:N:M weight (values, columns, metadata); x is [..., in_features]."""
+def reference_linear(x: torch.Tensor, operands: Operands) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for the V:N:M weight of `operands`; x is [..., in_features]. The optional
+    layouts of `operands` are not read."""
+    values, columns, metadata, bias = operands.values, operands.columns, operands.metadata, operands.bias
+    v, m, in_features = operands.v, operands.m, operands.in_features
     rows, groups = values.shape[0], values.shape[1] // 2
     compute = torch.promote_types(x.dtype, torch.float32)
     tokens = x.reshape(-1, in_features).to(compute)
