@@ -182,7 +182,7 @@ def test_lower_stage_shows_what_inductor_lowers(route, tmp_path):
     lowered = [node for node, origin in lower.provenance.items() if origin in sparse_nodes]
     assert sorted(lower.provenance[node] for node in lowered) == sorted(sparse_nodes)
     for node in lowered:
-        assert f"{node} = torch.ops.vnm.linear_reference.default(" in lower.after
+        assert f"{node} = torch.ops.vnm.linear_dispatched.default(" in lower.after
         assert f"# lowered from {lower.provenance[node]}\n" in lower.after
     assert "torch.ops.aten." in lower.after and "torch.ops.vnm.linear.default" not in lower.after
 

@@ -8,7 +8,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vnm_compile.format import VNMWeight
-from vnm_compile.passes import channel_major_layouts
+from vnm_compile.passes.layout import channel_major_layouts
 from vnm_compile.passes.layout import _name
 
 

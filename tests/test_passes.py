@@ -8,13 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import vnm_compile as vnm
-from vnm_compile.backend import transform
-from vnm_compile.passes import verify
+from types import SimpleNamespace
+
 from vnm_compile.passes.common import graph_parameters, module_path
 from vnm_compile.passes.discover import Discovery, Group, LinearSite
-from vnm_compile.passes.permute import permute
+from vnm_compile.passes.permute import permute as permute_stage
 from vnm_compile.passes.score import Scores
-from vnm_compile.passes.verify import VerificationError
+from vnm_compile.passes.verify import VerificationError, check_graphs
+from vnm_compile.pipeline import run_passes as transform
 
 CONFIG = vnm.VNMConfig(v=16, m=8, min_features=16, inductor=False)
 
@@ -128,7 +129,7 @@ def test_residual_stream_and_mlp_hidden_are_groups():
     logits = groups[frozenset({"head"})]
     assert any("graph output" in reason for reason in logits.blocked_by)
     # every parameter dimension of the residual stream is in its group, norms and embedding included
-    dims = {dim for dim in result.folded.tensors if dim.startswith(("embed", "norm", "scale2"))}
+    dims = {dim for dim in result.fold.tensors if dim.startswith(("embed", "norm", "scale2"))}
     assert dims == {"embed.weight", "norm1.weight", "norm1.bias", "scale2", "norm.weight", "norm.bias"}
 
 
@@ -142,7 +143,7 @@ def test_permuted_graph_matches_original(sparse):
     result = transform(gm, inputs, found, config)
     assert result.report.verification.dtype == "float64"
     with torch.no_grad():
-        got = result.gm(*inputs)[0]
+        got = result.graph(*inputs)[0]
         expected = model(ids)
     if not sparse:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -158,7 +159,7 @@ def test_timm_style_vit_folds_conv_cls_token_and_positions():
     result = transform(gm, inputs, found, config)
     residual = next(g for g in result.report.groups if "head" in g.readers)
     assert residual.blocked_by == [] and residual.permuted
-    perm = result.folded.tensors
+    perm = result.fold.tensors
     index = result.report.layers[-1].input_perm  # the head reads the residual stream
     torch.testing.assert_close(perm["cls_token"], model.cls_token[..., index])
     torch.testing.assert_close(perm["patch_embed.weight"], model.patch_embed.weight[index])
@@ -166,7 +167,7 @@ def test_timm_style_vit_folds_conv_cls_token_and_positions():
     qkv = next(g for g in result.report.groups if g.writers == ["blocks.0.qkv"])
     assert any("cuts these channels apart" in r or "splits or merges" in r for r in qkv.blocked_by)
     with torch.no_grad():
-        torch.testing.assert_close(result.gm(*inputs)[0], model(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.graph(*inputs)[0], model(images), rtol=1e-5, atol=1e-5)
 
 
 def test_timm_vit_if_installed():
@@ -223,6 +224,11 @@ def test_max_layer_error_falls_back_to_dense():
                                                         max_layer_error=0.01)).report
     assert not report.sparse_layers
     assert all("exceeds max_layer_error=0.01" in layer.reason for layer in report.layers)
+
+
+def permute(discovery, scores, config):
+    """The permute stage on a hand-made discovery and its scores."""
+    return permute_stage(SimpleNamespace(discover=discovery, score=scores, config=config, reuse=None))
 
 
 def _two_layer_problem(n_in, n_hidden, n_out, seed):
@@ -301,13 +307,8 @@ def test_verify_names_the_first_node_that_differs():
     result = transform(gm, inputs, found, vnm.VNMConfig(v=16, m=8, min_features=16, inductor=False, sparsify=False))
     assert result.report.groups[0].permuted
     # Pretend the residual stream had kept its order: the first value carrying it must be flagged.
-    from vnm_compile.passes.common import concrete_inputs
-    from vnm_compile.passes.discover import discover
     from vnm_compile.passes.permute import Permutations
 
-    names = {node: name for node, (name, _) in found.items()}
-    discovery = discover(gm, names, CONFIG)
-    placeholders = {node: tensor.detach().clone() for node, (_, tensor) in found.items()}
     wrong = Permutations({}, {}, {})
     with pytest.raises(VerificationError, match="differs first at node 'x'"):
-        verify(gm, result.folded.gm, None, discovery, wrong, lambda: concrete_inputs(gm, inputs, placeholders))
+        check_graphs(gm, result.fold.gm, None, result.discover, wrong, result.inputs)

@@ -78,10 +78,10 @@ def test_sequential_refinement_lowers_the_model_error():
     # Refinement fits the kept weights to the calibration tokens: with too few (8 x 33 here) it
     # overfits and the held-out error rises; 16 x 64 are enough.
     model, calibration, held_out = tiny_llama(), token_batches(16, 64), token_batches(4, 64, seed=2)
-    config = vnm.VNMConfig(v=16, m=8, method="sparsegpt", allow_small_v=True)
+    config = vnm.VNMConfig(v=16, m=8, method="sparsegpt", allow_small_v=True, min_features=16)
     one_shot = compress_sequential(model, calibration, config, progress=False)
     refined = compress_sequential(model, calibration, vnm.VNMConfig(
-        v=16, m=8, method="sparsegpt", allow_small_v=True, refine_steps=40), progress=False)
+        v=16, m=8, method="sparsegpt", allow_small_v=True, min_features=16, refine=vnm.Refinement(steps=40)), progress=False)
     assert set(refined) == set(one_shot)
     for name, weight in refined.items():
         assert vnm.is_vnm(weight.mask(), 16, 8)
@@ -135,14 +135,17 @@ def test_rejects_bad_input():
         refine_block(block, masks, inputs, [], steps=1, lr=1e-3)
     with pytest.raises(ValueError, match="batch"):
         refine_block(block, masks, inputs, targets, steps=1, lr=1e-3, batch=0)
-    with pytest.raises(ValueError, match="refine_batch"):
-        vnm.VNMConfig(refine_batch=0)
-    with pytest.raises(ValueError, match="refine_steps"):
-        vnm.VNMConfig(refine_steps=-1)
-    with pytest.raises(ValueError, match="refine_lr"):
-        vnm.VNMConfig(refine_lr=1.5)
-    with pytest.raises(ValueError, match="refine_steps"):
-        vnm.sparsify(torch.nn.Linear(64, 64), torch.randn(2, 64), vnm.VNMConfig(refine_steps=4))
-    with pytest.raises(Exception, match="refine_steps"):  # the backend too (Dynamo wraps the error)
+    with pytest.raises(ValueError, match="refine.batch"):
+        vnm.Refinement(batch=0)
+    with pytest.raises(ValueError, match="refine.steps"):
+        vnm.Refinement(steps=0)
+    with pytest.raises(ValueError, match="refine.lr"):
+        vnm.Refinement(lr=1.5)
+    with pytest.raises(ValueError, match="^refine must be"):
+        vnm.VNMConfig(refine=40)
+    refine = vnm.Refinement(steps=4)
+    with pytest.raises(ValueError, match="refine needs the block-by-block path"):
+        vnm.sparsify(torch.nn.Linear(64, 64), torch.randn(2, 64), vnm.VNMConfig(refine=refine))
+    with pytest.raises(Exception, match="refine needs"):  # the backend too (Dynamo wraps the error)
         with torch.no_grad():
-            torch.compile(torch.nn.Linear(64, 64), backend="vnm", options={"refine_steps": 4})(torch.randn(2, 64))
+            torch.compile(torch.nn.Linear(64, 64), backend="vnm", options={"refine": refine})(torch.randn(2, 64))

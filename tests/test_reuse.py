@@ -75,8 +75,8 @@ def lowered(monkeypatch):
     """The rewritten graphs the backend hands to Inductor, in compile order."""
     graphs = []
     lower = backend.lower
-    monkeypatch.setattr(backend, "lower", lambda transformed, *args, **kwargs: graphs.append(transformed.gm)
-                        or lower(transformed, *args, **kwargs))
+    monkeypatch.setattr(backend, "lower", lambda state, *args, **kwargs: graphs.append(state.graph)
+                        or lower(state, *args, **kwargs))
     return graphs
 
 
@@ -150,14 +150,14 @@ def test_only_the_same_solution_config_reuses(steps):
 
 def test_work_is_freed_with_the_compiled_graphs(monkeypatch):
     folded = []
-    transform = backend.transform
+    run_passes = backend.run_passes
 
     def keep(*args, **kwargs):
-        transformed = transform(*args, **kwargs)
-        folded.append({name: weakref.ref(tensor) for name, tensor in transformed.folded.tensors.items()})
-        return transformed
+        state = run_passes(*args, **kwargs)
+        folded.append({name: weakref.ref(tensor) for name, tensor in state.fold.tensors.items()})
+        return state
 
-    monkeypatch.setattr(backend, "transform", keep)
+    monkeypatch.setattr(backend, "run_passes", keep)
     model = _model()
     compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "inductor": False}, dynamic=False)
     with torch.no_grad():
@@ -178,14 +178,24 @@ def test_work_is_freed_with_the_compiled_graphs(monkeypatch):
     assert folded and all(ref() is None for refs in folded for ref in refs.values())
 
 
-def test_compiled_graph_ignores_later_writes_to_the_model():
+@pytest.mark.parametrize("change", ["in place", "load_state_dict", "replaced"])
+def test_changed_parameter_after_compile_raises_naming_it(change):
+    """A compiled graph never serves the weights it compressed once the model's have changed."""
     model = _model()
     x = torch.randn(5, 64)
     compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "inductor": False}, dynamic=False)
     with torch.no_grad():
-        before = compiled(x)
-        for parameter in model.parameters():  # down.bias is read unpermuted: from a frozen clone
-            parameter.add_(1.0)
-        after = compiled(x)
-        changed = model(x)
-    assert torch.equal(before, after) and not torch.allclose(changed, before, rtol=1e-2, atol=1e-2)
+        first = compiled(x)
+        assert torch.equal(compiled(x), first)  # unchanged: it runs
+        if change == "in place":
+            model.down.bias.add_(1.0)
+        elif change == "load_state_dict":
+            model.load_state_dict({name: p + 1 for name, p in model.state_dict().items()})
+        else:
+            model.down.bias = torch.nn.Parameter(model.down.bias + 1)
+        name = r"down\.bias" if change != "load_state_dict" else r"\S+"
+        with pytest.raises(RuntimeError, match=rf"parameter {name} changed .*torch\.compiler\.reset\(\)"):
+            compiled(x)
+        torch.compiler.reset()
+        again = torch.compile(model, backend="vnm", options={**OPTIONS, "inductor": False}, dynamic=False)(x)
+    assert not torch.allclose(again, first)  # compiled afresh from the new weights

@@ -30,7 +30,7 @@ def token_batches(count: int = 3, length: int = 19) -> list[torch.Tensor]:
 def test_first_llama_block_matches_one_shot_reconstruction():
     model, batches = tiny_llama(), token_batches()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = vnm.VNMConfig(v=16, m=6, method="sparsegpt", allow_small_v=True)
+    config = vnm.VNMConfig(v=16, m=6, method="sparsegpt", allow_small_v=True, min_features=16)
     compressed = compress_sequential(model, batches, config, progress=False)
 
     block_linears = {f"model.layers.{i}.{name}" for i in range(2) for name in (
@@ -60,7 +60,7 @@ def test_first_llama_block_matches_one_shot_reconstruction():
 def test_bert_mask_criterion_uses_norms_of_the_compressed_prefix():
     model = tiny_bert()
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in token_batches()]
-    config = vnm.VNMConfig(v=16, m=5, criterion="wanda", allow_small_v=True, skip=("*.attention.output.dense",))
+    config = vnm.VNMConfig(v=16, m=5, criterion="wanda", allow_small_v=True, min_features=16, skip=("*.attention.output.dense",))
     compressed = compress_sequential(model, batches, config, progress=False)
     assert len(compressed) == 2 * 5 and not any(name.endswith("attention.output.dense") for name in compressed)
 
@@ -76,7 +76,7 @@ def test_compressed_prefix_feeds_the_next_block():
     # Compressing block 0 by hand and taking block 1's input norms from that model must reproduce
     # the sequential result for block 1.
     model, batches = tiny_llama(), token_batches()
-    config = vnm.VNMConfig(v=16, m=8, criterion="ria", allow_small_v=True)
+    config = vnm.VNMConfig(v=16, m=8, criterion="ria", allow_small_v=True, min_features=16)
     compressed = compress_sequential(model, batches, config, progress=False)
     for name, weight in compressed.items():
         if name.startswith("model.layers.0."):
@@ -92,7 +92,7 @@ def test_gpt2_conv1d_weights_are_compressed_out_by_in():
     torch.manual_seed(0)
     model, batches = transformers.GPT2LMHeadModel(config).eval(), token_batches()
     compressed = compress_sequential(model, batches, vnm.VNMConfig(v=16, m=5, method="sparsegpt",
-                                                                   allow_small_v=True), progress=False)
+                                                                   allow_small_v=True, min_features=16), progress=False)
     assert set(compressed) == {f"transformer.h.{i}.{part}" for i in range(2)
                                for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     with torch.no_grad(), HessianAccumulator(model, (transformers.pytorch_utils.Conv1D,)) as stats:
@@ -110,6 +110,32 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="config"):
         compress_sequential(model, token_batches(), {"v": 16}, progress=False)
     with pytest.raises(ValueError, match="batches is empty"):
-        compress_sequential(model, [], vnm.VNMConfig(v=16, m=4, allow_small_v=True), progress=False)
+        compress_sequential(model, [], vnm.VNMConfig(v=16, m=4, allow_small_v=True, min_features=16), progress=False)
     with pytest.raises(ValueError, match="repeated blocks"):
         compress_sequential(torch.nn.Linear(4, 4), token_batches(), vnm.VNMConfig(), progress=False)
+
+
+class _MLPWithTiny(torch.nn.Module):
+    """Llama's MLP plus an 8x8 linear (`tiny`) on its input's first channels."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.inner, self.tiny = mlp, torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.inner(x) + torch.nn.functional.pad(self.tiny(x[..., :8]), (0, x.shape[-1] - 8))
+
+
+def test_block_path_and_passes_choose_the_same_linears():
+    """skip, exclude, only and min_features mean the same in compress_sequential as in the passes."""
+    model = tiny_llama()
+    for layer in model.model.layers:
+        layer.mlp = _MLPWithTiny(layer.mlp)
+    config = vnm.VNMConfig(v=16, m=8, criterion="abs", allow_small_v=True, skip=["*.up_proj", "lm_head"],
+                           exclude=["*.tiny"], min_features=40, permute=False)
+    by_blocks = set(compress_sequential(model, token_batches(), config, progress=False))
+    vnm.sparsify(model, (token_batches()[0],), config)
+    by_passes = {layer.name for layer in vnm.reports()[-1].sparse_layers}
+    assert by_blocks == by_passes
+    assert by_passes and not any("up_proj" in name or "tiny" in name for name in by_passes)
+    assert not any(name.endswith(("k_proj", "v_proj")) for name in by_passes)  # 24 outputs < min_features

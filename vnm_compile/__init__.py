@@ -1,15 +1,16 @@
 """vnm-compile: V:N:M structured sparsity for PyTorch transformers."""
 
 from .api import sparsify
-from .backend import reports, vnm_backend
+from .backend import vnm_backend
 from .bisect import Bisection, bisect
 from .calibration import Calibration, LayerStats, calibrate
-from .config import VNMConfig
+from .compression import register_method
+from .config import Refinement, VNMConfig
 from .explain import explain
 from .format import VNMWeight, analytic_speedup, is_vnm, log_mask_diversity, mask_count, select_vm, vnm_mask
 from .kernels import vnm_linear
 from .modules import VNMLinear
-from .report import Report
+from .report import Report, reports
 from .scoring import ActivationNorms, activation_norms, importance
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Bisection",
     "Calibration",
     "LayerStats",
+    "Refinement",
     "Report",
     "VNMConfig",
     "VNMLinear",
@@ -30,6 +32,7 @@ __all__ = [
     "is_vnm",
     "log_mask_diversity",
     "mask_count",
+    "register_method",
     "reports",
     "select_vm",
     "sparsify",

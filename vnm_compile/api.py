@@ -7,14 +7,14 @@ import collections
 import copy
 from typing import Any
 
-import torch
-from torch import fx, nn
+from torch import nn
 
-from .backend import Transformed, transform
 from .calibration import Calibration, linear_module_types
+from .capture import arguments, capture
 from .config import VNMConfig
 from .modules import VNMLinear
-from .passes.common import graph_parameters
+from .pipeline import PassState, run_passes
+from .report import record
 
 
 def sparsify(
@@ -42,57 +42,20 @@ def sparsify(
     args, kwargs = arguments(example_inputs)
     target = model if inplace else copy.deepcopy(model)
     gm, graph_inputs, parameters = capture(target, args, kwargs)
-    transformed = transform(gm, graph_inputs, parameters, config, calibration)
-    unreplaceable = _unreplaceable(target, transformed)
+    state = run_passes(gm, graph_inputs, parameters, config, calibration)
+    unreplaceable = _unreplaceable(target, state)
     if unreplaceable:  # decide again with those layers dense, so that graph and modules agree
-        transformed = transform(gm, graph_inputs, parameters, config, calibration, extra_skips=unreplaceable)
-    _write_back(target, transformed)
+        state = run_passes(gm, graph_inputs, parameters, config, calibration, extra_skips=unreplaceable)
+    record(state.report)
+    _write_back(target, state)
     return target
 
 
-def arguments(example_inputs: Any) -> tuple[tuple, dict]:
-    """example_inputs as (args, kwargs): a tuple of positional arguments, a dict of keyword arguments, or one tensor."""
-    if isinstance(example_inputs, dict):
-        return (), example_inputs
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    raise ValueError("example_inputs must be a tuple of arguments, a dict of keyword arguments or a tensor, "
-                     f"got {type(example_inputs).__name__}")
-
-
-def _call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return model(*args, **kwargs)
-
-
-def capture(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list[Any], dict]:
-    """The model's forward as one Dynamo graph, the example inputs Dynamo passes to a backend, and
-    the graph's parameters (read while Dynamo's metadata is still attached)."""
-    captured = []
-
-    def keep(gm: fx.GraphModule, example_inputs: list[Any]):
-        captured.append((gm, list(example_inputs), graph_parameters(gm, example_inputs)))
-        return gm.forward
-
-    compiled = torch.compile(_call, backend=keep, fullgraph=True, dynamic=False)
-    try:
-        with torch.no_grad():
-            compiled(model, *args, **kwargs)
-    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as error:
-        raise ValueError("sparsify needs the model's forward to trace into one graph on example_inputs "
-                         f"(torch.compile fullgraph=True failed: {error}); torch.compile(model, backend='vnm') "
-                         "handles graph breaks") from error
-    finally:
-        torch._dynamo.reset_code(_call.__code__)  # leave no cache entry behind
-    return captured[0]
-
-
-def _unreplaceable(model: nn.Module, transformed: Transformed) -> dict[str, str]:
+def _unreplaceable(model: nn.Module, state: PassState) -> dict[str, str]:
     """Sparse layers that cannot become a module of their own, and why."""
-    calls = collections.Counter(layer.name for layer in transformed.report.layers)
+    calls = collections.Counter(layer.name for layer in state.report.layers)
     reasons = {}
-    for layer in transformed.report.sparse_layers:
+    for layer in state.report.sparse_layers:
         if calls[layer.name] > 1:
             reasons[layer.name] = f"runs {calls[layer.name]} times per forward; one module holds one weight"
             continue
@@ -105,9 +68,9 @@ def _unreplaceable(model: nn.Module, transformed: Transformed) -> dict[str, str]
     return reasons
 
 
-def _write_back(model: nn.Module, transformed: Transformed) -> None:
-    for name in transformed.folded.permuted:
-        tensor = transformed.folded.tensors[name]
+def _write_back(model: nn.Module, state: PassState) -> None:
+    for name in state.fold.permuted:
+        tensor = state.fold.tensors[name]
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         if leaf in owner._parameters:
@@ -116,7 +79,7 @@ def _write_back(model: nn.Module, transformed: Transformed) -> None:
             owner._buffers[leaf] = tensor
         else:
             raise ValueError(f"{name} was permuted but is neither a parameter nor a buffer of the model")
-    for layer in transformed.report.sparse_layers:
+    for layer in state.report.sparse_layers:
         parent_name, _, leaf = layer.name.rpartition(".")
         module = model.get_submodule(layer.name)
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None

@@ -17,11 +17,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .api import arguments, capture
-from .backend import transform
+from .capture import arguments, capture
 from .config import VNMConfig
 from .explain import floating_outputs, relative_error
 from .passes.common import concrete_inputs
+from .pipeline import run_passes
 
 Metric = Callable[[list[torch.Tensor], list[torch.Tensor]], float]
 
@@ -76,10 +76,10 @@ def bisect(
 
     def evaluate(kept_dense: list[str]) -> tuple[list[str], float]:
         reason = "kept dense by bisect"
-        transformed = transform(gm, graph_inputs, found, config, extra_skips={name: reason for name in kept_dense})
+        state = run_passes(gm, graph_inputs, found, config, extra_skips={name: reason for name in kept_dense})
         with torch.no_grad():
-            error = float(metric(floating_outputs(transformed.gm(*inputs)), reference))
-        sparse = list(dict.fromkeys(layer.name for layer in transformed.report.sparse_layers))
+            error = float(metric(floating_outputs(state.graph(*inputs)), reference))
+        sparse = list(dict.fromkeys(layer.name for layer in state.report.sparse_layers))
         return sparse, error
 
     suspects, full_error = evaluate([])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import reports
+from .report import reports
 
 SAMPLE_TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "

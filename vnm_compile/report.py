@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -15,6 +17,8 @@ from .passes.permute import Permutations
 from .passes.score import Scores
 from .passes.sparsify import Sparsified
 from .passes.verify import Verification
+
+log = logging.getLogger("vnm_compile")
 
 
 @dataclass
@@ -160,7 +164,7 @@ class Report:
 
     def html(self, path: str | os.PathLike) -> str:
         """Write the report as one self-contained HTML file (table, stage diffs, group graph); returns the path."""
-        from .explain import render_html
+        from .report_html import render_html
 
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"path must be a file path, got {type(path).__name__}")
@@ -234,3 +238,18 @@ def build_report(
     # the recorder's own list: the lower stage, recorded once Inductor has run, lands in the report too
     return Report(config, layers, groups, seconds, verification, permutations.stopped, discovery.blockers,
                   stages if stages is not None else [], reused=reused or {})
+
+
+_REPORTS: collections.deque[Report] = collections.deque(maxlen=16)
+
+
+def reports() -> list[Report]:
+    """Reports of the last 16 graphs the vnm backend or `sparsify` handled in this process, oldest
+    first. They hold the compressed weights (shared with the compiled graphs while those live)."""
+    return list(_REPORTS)
+
+
+def record(report: Report) -> None:
+    """Keep `report` for `reports()` and log it (the entries whose caller gets no report back)."""
+    _REPORTS.append(report)
+    log.info("%s", report)

@@ -4,14 +4,15 @@ The calibration batches run through the model only up to its first block; from t
 at a time: its linears' input statistics are gathered, its linears compressed, and the compressed
 block is run again to produce the next block's inputs. Each block is thus calibrated on what the
 already-compressed blocks before it really produce, and only one block's activations and statistics
-are alive at any time, so a 7B model's calibration fits one GPU. With refinement (`refine_steps`),
+are alive at any time, so a 7B model's calibration fits one GPU. With refinement (`config.refine`),
 the dense model's hidden states are carried along too, as the targets of each block's refinement.
+Which linears are compressed (`eligibility.skip_reason`) and how (`compression.compress`) is
+decided as in every other entry.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
 import time
 from typing import Any, Iterable
@@ -20,10 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import linear_module_types
+from .calibration import LayerStats, linear_module_types
+from .compression import compress, estimated_error
 from .config import VNMConfig
+from .eligibility import skip_reason
 from .format import VNMWeight
-from .reconstruct import HessianAccumulator, reconstruct
+from .reconstruct import HessianAccumulator
 from .refine import refine_block
 from .scoring import ActivationNorms, importance, run_batch
 
@@ -55,23 +58,25 @@ def compress_sequential(
     batches are calibration inputs (tensors, tuples of args, or dicts of kwargs for the model).
     The blocks are the largest nn.ModuleList of same-type modules (Llama's `model.layers`, BERT's
     `encoder.layer`, GPT-2's `h`); linears outside them (embeddings, lm_head) are left alone, as
-    are those matching `config.skip`. config.method "mask" prunes by `config.criterion` on the
-    activation norms of the block's inputs; "sparsegpt" reconstructs from their Hessians. Each
-    block is processed on `device` (default: where it lives), on a copy: the model is not modified
-    and may stay on the CPU. The model is compressed as it is (no channel permutation).
-    config.refine_steps > 0 then trains each compressed block's kept weights (`refine_block`, in
-    the block's dtype) towards the dense model's output of that block, masks fixed.
+    are those the config keeps dense (skip, only, exclude, min_features, dtypes, max_layer_error).
+    config.method compresses each (e.g. "mask" by `config.criterion` on the activation norms of the
+    block's inputs; "sparsegpt" reconstructs from their Hessians). Each block is processed on
+    `device` (default: where it lives), on a copy: the model is not modified and may stay on the
+    CPU. The model is compressed as it is (no channel permutation). config.refine then trains each
+    compressed block's kept weights (`refine_block`, in the block's dtype) towards the dense model's
+    output of that block, masks fixed.
     Returns the compressed weights (out_features x in_features, also for Conv1D, which stores its
     weight transposed) by module name, in the linears' dtype.
     """
     if not isinstance(config, VNMConfig):
         raise ValueError(f"config must be a VNMConfig, got {type(config).__name__}")
     prefix, blocks = _find_blocks(model)
-    needs_inputs = config.method == "sparsegpt" or config.criterion != "abs" or config.refine_steps > 0
+    needs_inputs = (config.method != "mask" or config.criterion != "abs" or config.refine is not None
+                    or config.max_layer_error is not None)
     inputs = _first_block_inputs(model, blocks[0], batches, device) if needs_inputs else []
     # Refinement's targets: the dense model's own hidden states at each block's output, so that a
     # refined block also corrects the error the compressed blocks before it let through.
-    dense_states = [args[0] for args, _ in inputs] if config.refine_steps else []
+    dense_states = [args[0] for args, _ in inputs] if config.refine is not None else []
     compressed: dict[str, VNMWeight] = {}
     for index, original in enumerate(tqdm(blocks, desc="compress blocks", disable=not progress)):
         block = copy.deepcopy(original)
@@ -84,17 +89,28 @@ def compress_sequential(
         statistics = _block_statistics(block, inputs, config)
         masks = {}
         for name, linear in linears.items():
-            weight = _compress(_oriented(linear), statistics.get(name), config)
+            dense = _oriented(linear)
+            stats = statistics.get(name)
+            act_norm = stats.act_norm if stats is not None and config.criterion != "abs" else None
+            weight = compress(dense, importance(dense, config.criterion, act_norm, config.ria_exponent), stats, config)
+            if stats is not None and config.max_layer_error is not None:
+                error = estimated_error(dense, weight, stats)
+                if error > config.max_layer_error:
+                    log.info("%s.%s stays dense: estimated output error %.3f exceeds max_layer_error=%g",
+                             block_name, name, error, config.max_layer_error)
+                    continue
             linear.weight.data = _oriented(linear, weight.to_dense())
             masks[name] = _oriented(linear, weight.mask())
             compressed[f"{block_name}.{name}"] = weight
         if dense_states and masks:
             start = time.perf_counter()
-            losses = refine_block(block, masks, inputs, dense_states, config.refine_steps, config.refine_lr,
-                                  config.refine_batch)
+            refine = config.refine
+            losses = refine_block(block, masks, inputs, dense_states, refine.steps, refine.lr, refine.batch)
             log.info("%s refined in %.1f s: relative output error %.4g at the first step, %.4g at the last",
                      block_name, time.perf_counter() - start, losses[0], losses[-1])
             for name, linear in linears.items():
+                if name not in masks:
+                    continue
                 compressed[f"{block_name}.{name}"] = VNMWeight.from_dense(
                     _oriented(linear), config.v, config.m, mask=_oriented(linear, masks[name]))
         if index + 1 < len(blocks) and inputs:
@@ -155,42 +171,32 @@ def _eligible_linears(block: nn.Module, block_name: str, config: VNMConfig) -> d
         if not isinstance(module, linear_module_types()):
             continue
         full_name = f"{block_name}.{name}"
-        if any(fnmatch.fnmatchcase(full_name, pattern) for pattern in config.skip):
-            log.info("%s stays dense: matches config.skip", full_name)
-        elif module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            log.info("%s stays dense: weight dtype %s is not supported", full_name, module.weight.dtype)
+        out_features, in_features = _oriented(module).shape
+        reason = skip_reason(full_name, out_features, in_features, module.weight.dtype, config)
+        if reason is not None:
+            log.info("%s stays dense: %s", full_name, reason)
         else:
             linears[name] = module
     return linears
 
 
-def _block_statistics(block: nn.Module, inputs: list[list], config: VNMConfig) -> dict[str, Any]:
-    """Per linear of the block: its input Hessian (sparsegpt), activation norms, or nothing (abs)."""
+def _block_statistics(block: nn.Module, inputs: list[list], config: VNMConfig) -> dict[str, LayerStats]:
+    """Per linear of the block, its inputs' statistics (with Hessians unless config.method is "mask")."""
     if not inputs:
         return {}
-    collector_type = HessianAccumulator if config.method == "sparsegpt" else ActivationNorms
-    collector = collector_type(block, linear_module_types())
+    hessians = config.method != "mask"
+    collector = (HessianAccumulator if hessians else ActivationNorms)(block, linear_module_types())
     with torch.no_grad(), collector:
         for args, kwargs in inputs:
             block(*args, **kwargs)
-    return collector.hessians() if config.method == "sparsegpt" else collector.norms()
+    found = collector.hessians() if hessians else {}
+    return {name: LayerStats(norm, found.get(name)) for name, norm in collector.norms().items()}
 
 
 def _oriented(linear: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The linear's weight (or `weight` laid out as it stores it), out x in: Conv1D stores in x out."""
     weight = linear.weight.detach() if weight is None else weight
     return weight if isinstance(linear, nn.Linear) else weight.t().contiguous()
-
-
-def _compress(weight: torch.Tensor, statistic: torch.Tensor | None, config: VNMConfig) -> VNMWeight:
-    if config.method == "sparsegpt":
-        if statistic is None:
-            raise ValueError("a linear inside a block saw no calibration inputs; cannot reconstruct it")
-        updated, mask = reconstruct(weight, statistic, config.v, config.m, column_select=config.column_select)
-        return VNMWeight.from_dense(updated, config.v, config.m, mask=mask)
-    act_norm = statistic if config.criterion != "abs" else None
-    scores = importance(weight, config.criterion, act_norm, config.a)
-    return VNMWeight.from_dense(weight, config.v, config.m, scores=scores, column_select=config.column_select)
 
 
 def _advance(block: nn.Module, inputs: list[list]) -> None:

@@ -13,11 +13,10 @@ a concat or split along channels, a graph input or output, or an op not known he
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import networkx as nx
 import torch
@@ -26,7 +25,11 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import VNMConfig
+from ..eligibility import skip_reason
 from .common import module_path
+
+if TYPE_CHECKING:
+    from ..pipeline import PassState
 
 Key = tuple  # ("p", parameter name, dimension)
 
@@ -80,21 +83,13 @@ class Discovery:
     blockers: dict[str, str]                # node that stopped a permutation -> why
 
 
-def discover(
-    gm: fx.GraphModule,
-    parameters: dict[str, str],
-    config: VNMConfig,
-    extra_skips: dict[str, str] | None = None,
-) -> Discovery:
-    """Channel spaces, permutation groups and eligible linears of a Dynamo graph.
-
-    parameters maps the FX nodes that hold parameters to the parameters' names; extra_skips maps
-    linear names to a reason they must stay dense.
-    """
-    tracer = _ChannelTracer(parameters)
-    for node in gm.graph.nodes:
+def discover(state: PassState) -> Discovery:
+    """Channel spaces, permutation groups and eligible linears of Dynamo's graph (`state.gm`, whose
+    parameter nodes `state.parameters` names); `state.extra_skips` keeps linears dense, by name."""
+    tracer = _ChannelTracer(state.parameters)
+    for node in state.gm.graph.nodes:
         tracer.visit(node)
-    return tracer.result(config, extra_skips or {})
+    return tracer.result(state.config, state.extra_skips)
 
 
 def _shape(value: Any) -> Any:
@@ -199,11 +194,6 @@ _METHOD_KINDS = {
 }
 # Where the `dim` argument of a reduction or split sits when it is passed positionally.
 _DIM_POSITION = {"norm": 2, "linalg_vector_norm": 2, "unbind": 1}
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """A module-name glob matches the whole name or a dotted tail of it."""
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -708,19 +698,4 @@ class _ChannelTracer:
 
     @staticmethod
     def _skip_reason(candidate: _Candidate, config: VNMConfig, extra_skips: dict[str, str]) -> str | None:
-        if candidate.problem:
-            return candidate.problem
-        for field_name in ("skip", "exclude"):
-            for pattern in getattr(config, field_name):
-                if _matches(candidate.name, pattern):
-                    return f"matches {field_name} pattern {pattern!r}"
-        if config.only and not any(_matches(candidate.name, pattern) for pattern in config.only):
-            return f"matches no pattern of only={list(config.only)}"
-        if candidate.name in extra_skips:
-            return extra_skips[candidate.name]
-        dtype_name = str(candidate.dtype).removeprefix("torch.")
-        if dtype_name not in config.dtypes:
-            return f"weight dtype {dtype_name} is not in dtypes {list(config.dtypes)}"
-        if min(candidate.shape) < config.min_features:
-            return f"{candidate.shape[0]}x{candidate.shape[1]} is smaller than min_features={config.min_features}"
-        return None
+        return candidate.problem or skip_reason(candidate.name, *candidate.shape, candidate.dtype, config, extra_skips)

@@ -8,14 +8,15 @@ parameter no permutation touches is read as it is, until the backend freezes the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable
 
 import torch
 from torch import fx
 
-from .common import Reuse, attribute_name, copied_graph
-from .discover import Discovery
-from .permute import Permutations
+from .common import attribute_name, copied_graph
+
+if TYPE_CHECKING:
+    from ..pipeline import PassState
 
 
 @dataclass
@@ -28,20 +29,15 @@ class Folded:
                                        # its folded tensor is, in every compile of the same parameters
 
 
-def fold(
-    gm: fx.GraphModule,
-    discovery: Discovery,
-    parameters: dict[str, str],
-    weights: dict[str, torch.Tensor],
-    permutations: Permutations,
-    reuse: Reuse | None = None,
-) -> Folded:
-    """A copy of `gm` that reads every parameter from a permuted copy held as a buffer.
+def fold(state: PassState) -> Folded:
+    """A copy of Dynamo's graph that reads every parameter from a permuted copy held as a buffer (the
+    parameter itself where no permutation touches it).
 
-    parameters maps FX nodes to parameter names, weights the parameter names to their tensors.
-    With `reuse`, a tensor permuted the same way by an earlier compile is that same tensor while a
-    compiled graph still reads it; a permuted weight that only fed its compression is not kept.
+    With `state.reuse`, a tensor permuted the same way by an earlier compile is that same tensor while
+    a compiled graph still reads it; a permuted weight that only fed its compression is not kept.
     """
+    gm, discovery, parameters, weights = state.gm, state.discover, state.parameters, state.weights
+    permutations, reuse = state.permute, state.reuse
     tensors, permuted, sources = {}, set(), {}
     # one device-to-host copy per permutation, not one per parameter dimension it reorders
     encoded = {id(perm): perm.cpu().numpy().tobytes() for perm in permutations.perms.values()}

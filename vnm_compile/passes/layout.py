@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
 
-from ..kernels.op import channel_major
+from ..kernels.operands import channel_major
+
+if TYPE_CHECKING:
+    from ..pipeline import PassState
 
 # What keeps a channel-major tensor channel-major: elementwise math, and splits of its last dimension
 # (views; a view that merges dimensions could fail on it).
@@ -36,6 +39,15 @@ _ELEMENTWISE = _LAYOUT_KEEPING | {
     "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "squeeze", "unsqueeze"}
 # Outputs written by a kernel that is not fused with what follows.
 _KERNEL_OUTPUTS = {"scaled_dot_product_attention", "linear", "matmul", "bmm"}
+
+
+def layout(state: PassState) -> dict[str, list[str]] | None:
+    """The layout stage: channel-major inputs and outputs where they pay (`channel_major_layouts`), on the
+    sparse graph that Inductor will lower (the copies it adds are free only where Inductor fuses them
+    into their producer); None without a sparse graph or without Inductor."""
+    if state.sparsify is None or not state.config.inductor:
+        return None
+    return channel_major_layouts(state.sparsify.gm)
 
 
 def channel_major_layouts(gm: fx.GraphModule) -> dict[str, list[str]]:

@@ -31,7 +31,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -39,9 +39,11 @@ from tqdm.auto import tqdm
 
 from ..config import VNMConfig
 from ..format import KEPT_COLUMNS, KEPT_PER_ROW, vnm_mask
-from .common import Reuse
 from .discover import Discovery, Group
 from .score import Scores
+
+if TYPE_CHECKING:
+    from ..pipeline import PassState
 
 MAX_ASSIGNMENT = 2048
 # Elements of the temporary that one slice of the readers' gain may hold.
@@ -77,12 +79,13 @@ class Permutations:
         return None if group is None else self.perms.get(group)
 
 
-def permute(discovery: Discovery, scores: Scores, config: VNMConfig, reuse: Reuse | None = None) -> Permutations:
+def permute(state: PassState) -> Permutations:
     """Search one permutation per permutable group that holds linears to sparsify.
 
-    With `reuse`, the permutations an earlier compile of the same parameters found are taken if it
+    With `state.reuse`, the permutations an earlier compile of the same parameters found are taken if it
     searched every group of this graph (a group known by the parameter dimensions it holds and its
     size, whatever discovery numbered it); otherwise all groups are searched and stored for the next."""
+    discovery, scores, config, reuse = state.discover, state.score, state.config, state.reuse
     members = scores.importance
     groups = [group for group in discovery.groups.values()
               if group.permutable and group.size > 1 and _members(group, members)]

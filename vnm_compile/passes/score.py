@@ -7,16 +7,22 @@ running the graph once on the example inputs and measuring each linear's input.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+import logging
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 from torch import fx
 
-from ..calibration import Calibration, LayerStats
+from ..calibration import LayerStats
 from ..config import VNMConfig
 from ..scoring import importance
 from .common import node_outputs
-from .discover import Discovery, LinearSite
+from .discover import LinearSite
+
+if TYPE_CHECKING:
+    from ..pipeline import PassState
+
+log = logging.getLogger("vnm_compile")
 
 
 @dataclass
@@ -38,7 +44,7 @@ class _Importance(Mapping[str, torch.Tensor]):
         site = self._sites[node]
         weight = oriented_weight(self._weights[site.weight], site.transposed)
         act_norm = self._stats[node].act_norm.to(weight.device)
-        return importance(weight, self._config.criterion, act_norm, self._config.a)
+        return importance(weight, self._config.criterion, act_norm, self._config.ria_exponent)
 
     def __contains__(self, node: object) -> bool:
         return node in self._sites
@@ -55,19 +61,17 @@ def oriented_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.t() if transposed else weight
 
 
-def score(
-    gm: fx.GraphModule,
-    discovery: Discovery,
-    weights: dict[str, torch.Tensor],
-    inputs: list[Any],
-    config: VNMConfig,
-    calibration: Calibration | None = None,
-) -> Scores:
-    """Importance per weight of every eligible linear (config.criterion), and the statistics behind it.
-
-    weights holds the parameters by name; inputs are concrete inputs for one run of `gm`.
-    """
+def score(state: PassState) -> Scores:
+    """Importance per weight of every eligible linear (config.criterion), and the statistics behind it:
+    from `state.calibration` where it has the layer, else from one run of the graph on the example
+    inputs. A non-finite weight or statistic raises, naming the layer; a layer whose inputs were all
+    zero (no signal to score by) is logged as a warning."""
+    discovery, config, calibration = state.discover, state.config, state.calibration
     eligible = [site for site in discovery.linears.values() if site.skip_reason is None]
+    for site in eligible:
+        if not _finite(state.weights[site.weight]):
+            raise ValueError(f"layer {site.name}: its weight {site.weight} holds NaN or Inf values; "
+                             "fix the weights (or keep the layer dense with skip=) before sparsifying")
     stats: dict[str, LayerStats] = {}
     source: dict[str, str] = {}
     hessians = config.method == "sparsegpt"
@@ -81,9 +85,22 @@ def score(
                 stats[site.node], source[site.node] = layer, "calibration"
     missing = [site for site in eligible if site.node not in stats]
     if missing:
-        for node, layer in _input_stats(gm, missing, inputs, hessians).items():
+        for node, layer in _input_stats(state.gm, missing, state.inputs(), hessians).items():
             stats[node], source[node] = layer, "example inputs"
-    return Scores(_Importance({site.node: site for site in eligible}, weights, stats, config), stats, source)
+    for site in eligible:
+        act_norm = stats[site.node].act_norm
+        if not _finite(act_norm):
+            raise ValueError(f"layer {site.name}: its input statistics ({source[site.node]}) hold NaN or Inf "
+                             "values; the calibration or example inputs overflowed before this layer")
+        if not bool(act_norm.any()):
+            log.warning("layer %s: its inputs (%s) are all zero, so the %s scores carry no signal and its mask "
+                        "is arbitrary; calibrate on real data (vnm_compile.calibrate) or use criterion='abs'",
+                        site.name, source[site.node], config.criterion)
+    return Scores(_Importance({site.node: site for site in eligible}, state.weights, stats, config), stats, source)
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
 
 
 def _input_stats(gm: fx.GraphModule, sites: list, inputs: list[Any], hessians: bool) -> dict[str, LayerStats]:

@@ -1,8 +1,7 @@
 """sparsify: the eligible linears become `torch.ops.vnm.linear` on compressed V:N:M weights.
 
-Compressing one weight is `COMPRESSORS[config.method]`: given the (permuted) weight, its importance
-scores and its input statistics, return a VNMWeight. "mask" keeps the weights the mask keeps; a
-reconstruction method (e.g. SparseGPT) registers another entry that also updates the kept weights.
+Each weight is compressed by `vnm_compile.compression.compress` (the method config.method names),
+in the permuted channel order, with its permuted importance and input statistics.
 
 The sparse linears that read one input (q/k/v, gate/up) are fused (config.fuse): one vnm.linear on
 their concatenated rows (`concat_rows`), split back into their outputs, so the input is gathered
@@ -18,49 +17,25 @@ import dataclasses
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 
-from ..calibration import LayerStats
+from ..compression import compress, estimated_error
 from ..config import VNMConfig
 from ..format import VNMWeight, concat_rows
 from ..kernels.op import prefill_layout
-from ..reconstruct import reconstruct
-from .discover import Discovery, LinearSite
+from .discover import LinearSite
 from .common import Reuse, attribute_name, copied_graph
 from .fold import Folded
 from .permute import Permutations
 from .score import Scores, oriented_weight
 
+if TYPE_CHECKING:
+    from ..pipeline import PassState
+
 log = logging.getLogger("vnm_compile")
-
-Compressor = Callable[[torch.Tensor, torch.Tensor, LayerStats, VNMConfig], VNMWeight]
-
-
-def mask_weight(weight: torch.Tensor, scores: torch.Tensor, stats: LayerStats, config: VNMConfig) -> VNMWeight:
-    """method="mask": keep the weights under the V:N:M mask that retains the most importance."""
-    return VNMWeight.from_dense(weight, config.v, config.m, scores=scores, column_select=config.column_select)
-
-
-def reconstruct_weight(weight: torch.Tensor, scores: torch.Tensor, stats: LayerStats, config: VNMConfig) -> VNMWeight:
-    """method="sparsegpt": choose the mask by the OBS saliency and update the kept weights to
-    preserve the layer's output on the calibration inputs (`reconstruct`); scores are not used."""
-    updated, mask = reconstruct(weight, stats.hessian, config.v, config.m, column_select=config.column_select)
-    return VNMWeight.from_dense(updated, config.v, config.m, mask=mask)
-
-
-COMPRESSORS: dict[str, Compressor] = {"mask": mask_weight, "sparsegpt": reconstruct_weight}
-
-
-def compressor(method: str) -> Compressor:
-    """The registered compression step of `method`; an error, never a fallback, if there is none."""
-    if method not in COMPRESSORS:
-        raise ValueError(f"method={method!r} is not available: no compression step is registered for it "
-                         f"(available: {sorted(COMPRESSORS)}); use method='mask'")
-    return COMPRESSORS[method]
-
 
 @dataclass
 class LayerResult:
@@ -69,7 +44,7 @@ class LayerResult:
     sparse: bool
     reason: str | None            # why it stays dense
     retained: float | None        # fraction of its importance the mask keeps
-    error: float | None           # estimated relative output error (see _estimated_error)
+    error: float | None           # estimated relative output error (compression.estimated_error)
     weight: VNMWeight | None      # the compressed weight, in the permuted channel order
 
 
@@ -82,17 +57,18 @@ class Sparsified:
     unfused: dict[str, str] = field(default_factory=dict)        # input node -> why its readers stay apart
 
 
-def sparsify(
-    folded: Folded, discovery: Discovery, scores: Scores, permutations: Permutations, config: VNMConfig,
-    reuse: Reuse | None = None,
-) -> Sparsified:
-    """A copy of `folded.gm` in which every eligible linear calls torch.ops.vnm.linear on its
-    compressed weight, unless its estimated error exceeds config.max_layer_error. With config.fuse,
-    the sparse linears that read one input run as one vnm.linear on their concatenated rows.
+def sparsify(state: PassState) -> Sparsified | None:
+    """A copy of the folded graph in which every eligible linear calls torch.ops.vnm.linear on its
+    compressed weight, unless its estimated error exceeds config.max_layer_error; None with
+    config.sparsify=False. With config.fuse, the sparse linears that read one input run as one
+    vnm.linear on their concatenated rows.
 
-    With `reuse`, a weight an earlier compile compressed (the same parameter, permuted the same
+    With `state.reuse`, a weight an earlier compile compressed (the same parameter, permuted the same
     way) keeps that result, and the buffers emitted for the same compressed weights are those tensors."""
-    compress = compressor(config.method)
+    config, reuse = state.config, state.reuse
+    if not config.sparsify:
+        return None
+    folded, discovery, scores, permutations = state.fold, state.discover, state.score, state.permute
     gm = fx.GraphModule(folded.gm, copied_graph(folded.gm))
     nodes = {node.name: node for node in gm.graph.nodes}
     layers = {}
@@ -100,9 +76,9 @@ def sparsify(
         if site.skip_reason is not None:
             layers[site.node] = LayerResult(site.node, site.name, False, site.skip_reason, None, None, None)
         elif reuse is None:
-            layers[site.node] = _compress(site, folded, scores, permutations, config, compress)
+            layers[site.node] = _compress(site, folded, scores, permutations, config)
         else:
-            compute = lambda: _compress(site, folded, scores, permutations, config, compress)
+            compute = lambda: _compress(site, folded, scores, permutations, config)
             result = reuse.cached("compressed", (folded.sources[site.weight], site.transposed), compute)
             layers[site.node] = dataclasses.replace(result, node=site.node, name=site.name)
     readers: dict[str, list[str]] = {}  # input node -> its sparse linears, in graph order
@@ -130,7 +106,7 @@ def sparsify(
 
 
 def _compress(site: LinearSite, folded: Folded, scores: Scores, permutations: Permutations,
-              config: VNMConfig, compress: Compressor) -> LayerResult:
+              config: VNMConfig) -> LayerResult:
     weight = oriented_weight(folded.tensors[site.weight], site.transposed)
     importance = scores.importance[site.node]
     out_perm, in_perm = permutations.of(site.out_group), permutations.of(site.in_group)
@@ -142,20 +118,11 @@ def _compress(site: LinearSite, folded: Folded, scores: Scores, permutations: Pe
     compressed = compress(weight, importance, stats, config)
     kept = torch.where(compressed.mask(), importance, 0).sum(dtype=torch.float64)
     retained = float(kept / importance.sum(dtype=torch.float64).clamp_min(torch.finfo(torch.float64).tiny))
-    error = _estimated_error(weight, compressed, stats)
+    error = estimated_error(weight, compressed, stats)
     if config.max_layer_error is not None and error > config.max_layer_error:
         reason = f"estimated output error {error:.3f} exceeds max_layer_error={config.max_layer_error:g}"
         return LayerResult(site.node, site.name, False, reason, retained, error, None)
     return LayerResult(site.node, site.name, True, None, retained, error, compressed)
-
-
-def _estimated_error(weight: torch.Tensor, compressed: VNMWeight, stats: LayerStats) -> float:
-    """||(W - W') diag(a)|| / ||W diag(a)||, a the input channels' norms: the relative output error
-    on the calibration inputs if their channels were uncorrelated."""
-    scale = stats.act_norm.to(weight.device, torch.float32)
-    dense = weight.float()
-    difference = ((dense - compressed.to_dense().float()) * scale).norm()
-    return float(difference / (dense * scale).norm().clamp_min(torch.finfo(torch.float32).tiny))
 
 
 def _bias(node: fx.Node) -> fx.Node | None:

@@ -10,7 +10,7 @@ Both run in float64 when the graph and the op allow it, else in the graph's own 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import fx
@@ -20,6 +20,9 @@ from .discover import Discovery
 from .permute import Permutations
 from .score import oriented_weight
 from .sparsify import Sparsified
+
+if TYPE_CHECKING:
+    from ..pipeline import PassState
 
 # Largest relative error (L2, per node) accepted: (permuted vs original, sparse vs masked dense).
 TOLERANCES = {
@@ -41,15 +44,16 @@ class Verification:
     sparse_error: float | None   # largest relative error of a node, sparse vs masked dense
 
 
-def verify(
-    original: fx.GraphModule,
-    folded: fx.GraphModule,
-    sparse: Sparsified | None,
-    discovery: Discovery,
-    permutations: Permutations,
-    inputs: Callable[[], list[Any]],
-) -> Verification:
-    """Raise VerificationError naming the first node whose value is off; `inputs()` gives fresh inputs."""
+def verify(state: PassState) -> Verification | None:
+    """With config.verify: raise VerificationError naming the first node whose value is off; else None."""
+    if not state.config.verify:
+        return None
+    return check_graphs(state.gm, state.fold.gm, state.sparsify, state.discover, state.permute, state.inputs)
+
+
+def check_graphs(original: fx.GraphModule, folded: fx.GraphModule, sparse: Sparsified | None, discovery: Discovery,
+                 permutations: Permutations, inputs: Callable[[], list[Any]]) -> Verification:
+    """The comparisons above; `inputs()` gives fresh inputs for one run of the original graph."""
     try:
         return _verify(original, folded, sparse, discovery, permutations, inputs, torch.float64)
     except VerificationError:
