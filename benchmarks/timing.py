@@ -1,13 +1,16 @@
-"""What the benchmark scripts share: CUDA-graph timing, the device's ceilings, parallel precompiles.
-
-The scripts run as `PYTHONPATH=. python3 benchmarks/<script>.py`, so they import this as `timing`.
-"""
+"""What the benchmark scripts share: CUDA-graph timing, the device's ceilings, parallel precompiles, and
+the record (device, date, versions, commit) every result file starts with."""
 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import datetime
+import json
 import multiprocessing
+import platform
+import subprocess
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -88,3 +91,27 @@ def precompile(compile_job: Callable, jobs: list, workers: int = 14) -> None:
     log(f"precompiled {len(jobs)} kernels in {time.time() - start:.0f}s, {len(errors)} errors")
     for error in errors[:5]:
         log("  ", error)
+
+
+def device_record(device: str) -> dict:
+    """Where and with what a result was measured."""
+    import triton
+
+    from vnm_compile.kernels.tuning import gpu_slug
+
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'cpu'})"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"device": name, "slug": gpu_slug(name) if device == "cuda" else "cpu",
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "triton": triton.__version__, "commit": commit}
+
+
+def write_results(stem: Path, result: dict, markdown: str) -> None:
+    """<stem>.json and <stem>.md."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(markdown)

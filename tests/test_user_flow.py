@@ -1,0 +1,155 @@
+"""The ordinary torch.compile flow: one compile, then whatever token counts come; bad weights and
+silent inputs are named; on a GPU, CUDA graphs replay and generate() matches eager."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import vnm_compile as vnm
+
+OPTIONS = {"v": 16, "m": 8, "min_features": 16, "allow_small_v": True}
+
+
+class _Block(nn.Module):
+    def __init__(self, dim=48, hidden=80):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+def _reference(model, x):
+    """The compiled model's function in float64: every sparse linear by its masked weight."""
+    layers = {layer.name: layer for layer in vnm.reports()[-1].sparse_layers}
+    with torch.no_grad():
+        h = x.double()
+        normed = torch.nn.functional.layer_norm(h, (48,), model.norm.weight.double(), model.norm.bias.double())
+        up = normed @ layers["up"].masked_weight().double().T + model.up.bias.double()
+        return h + torch.nn.functional.gelu(up) @ layers["down"].masked_weight().double().T + model.down.bias.double()
+
+
+def test_one_dynamic_graph_serves_every_token_count():
+    """After a second shape, Dynamo recompiles once with a symbolic token count; every later count runs in
+    that graph (torch specialises a count of 1 on its own) through vnm.linear_dispatched."""
+    torch.manual_seed(0)
+    model = _Block().eval()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="vnm", options=OPTIONS)
+    with torch.no_grad():
+        for tokens in (129, 3, 17, 5, 1, 64):
+            x = torch.randn(2, tokens, 48)
+            y = compiled(x)
+            error = (y.double() - _reference(model, x)).norm() / _reference(model, x).norm()
+            assert error < 1e-5, tokens
+    assert counters["stats"]["unique_graphs"] == 3  # the first static graph, the dynamic one, one token
+
+
+def test_non_finite_weight_names_the_layer():
+    torch.manual_seed(0)
+    model = _Block().eval()
+    with torch.no_grad():
+        model.down.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^layer down: its weight down\.weight holds NaN or Inf"):
+        vnm.sparsify(model, torch.randn(2, 5, 48), vnm.VNMConfig(**OPTIONS))
+
+
+def test_non_finite_calibration_names_the_layer():
+    torch.manual_seed(0)
+    model = _Block().eval()
+    x = torch.randn(2, 5, 48)
+    x[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^layer up: its input statistics \(example inputs\) hold NaN or Inf"):
+        vnm.sparsify(model, x, vnm.VNMConfig(**OPTIONS))
+
+
+def test_silent_inputs_are_logged(caplog):
+    """An example batch of zeros leaves every RIA score zero: the layer's mask would be arbitrary."""
+    torch.manual_seed(0)
+    model = _Block().eval()
+    model.norm.bias.data.zero_()
+    model.norm.weight.data.zero_()  # the norm outputs zeros: `up` sees nothing
+    with caplog.at_level(logging.WARNING, logger="vnm_compile"):
+        vnm.sparsify(model, torch.randn(2, 5, 48), vnm.VNMConfig(**OPTIONS))
+    assert any("layer up: its inputs (example inputs) are all zero" in message for message in caplog.messages)
+    assert not any("layer down:" in message for message in caplog.messages)
+
+
+def _tiny_llama_cuda():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).half().cuda().eval()
+
+
+GPU_OPTIONS = {"v": 64, "m": 8, "criterion": "abs", "permute": False, "skip": ["lm_head"]}
+
+
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_replays_without_copying_weights():
+    """mode="reduce-overhead" records a CUDA graph and replays it; the weights are static inputs, so a
+    replay copies only the token ids."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _tiny_llama_cuda()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="vnm", options={**GPU_OPTIONS, "mode": "reduce-overhead"})
+    ids = torch.randint(0, 256, (1, 1), device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(input_ids=ids, use_cache=False)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            compiled(input_ids=ids, use_cache=False)
+            torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    names = [event.name for event in prof.events()]
+    assert any("Graph" in name or "graph" in name for name in names) or not any("vnm" in n for n in names)
+    copies = [name for name in names if "Memcpy" in name or "copy" in name.lower()]
+    assert len(copies) <= 4, copies
+
+
+GENERATE = dict(max_new_tokens=16, do_sample=False, cache_implementation="static", pad_token_id=0)
+
+
+@pytest.mark.gpu
+def test_gpu_generate_with_compiled_forward_matches_eager():
+    """generate() with a static KV cache and model.forward compiled by the backend in "reduce-overhead"
+    (prompt and decode steps both sparse) gives the greedy tokens of the same sparse model run eagerly."""
+    model = _tiny_llama_cuda()
+    prompt = torch.randint(0, 256, (2, 12), device="cuda")
+    eager = vnm.sparsify(model, {"input_ids": prompt, "use_cache": False}, vnm.VNMConfig(**GPU_OPTIONS))
+    with torch.no_grad():
+        expected = eager.generate(prompt, **GENERATE)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="vnm", options={**GPU_OPTIONS, "mode": "reduce-overhead"})
+    with torch.no_grad():
+        got = model.generate(prompt, **GENERATE)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_generate_through_transformers_compile_config():
+    """transformers' own compile path takes the backend (CompileConfig; torch.compile takes a mode or
+    options, so the mode goes in the options). It compiles the decode steps only: the prompt runs the
+    uncompiled (dense) model, so the first new token is the dense model's."""
+    from transformers import CompileConfig
+
+    model = _tiny_llama_cuda()
+    prompt = torch.randint(0, 256, (2, 12), device="cuda")
+    with torch.no_grad():
+        dense = model.generate(prompt, **{**GENERATE, "max_new_tokens": 1})
+    torch._dynamo.reset()
+    before = vnm.reports()[-1] if vnm.reports() else None
+    config = CompileConfig(backend="vnm", mode=None, options={**GPU_OPTIONS, "mode": "reduce-overhead"})
+    with torch.no_grad():
+        got = model.generate(prompt, **GENERATE, compile_config=config)
+    assert got.shape == (2, 28) and torch.equal(got[:, :13], dense)
+    assert vnm.reports()[-1] is not before and vnm.reports()[-1].sparse_layers
