@@ -247,3 +247,49 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     report = vnm.explain(MLP(), torch.randn(2, 64), vnm.VNMConfig(v=16, m=8, min_features=16, inductor=False))
     with pytest.raises(ValueError, match="^path must be a file path"):
         report.html(3)
+
+
+def test_cli_explain_runs_a_factory_file_whose_forward_reads_module_names(tmp_path):
+    """As a user runs it: `vnm explain models.py:make` in a subprocess, for a model whose forward reads a
+    module-level name (Dynamo looks the function's module up by name); the report has the layout and
+    lower stages like the Python API's."""
+    (tmp_path / "models.py").write_text(textwrap.dedent("""
+        import torch
+        SCALE = 0.5
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.up = torch.nn.Linear(64, 128)
+                self.down = torch.nn.Linear(128, 64)
+
+            def forward(self, x):
+                return self.down(torch.nn.functional.gelu(self.up(x)) * SCALE)
+
+        def make():
+            torch.manual_seed(0)
+            return Net().eval(), (torch.randn(3, 64),)
+    """))
+    command = [sys.executable, "-m", "vnm_compile.cli", "explain", "models.py:make", "--out", "r.html", "--v", "16",
+               "--m", "8", "--min-features", "16", "--allow-small-v"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "2 of 2 linears sparse" in done.stdout
+    page = (tmp_path / "r.html").read_text()
+    assert "lower" in page and "layout" in page
+    module_form = subprocess.run([*command[:4], "models:make", *command[5:]], cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=600)
+    assert module_form.returncode == 0, module_form.stderr
+
+
+def test_cli_help_answers_without_loading_torch():
+    done = subprocess.run([sys.executable, "-c", "import sys; from vnm_compile.cli import main\n"
+                           "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                           "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().endswith("False"), done.stdout + done.stderr
+
+
+def test_a_graph_with_nothing_sparsified_is_logged(caplog):
+    with caplog.at_level(logging.WARNING, logger="vnm_compile"):
+        vnm.explain(torch.nn.Sequential(torch.nn.Linear(8, 8)), torch.randn(2, 8), CONFIG)
+    assert any("none of the 1 linears of this graph is sparsified (8x8 is smaller" in m for m in caplog.messages)

@@ -1,42 +1,41 @@
-"""vnm-compile: V:N:M structured sparsity for PyTorch transformers."""
+"""vnm-compile: V:N:M structured sparsity for PyTorch transformers.
 
-from .api import sparsify
-from .backend import vnm_backend
-from .bisect import Bisection, bisect
-from .calibration import Calibration, LayerStats, calibrate
-from .compression import register_method
-from .config import Refinement, VNMConfig
-from .explain import explain
-from .format import VNMWeight, analytic_speedup, is_vnm, log_mask_diversity, mask_count, select_vm, vnm_mask
-from .kernels import vnm_linear
-from .modules import VNMLinear
-from .report import Report, reports
-from .scoring import ActivationNorms, activation_norms, importance
+The public names below are imported on first use (`import vnm_compile` itself loads nothing heavy,
+so the `vnm` command answers --help at once); `torch.compile(model, backend="vnm")` finds the
+backend through its entry point.
+"""
 
-__all__ = [
-    "ActivationNorms",
-    "Bisection",
-    "Calibration",
-    "LayerStats",
-    "Refinement",
-    "Report",
-    "VNMConfig",
-    "VNMLinear",
-    "VNMWeight",
-    "activation_norms",
-    "analytic_speedup",
-    "bisect",
-    "calibrate",
-    "explain",
-    "importance",
-    "is_vnm",
-    "log_mask_diversity",
-    "mask_count",
-    "register_method",
-    "reports",
-    "select_vm",
-    "sparsify",
-    "vnm_backend",
-    "vnm_linear",
-    "vnm_mask",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "sparsify": "api",
+    "vnm_backend": "backend",
+    "Bisection": "bisection", "bisect": "bisection",
+    "Calibration": "calibration", "LayerStats": "calibration", "calibrate": "calibration",
+    "register_method": "compression",
+    "Refinement": "config", "VNMConfig": "config",
+    "explain": "explanation",
+    "VNMWeight": "format", "analytic_speedup": "format", "is_vnm": "format", "log_mask_diversity": "format",
+    "mask_count": "format", "select_vm": "format", "vnm_mask": "format",
+    "vnm_linear": "kernels",
+    "VNMLinear": "modules",
+    "Report": "report", "reports": "report",
+    "ActivationNorms": "scoring", "activation_norms": "scoring", "importance": "scoring",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'vnm_compile' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -30,7 +30,7 @@ from torch import fx
 
 from .calibration import Calibration
 from .config import VNMConfig
-from .explain import write_explanation
+from .explanation import write_explanation
 from .lowering import lower
 from .passes.common import Reuse, graph_parameters
 from .pipeline import run_passes

@@ -1,32 +1,42 @@
-"""The `vnm` command."""
+"""The `vnm` command. Each subcommand imports what it needs when it runs: --help answers at once."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-import torch
-
-from .format import VNMWeight, log_mask_diversity, vnm_mask
-
 LLAMA_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 
 
 def formats(args: argparse.Namespace) -> None:
     """Mask time and compressed size of V:N:M patterns on Llama-7B layer shapes."""
+    import math
+
+    import torch
+
+    from .format import MAX_ENUMERATED_SUBSETS, VNMWeight, log_mask_diversity, vnm_mask
+
     generator = torch.Generator().manual_seed(0)
+    print(f"masks of random Llama-7B-shaped weights at {args.v}:2:M on {torch.get_num_threads()} CPU threads; "
+          "each row is printed when measured", flush=True)
     print(f"{'shape':>12} {'pattern':>8} {'rule':>8} {'mask s':>7} {'bytes/dense':>11} {'x (2/M)':>8} {'log div':>8}")
     for rows, cols in LLAMA_7B_SHAPES:
         weight = torch.randn(rows, cols, generator=generator).to(torch.float16)
         for m in args.m:
-            for rule in ("l1", "optimal"):
+            # "optimal" enumerates C(m, 4) column subsets; beyond MAX_ENUMERATED_SUBSETS only "l1" runs
+            rules = ("l1", "optimal") if math.comb(m, 4) <= MAX_ENUMERATED_SUBSETS else ("l1",)
+            for rule in rules:
                 start = time.perf_counter()
                 mask = vnm_mask(weight.abs().float(), args.v, m, rule)
                 elapsed = time.perf_counter() - start
                 compressed = VNMWeight.from_dense(weight, args.v, m, mask=mask)
                 ratio = compressed.nbytes / (weight.numel() * weight.element_size())
                 print(f"{rows:>5}x{cols:<6} {args.v:>3}:2:{m:<2} {rule:>8} {elapsed:7.3f} {ratio:11.4f} "
-                      f"{ratio * m / 2:8.4f} {log_mask_diversity(args.v, m):8.4f}")
+                      f"{ratio * m / 2:8.4f} {log_mask_diversity(args.v, m):8.4f}", flush=True)
+    skipped = [m for m in args.m if math.comb(m, 4) > MAX_ENUMERATED_SUBSETS]
+    if skipped:
+        print(f"(M = {', '.join(map(str, skipped))}: 'optimal' would enumerate more than {MAX_ENUMERATED_SUBSETS} "
+              "subsets per block, so only the 'l1' rule is shown)")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -39,8 +49,10 @@ def demo(args: argparse.Namespace) -> None:
 def explain(args: argparse.Namespace) -> None:
     """Write the HTML report (vnm_compile.explain) for a model factory: a zero-argument function,
     named as file.py:function or package.module:function, that returns (model, example_inputs)."""
+    import torch
+
     from .config import VNMConfig
-    from .explain import explain as explain_model
+    from .explanation import explain as explain_model
 
     factory = load_factory(args.factory)
     made = factory()
@@ -49,18 +61,20 @@ def explain(args: argparse.Namespace) -> None:
                          f"got {type(made).__name__}")
     model, example_inputs = made
     config = VNMConfig(v=args.v, m=args.m, criterion=args.criterion, min_features=args.min_features,
-                       skip=args.skip, only=args.only, exclude=args.exclude, allow_small_v=args.allow_small_v,
-                       inductor=False)
+                       skip=args.skip, only=args.only, exclude=args.exclude, allow_small_v=args.allow_small_v)
     report = explain_model(model.eval(), example_inputs, config)
     print(report)
     print(f"wrote {report.html(args.out)}")
 
 
 def load_factory(spec: str):
-    """The callable named by 'path/to/file.py:name' or 'package.module:name'."""
+    """The callable named by 'path/to/file.py:name' or 'package.module:name' (found from the current
+    directory, as `python -m` would). A file is imported as a module registered under its name, so that
+    code which looks its functions' module up (Dynamo does) finds it."""
     import importlib
     import importlib.util
     import os
+    import sys
 
     source, _, name = spec.rpartition(":")
     if not source or not name:
@@ -68,10 +82,14 @@ def load_factory(spec: str):
     if source.endswith(".py") or os.path.sep in source:
         if not os.path.isfile(source):
             raise SystemExit(f"vnm explain: no such file {source!r}")
-        module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(source))[0], source)
+        name_of_module = os.path.splitext(os.path.basename(source))[0]
+        module_spec = importlib.util.spec_from_file_location(name_of_module, source)
         module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name_of_module] = module
         module_spec.loader.exec_module(module)
     else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(source)
         except ImportError as error:

@@ -10,6 +10,7 @@ Every entry runs the same stages: the backend (then lowering.lower), `vnm.sparsi
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,6 +30,8 @@ from .passes.score import Scores
 from .passes.sparsify import Sparsified
 from .passes.verify import Verification
 from .report import Report, build_report
+
+log = logging.getLogger("vnm_compile")
 
 
 @dataclass
@@ -112,4 +115,8 @@ def run_passes(gm: fx.GraphModule, example_inputs: list[Any], found: dict[str, t
     reused = reuse.tally(since=earlier) if reuse is not None else None
     state.report = build_report(config, state.discover, state.score, state.permute, state.sparsify, state.verify,
                                 state.seconds, state.recorder.stages, reused)
+    if config.sparsify and not state.report.sparse_layers:
+        reasons = sorted({layer.reason for layer in state.report.layers})
+        log.warning("vnm: none of the %d linears of this graph is sparsified%s", len(state.report.layers),
+                    f" ({'; '.join(reasons[:3])})" if reasons else ": it holds no nn.Linear or Conv1D")
     return state

@@ -19,7 +19,7 @@ from torch import nn
 
 from .capture import arguments, capture
 from .config import VNMConfig
-from .explain import floating_outputs, relative_error
+from .explanation import floating_outputs, relative_error
 from .passes.common import concrete_inputs
 from .pipeline import run_passes
 
