@@ -37,9 +37,9 @@ from timing import ceilings, graph_us, log
 
 warnings.filterwarnings("ignore", message="column_select='optimal'")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-TOKENS = [16, 2048, 8192]
+TOKENS = [1, 16, 2048, 8192]
 PATTERNS = [(64, 8), (64, 16), (64, 5), (128, 8)]
-FEW_TOKEN_CONFIGS = ("rows32_tokens16", "rows32_tokens32", "rows64_tokens64")
+FEW_TOKEN_CONFIGS = ("rows32_tokens8", "rows32_tokens16", "rows32_tokens32", "rows64_tokens64")
 MANY_TOKEN_CONFIGS = ("rows256_tokens128", "rows256_tokens128_k8", "rows128_tokens128", "rows128_tokens256",
                       "rows256_tokens128_v128", "rows64_tokens64")
 CHECK_SHAPE = (1000, 520)  # 1000 = 15.6 x 64 rows, 520 = 104 x 5 = 65 x 8 = 32.5 x 16 columns
@@ -158,10 +158,11 @@ def time_case(rows, cols, tokens, v, m, good_configs, shared_limit, torch24: dic
     record["layout_bytes"], record["dense_bytes"] = layout.nbytes, dense.nbytes
     x = torch.randn(tokens, cols, device="cuda", dtype=dtype)
     x_channel_major = x.t().contiguous().t()
-    n = copies(layout.nbytes, tokens)
     layouts = [layout] + [sparse_mma.SparseMMALayout(layout.values.clone(), layout.metadata.clone(),
-                                                     layout.columns.clone(), v, m, rows, cols) for _ in range(n - 1)]
-    names = FEW_TOKEN_CONFIGS if tokens <= 64 else MANY_TOKEN_CONFIGS
+                                                     layout.columns.clone(), v, m, rows, cols)
+                          for _ in range(copies(layout.nbytes, tokens) - 1)]
+    names = ([n for n in FEW_TOKEN_CONFIGS if sparse_mma.CONFIGS[n].block_tokens <= max(8, 4 * tokens)]
+             if tokens <= 64 else MANY_TOKEN_CONFIGS)
     record["sparse_mma_us"] = {}
     ref = x[:64].double() @ dense.double().T
     for name in names:
@@ -234,7 +235,7 @@ def time_torch24(rows: int, cols: int, tokens: int) -> float | None:
 # ------------------------------------------------------------------------------------------ main
 def run(args) -> dict:
     start = time.time()
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())  # indexed, like tensors' devices (the kernel cache's key)
     props = torch.cuda.get_device_properties(device)
     shared_limit = props.shared_memory_per_block_optin
     results = {"device": props.name, "capability": list(torch.cuda.get_device_capability()), "torch": torch.__version__,
@@ -247,9 +248,8 @@ def run(args) -> dict:
     if args.quick:
         shapes, tokens_list, patterns = SHAPES[:1], [16, 8192], [(64, 8), (64, 16)]
     names = sorted(set(FEW_TOKEN_CONFIGS + MANY_TOKEN_CONFIGS))
-    jobs = [(name, m, v, torch.float16) for v, m in patterns for name in names if applicable(name, v, m, shared_limit)]
-    jobs += [(name, m, v, torch.bfloat16) for v, m in patterns for name in ("rows32_tokens16", "rows256_tokens128")
-             if applicable(name, v, m, shared_limit)]
+    jobs = [(name, m, v, dtype) for dtype in (torch.float16, torch.bfloat16) for v, m in patterns for name in names
+            if applicable(name, v, m, shared_limit)]
     compile_errors = precompile(jobs, device)
     results["compile_errors"] = {str(k): e for k, e in compile_errors.items()}
     log("correctness against float64, shapes", CHECK_SHAPE, "tokens", CHECK_TOKENS, "(row- and channel-major x and y):")

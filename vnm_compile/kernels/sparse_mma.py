@@ -237,14 +237,15 @@ CONFIGS = {c.name: c for c in (
     TileConfig("rows128_tokens128", 2, 2, 1, 4, 8, 1, 4),  # 4 warps, two CTAs an SM
     TileConfig("rows128_tokens256", 2, 4, 1, 4, 8, 1, 4),  # half the weight traffic, twice the x
     TileConfig("rows256_tokens128_v128", 2, 4, 1, 8, 4, 2, 3),  # v >= 128: a B fragment serves 8 m16 tiles
-    # few tokens: 8 warps, 4 of them along K (partial sums added in shared memory), many CTAs
+    # few tokens: weights stream once; 8 warps, 2 or 4 of them along K (their partial sums added in
+    # shared memory), one CTA per 32 rows, stages deep enough to keep ~25 KB of weights in flight
     TileConfig("rows64_tokens64", 2, 2, 2, 2, 4, 2, 3),
     TileConfig("rows32_tokens32", 2, 1, 4, 1, 4, 1, 4),
-    TileConfig("rows32_tokens16", 2, 1, 4, 1, 2, 1, 4),
-    TileConfig("rows32_tokens8", 2, 1, 4, 1, 1, 1, 4),
+    TileConfig("rows32_tokens16", 2, 1, 4, 1, 2, 1, 6),
+    TileConfig("rows32_tokens8", 2, 1, 4, 1, 1, 1, 6),
 )}
-_PREFERENCE = {  # by tokens: the first config that fits the pattern and the device's shared memory
-    8: ("rows32_tokens8",), 16: ("rows32_tokens16",), 32: ("rows32_tokens32",),
+_PREFERENCE = {  # by tokens, the configs to try first; then any other that fits
+    8: ("rows32_tokens8",), 16: ("rows32_tokens16",), 32: ("rows32_tokens32", "rows32_tokens16"),
     64: ("rows64_tokens64", "rows32_tokens32"),
     None: ("rows256_tokens128_v128", "rows256_tokens128", "rows256_tokens128_k8", "rows128_tokens128",
            "rows64_tokens64", "rows32_tokens32"),
@@ -257,7 +258,7 @@ def default_config(tokens: int, layout: SparseMMALayout, shared_limit: int | Non
     if shared_limit is None:
         shared_limit = torch.cuda.get_device_properties(layout.device).shared_memory_per_block_optin
     bucket = next((b for b in (8, 16, 32, 64) if tokens <= b), None)
-    for name in _PREFERENCE[bucket]:
+    for name in (*_PREFERENCE[bucket], *CONFIGS):
         config = CONFIGS[name]
         if layout.v % (16 * config.warp_m_tiles) == 0 and config.shared_bytes(layout.m, layout.v) <= shared_limit:
             return config
@@ -336,6 +337,8 @@ def _transpose_kernel(device: torch.device):
 def compiled_kernel(config: TileConfig, m: int, v: int, dtype: torch.dtype, device: torch.device):
     """The kernel of one (config, pattern, dtype) on `device`: compiled on first use, then kept.
     NVRTC releases the GIL, so threads can compile several at once ahead of use."""
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
     key = (config, m, v, dtype, device.index)
     if key not in _KERNELS:
         ordered = torch.cuda.get_device_capability(device) >= (10, 0)
