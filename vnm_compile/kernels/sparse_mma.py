@@ -288,7 +288,8 @@ def available(device: torch.device | str | None = None) -> bool:
 
 def kernel_source(config: TileConfig, m: int, v: int, dtype: torch.dtype, ordered_metadata: bool = False) -> str:
     """The CUDA source of one kernel: its constants, the index formulas, sparse_mma.cu.
-    ordered_metadata: spell mma.sp as mma.sp::ordered_metadata (PTX 8.5; full speed on sm_100+)."""
+    ordered_metadata: spell mma.sp as mma.sp::ordered_metadata (PTX 8.5), which ptxas advises for
+    later architectures (the same bits here: every index pair is ascending); used from sm_100 on."""
     constants = {**config.geometry(m, v), "IS_BF16": int(dtype == torch.bfloat16)}
     opcode = "mma.sp::ordered_metadata.sync.aligned" if ordered_metadata else "mma.sp.sync.aligned"
     return ("".join(f"constexpr int {name} = {value};\n" for name, value in constants.items())
