@@ -1,0 +1,333 @@
+"""The sparse-MMA kernel (vnm_compile/kernels/sparse_mma.py) on one GPU: compile, check, time.
+
+    PYTHONPATH=. python3 benchmarks/sparse_mma_check.py             # < 5 minutes on an H100
+    PYTHONPATH=. python3 benchmarks/sparse_mma_check.py --quick     # the target shape only
+    ncu --profile-from-start off --clock-control none --set full -o sparse_mma \\
+        python3 benchmarks/sparse_mma_check.py --ncu                # 4096^2 x 8192 at 64:2:8, 3 calls
+
+1. Compiles every (config, pattern, dtype) it will run, in threads (NVRTC releases the GIL).
+2. Checks each against float64 on awkward shapes (rows not divisible by V, columns not divisible by
+   M, tokens 1, 17, 129 and 2048) and prints PASS / FAIL; a failing config is not timed.
+3. Times, with CUDA graphs (median of replays of one graph over weight copies, so weights stream
+   from device memory): each sparse-MMA config (x channel-major, as the layout pass hands it; the
+   best config also with row-major x, its transpose counted), cuBLAS on the dense weight, torch 2:4
+   (to_sparse_semi_structured on a magnitude-2:4 weight: cuSPARSELt), cuSPARSELt on the V:N:M
+   weight itself over the full K (M % 4 == 0), and the Triton path (prefill layout kept).
+Errors never stop the run: a kernel that fails to compile or run is reported and skipped. Writes
+JSON to $OUT (else benchmarks/results) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import os
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vnm_compile.format import VNMWeight
+from vnm_compile.kernels import prefill_layout, sparse_mma, triton_vnm_linear
+from timing import ceilings, graph_us, log
+
+warnings.filterwarnings("ignore", message="column_select='optimal'")
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+TOKENS = [1, 16, 2048, 8192]
+PATTERNS = [(64, 8), (64, 16), (64, 5), (128, 8)]
+FEW_TOKEN_CONFIGS = ("rows32_tokens8", "rows32_tokens16", "rows32_tokens32", "rows64_tokens64")
+MANY_TOKEN_CONFIGS = ("rows256_tokens128", "rows256_tokens128_k8", "rows128_tokens128", "rows128_tokens256",
+                      "rows256_tokens128_v128", "rows64_tokens64")
+CHECK_SHAPE = (1000, 520)  # 1000 = 15.6 x 64 rows, 520 = 104 x 5 = 65 x 8 = 32.5 x 16 columns
+CHECK_TOKENS = (1, 17, 129, 2048)
+ROTATE_BYTES = 160 << 20  # weight copies a timing rotates over: > 3x the H100's 50 MB L2
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TIME_BUDGET_S = 270
+TARGETS = {  # (rows, cols, tokens, v, m): wanted speed-up over cuBLAS (issue 29)
+    (4096, 4096, 8192, 64, 8): 2.0, (4096, 4096, 8192, 64, 16): 3.2, (11008, 4096, 2048, 64, 8): 1.7,
+    (4096, 11008, 2048, 64, 8): 1.7, (4096, 4096, 2048, 64, 8): 1.7, (4096, 4096, 16, 64, 8): 2.0,
+    (11008, 4096, 16, 64, 8): 2.0, (4096, 11008, 16, 64, 8): 2.0}
+
+
+def random_weight(rows: int, cols: int, v: int, m: int, dtype: torch.dtype, seed: int) -> VNMWeight:
+    """A valid V:N:M weight with random kept columns, index pairs and values, made directly on the
+    GPU (no mask search)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    groups, blocks = -(-cols // m), -(-rows // v)
+    columns = torch.rand(blocks, groups, m, generator=gen, device="cuda").argsort(-1)[..., :4].sort(-1).values
+    pairs = torch.tensor([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)], device="cuda")
+    slots = pairs[torch.randint(0, 6, (rows, groups), generator=gen, device="cuda")]
+    nibbles = F.pad((slots[..., 0] | (slots[..., 1] << 2)).to(torch.uint8), (0, groups % 2))
+    values = torch.randn(rows, 2 * groups, generator=gen, device="cuda").to(dtype)
+    return VNMWeight(values, columns.to(torch.uint8), nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), v, m, cols)
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def applicable(name: str, v: int, m: int, shared_limit: int) -> bool:
+    config = sparse_mma.CONFIGS[name]
+    return v % (16 * config.warp_m_tiles) == 0 and config.shared_bytes(m, v) <= shared_limit
+
+
+# ------------------------------------------------------------------------------------------ phases
+def precompile(jobs: list[tuple], device: torch.device) -> dict:
+    """Compile (config name, m, v, dtype) jobs in threads (NVRTC releases the GIL), retrying any
+    failure once on this thread; returns {job: error text} for those that failed twice."""
+    def compile_one(job, in_worker=True):
+        name, m, v, dtype = job
+        try:
+            if in_worker:  # a runtime call binds the device's context to this thread for the module load
+                torch.cuda.set_device(device)
+                torch.cuda.synchronize(device)
+            sparse_mma.compiled_kernel(sparse_mma.CONFIGS[name], m, v, dtype, device)
+            return None
+        except Exception as error:
+            return f"{error!r}"[:2000]
+
+    start = time.time()
+    with futures.ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+        failed = [job for job, error in zip(jobs, pool.map(compile_one, jobs)) if error]
+    errors = {job: error for job in failed if (error := compile_one(job, in_worker=False))}
+    log(f"compiled {len(jobs) - len(errors)} of {len(jobs)} kernels in {time.time() - start:.0f}s "
+        f"({len(failed)} retried on the main thread)")
+    for job, error in errors.items():
+        log("  COMPILE FAIL", job, error)
+    return errors
+
+
+def check_configs(jobs: list[tuple], compile_errors: dict) -> dict:
+    """PASS / FAIL of each job on the awkward shapes; returns {job: passed}."""
+    passed, rows, cols = {}, *CHECK_SHAPE
+    for job in jobs:
+        name, m, v, dtype = job
+        if job in compile_errors:
+            passed[job] = False
+            continue
+        weight = random_weight(rows, cols, v, m, dtype, seed=m + v)
+        layout = sparse_mma.pack(weight)
+        dense = weight.to_dense().double()
+        bias = torch.randn(rows, device="cuda").to(dtype)
+        worst, error_text = 0.0, ""
+        for tokens in CHECK_TOKENS:
+            x = torch.randn(tokens, cols, device="cuda").to(dtype)
+            ref = x.double() @ dense.T + bias.double()
+            for channel_major in (False, True):
+                try:
+                    xin = x.t().contiguous().t() if channel_major else x
+                    y = sparse_mma.sparse_mma_linear(xin, layout, bias, config=name, channel_major_out=channel_major)
+                    torch.cuda.synchronize()
+                    worst = max(worst, relative_error(y, ref))
+                except Exception as error:
+                    worst, error_text = float("inf"), repr(error)[:300]
+        passed[job] = worst < TOLERANCE[dtype]
+        log(f"  {'PASS' if passed[job] else 'FAIL'} {name:24s} {v}:2:{m:<3d} {str(dtype)[6:]:9s} "
+            f"max rel err {worst:.2e} {error_text}")
+    return passed
+
+
+def copies(nbytes: int, tokens: int) -> int:
+    """Weight copies a timing rotates over: enough to overflow L2 where the weight is what streams."""
+    return 2 if tokens > 256 else min(32, max(2, -(-ROTATE_BYTES // nbytes)))
+
+
+def timed(label: str, calls: list, record: dict, key: str) -> None:
+    """record[key] = microseconds a call (CUDA graph median), or the error."""
+    try:
+        record[key] = round(graph_us(calls, replays=9), 2)
+    except Exception as error:
+        record[key] = None
+        record.setdefault("errors", {})[key] = repr(error)[:300]
+        log(f"    {label}: {key} failed: {error!r}"[:400])
+
+
+def time_case(rows, cols, tokens, v, m, good_configs, shared_limit, torch24: dict, deadline: float) -> dict:
+    dtype = torch.float16
+    record = {"rows": rows, "cols": cols, "tokens": tokens, "v": v, "m": m}
+    label = f"{rows}x{cols} x{tokens} {v}:2:{m}"
+    weight = random_weight(rows, cols, v, m, dtype, seed=rows + m)
+    dense = weight.to_dense().contiguous()
+    layout = sparse_mma.pack(weight)
+    record["layout_bytes"], record["dense_bytes"] = layout.nbytes, dense.nbytes
+    x = torch.randn(tokens, cols, device="cuda", dtype=dtype)
+    x_channel_major = x.t().contiguous().t()
+    layouts = [layout] + [sparse_mma.SparseMMALayout(layout.values.clone(), layout.metadata.clone(),
+                                                     layout.columns.clone(), v, m, rows, cols)
+                          for _ in range(copies(layout.nbytes, tokens) - 1)]
+    names = ([n for n in FEW_TOKEN_CONFIGS if sparse_mma.CONFIGS[n].block_tokens <= max(8, 4 * tokens)]
+             if tokens <= 64 else MANY_TOKEN_CONFIGS)
+    record["sparse_mma_us"] = {}
+    ref = x[:64].double() @ dense.double().T
+    for name in names:
+        if not applicable(name, v, m, shared_limit) or not good_configs.get((name, m, v, dtype), False):
+            continue
+        try:  # the same check on the timed shape, 64 tokens of it
+            y = sparse_mma.sparse_mma_linear(x_channel_major, layout, config=name)
+            error = relative_error(y[:64], ref)
+            if error > TOLERANCE[dtype]:
+                log(f"    {label}: {name} FAIL on this shape (rel err {error:.2e}): not timed")
+                continue
+        except Exception as error:
+            log(f"    {label}: {name} failed: {error!r}"[:400])
+            continue
+        timed(label, [lambda lt=lt, name=name: sparse_mma.sparse_mma_linear(x_channel_major, lt, config=name)
+                      for lt in layouts], record["sparse_mma_us"], name)
+    measured = {k: t for k, t in record["sparse_mma_us"].items() if t}
+    if measured:
+        best = min(measured, key=measured.get)
+        record["best_config"], record["best_us"] = best, measured[best]
+        timed(label, [lambda lt=lt: sparse_mma.sparse_mma_linear(x, lt, config=best) for lt in layouts],
+              record, "best_with_transpose_us")
+    denses = [dense] + [dense.clone() for _ in range(copies(dense.nbytes, tokens) - 1)]
+    timed(label, [lambda d=d: F.linear(x, d) for d in denses], record, "cublas_us")
+    record["torch24_us"] = torch24.get((rows, cols, tokens))
+    if m % 4 == 0:
+        try:
+            compressed = torch._cslt_compress(dense)
+            out = torch._cslt_sparse_mm(compressed, x.t())
+            y = out.t() if out.shape == (rows, tokens) else out
+            record["cslt_vnm_rel_err"] = relative_error(y[:64], ref)
+            compresseds = [compressed] + [compressed.clone() for _ in range(copies(compressed.nbytes, tokens) - 1)]
+            timed(label, [lambda c=c: torch._cslt_sparse_mm(c, x.t()) for c in compresseds], record, "cslt_vnm_us")
+        except Exception as error:
+            record["cslt_vnm_us"] = None
+            log(f"    {label}: cuSPARSELt on the V:N:M weight failed: {error!r}"[:300])
+    if time.time() < deadline and (v, m) in ((64, 8), (64, 16)):
+        triton_layout = prefill_layout(weight)
+        path = "prefill" if tokens > 64 else None  # few tokens: the dispatcher's sparse choice
+        timed(label, [lambda: triton_vnm_linear(x, weight, layout=triton_layout, path=path)], record, "triton_us")
+    base = record.get("cublas_us")
+    if base and record.get("best_us"):
+        record["x_cublas"] = round(base / record["best_us"], 3)
+        if record.get("torch24_us"):
+            record["x_torch24"] = round(record["torch24_us"] / record["best_us"], 3)
+    log(f"  {label}: best {record.get('best_config')} {record.get('best_us')} us "
+        f"(+T {record.get('best_with_transpose_us')}), cuBLAS {record.get('cublas_us')}, torch 2:4 "
+        f"{record.get('torch24_us')}, cslt V:N:M {record.get('cslt_vnm_us')}, triton {record.get('triton_us')}; "
+        f"all {record['sparse_mma_us']}")
+    return record
+
+
+def time_torch24(rows: int, cols: int, tokens: int) -> float | None:
+    """torch's 2:4 (to_sparse_semi_structured, cuSPARSELt) on a magnitude-2:4 weight, over copies."""
+    from torch.sparse import to_sparse_semi_structured
+
+    w = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
+    keep = w.abs().view(rows, -1, 4).topk(2, dim=-1).indices
+    mask = torch.zeros(rows, cols // 4, 4, device="cuda", dtype=torch.bool).scatter_(-1, keep, True).view(rows, cols)
+    record = {}
+    try:
+        sparses = [to_sparse_semi_structured(w * mask) for _ in range(copies(rows * cols, tokens))]
+        x = torch.randn(tokens, cols, device="cuda", dtype=torch.float16)
+        timed("torch 2:4", [lambda s=s: F.linear(x, s) for s in sparses], record, "us")
+    except Exception as error:
+        log(f"  torch 2:4 {rows}x{cols} x{tokens} failed: {error!r}"[:300])
+    return record.get("us")
+
+
+# ------------------------------------------------------------------------------------------ main
+def run(args) -> dict:
+    start = time.time()
+    device = torch.device("cuda", torch.cuda.current_device())  # indexed, like tensors' devices (the kernel cache's key)
+    props = torch.cuda.get_device_properties(device)
+    shared_limit = props.shared_memory_per_block_optin
+    results = {"device": props.name, "capability": list(torch.cuda.get_device_capability()), "torch": torch.__version__,
+               "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M"), "available": sparse_mma.available()}
+    log(results)
+    if not results["available"]:
+        log("sparse_mma.available() is False: no sm_80+ GPU, NVRTC library or CUDA_HOME")
+        return results
+    shapes, tokens_list, patterns = SHAPES, TOKENS, PATTERNS
+    if args.quick:
+        shapes, tokens_list, patterns = SHAPES[:1], [16, 8192], [(64, 8), (64, 16)]
+    names = sorted(set(FEW_TOKEN_CONFIGS + MANY_TOKEN_CONFIGS))
+    jobs = [(name, m, v, dtype) for dtype in (torch.float16, torch.bfloat16) for v, m in patterns for name in names
+            if applicable(name, v, m, shared_limit)]
+    compile_errors = precompile(jobs, device)
+    results["compile_errors"] = {str(k): e for k, e in compile_errors.items()}
+    log("correctness against float64, shapes", CHECK_SHAPE, "tokens", CHECK_TOKENS, "(row- and channel-major x and y):")
+    passed = check_configs(jobs, compile_errors)
+    results["checks"] = [{"config": n, "v": v, "m": m, "dtype": str(d)[6:], "passed": ok}
+                         for (n, m, v, d), ok in passed.items()]
+    log(f"[{time.time() - start:.0f}s] {sum(passed.values())} of {len(passed)} configs passed")
+    results["ceilings"] = ceilings()
+    log("ceilings", results["ceilings"])
+    torch24 = {}
+    for rows, cols in shapes:
+        for tokens in tokens_list:
+            torch24[(rows, cols, tokens)] = time_torch24(rows, cols, tokens)
+    results["cases"] = []
+    deadline = start + TIME_BUDGET_S - 60  # the Triton path compiles kernels: it goes first when short of time
+    for rows, cols in shapes:
+        for v, m in patterns:
+            for tokens in tokens_list:
+                if time.time() > start + TIME_BUDGET_S:
+                    log("time budget reached: the remaining cases are not timed")
+                    return results
+                try:
+                    results["cases"].append(time_case(rows, cols, tokens, v, m, passed, shared_limit, torch24, deadline))
+                except Exception:
+                    log(f"  {rows}x{cols} x{tokens} {v}:2:{m} failed:\n{traceback.format_exc()[-1500:]}")
+                torch.cuda.empty_cache()
+    return results
+
+
+def table(results: dict) -> str:
+    head = "| weight x tokens | pattern | best config | us | +T us | cuBLAS us | x cuBLAS | torch 2:4 us | x torch 2:4 | cslt V:N:M us | triton us | target |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in results.get("cases", []):
+        target = TARGETS.get((c["rows"], c["cols"], c["tokens"], c["v"], c["m"]))
+        lines.append(f"| {c['rows']}x{c['cols']} x {c['tokens']} | {c['v']}:2:{c['m']} | {c.get('best_config')} | "
+                     f"{c.get('best_us')} | {c.get('best_with_transpose_us')} | {c.get('cublas_us')} | "
+                     f"{c.get('x_cublas')} | {c.get('torch24_us')} | {c.get('x_torch24')} | {c.get('cslt_vnm_us')} | "
+                     f"{c.get('triton_us')} | {'' if target is None else f'>= {target}x'} |")
+    return "\n".join(lines)
+
+
+def ncu_mode() -> None:
+    """The target case, 3 calls of its default config and of cuBLAS, inside a profiler range."""
+    rows, cols, tokens, v, m = 4096, 4096, 8192, 64, 8
+    weight = random_weight(rows, cols, v, m, torch.float16, seed=0)
+    layout, dense = sparse_mma.pack(weight), weight.to_dense()
+    x = torch.randn(tokens, cols, device="cuda", dtype=torch.float16).t().contiguous().t()  # channel-major
+    config = sparse_mma.default_config(tokens, layout)
+    sparse_mma.sparse_mma_linear(x, layout, config=config)
+    F.linear(x, dense)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    with torch.cuda.nvtx.range(f"sparse_mma {config.name} {rows}x{cols} x{tokens} {v}:2:{m}"):
+        for _ in range(3):
+            sparse_mma.sparse_mma_linear(x, layout, config=config)
+        for _ in range(3):
+            F.linear(x, dense)
+        torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    log(torch.cuda.get_device_name(), "profiled", config.name, "and cuBLAS on", (rows, cols, tokens, v, m))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4096x4096, 16 and 8192 tokens, 64:2:8 and 64:2:16")
+    parser.add_argument("--ncu", action="store_true", help="only the target case, for Nsight Compute")
+    args = parser.parse_args()
+    if args.ncu:
+        return ncu_mode()
+    results = run(args)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = results["device"].lower().replace(" ", "-")
+    path = out_dir / f"sparse_mma_check-{slug}.json"
+    path.write_text(json.dumps(results, indent=1, default=str))
+    log(f"wrote {path}")
+    log(table(results))
+
+
+if __name__ == "__main__":
+    main()
