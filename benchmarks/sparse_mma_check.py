@@ -1,9 +1,9 @@
 """The sparse-MMA kernel (vnm_compile/kernels/sparse_mma.py) on one GPU: compile, check, time.
 
-    PYTHONPATH=. python3 benchmarks/sparse_mma_check.py             # < 5 minutes on an H100
-    PYTHONPATH=. python3 benchmarks/sparse_mma_check.py --quick     # the target shape only
+    python3 -m benchmarks.sparse_mma_check             # < 5 minutes on an H100
+    python3 -m benchmarks.sparse_mma_check --quick     # the target shape only
     ncu --profile-from-start off --clock-control none --set full -o sparse_mma \\
-        python3 benchmarks/sparse_mma_check.py --ncu                # 4096^2 x 8192 at 64:2:8, 3 calls
+        python3 -m benchmarks.sparse_mma_check --ncu       # 4096^2 x 8192 at 64:2:8, 3 calls
 
 1. Compiles every (config, pattern, dtype) it will run, in threads (NVRTC releases the GIL).
 2. Checks each against float64 on awkward shapes (rows not divisible by V, columns not divisible by
@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from vnm_compile.format import VNMWeight
-from vnm_compile.kernels import prefill_layout, sparse_mma, triton_vnm_linear
-from timing import ceilings, graph_us, log
+from benchmarks.timing import ceilings, graph_us, log
+from vnm_compile.kernels import operands, prefill_layout, sparse_mma
+from vnm_compile.kernels.dispatch import kernel_linear
 
 warnings.filterwarnings("ignore", message="column_select='optimal'")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -202,7 +203,8 @@ def time_case(rows, cols, tokens, v, m, good_configs, shared_limit, torch24: dic
     if time.time() < deadline and (v, m) in ((64, 8), (64, 16)):
         triton_layout = prefill_layout(weight)
         path = "prefill" if tokens > 64 else None  # few tokens: the dispatcher's sparse choice
-        timed(label, [lambda: triton_vnm_linear(x, weight, layout=triton_layout, path=path)], record, "triton_us")
+        triton_operands = operands(weight, layout=triton_layout)
+        timed(label, [lambda: kernel_linear(x, triton_operands, path=path)], record, "triton_us")
     base = record.get("cublas_us")
     if base and record.get("best_us"):
         record["x_cublas"] = round(base / record["best_us"], 3)
