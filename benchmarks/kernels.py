@@ -36,13 +36,12 @@ if "--smoke" in sys.argv:  # CPU dry run of this script under the Triton interpr
 import torch
 import torch.nn.functional as F
 import triton
+from timing import DEVICE, ceilings, fake_weight, graph_us, log, precompile
 from triton.testing import do_bench
 
 from vnm_compile.format import VNMWeight
-from vnm_compile.kernels import PrefillLayout, prefill_layout, triton_vnm_linear
-from vnm_compile.kernels import decode, dispatch, prefill, tuning
+from vnm_compile.kernels import PrefillLayout, decode, dispatch, prefill, prefill_layout, triton_vnm_linear, tuning
 from vnm_compile.kernels.common import token_bucket
-from timing import DEVICE, ceilings, fake_weight, graph_us, log, precompile
 
 warnings.filterwarnings("ignore", message="column_select='optimal'")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (768, 768), (3072, 768), (768, 3072)]

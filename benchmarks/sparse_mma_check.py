@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vnm_compile.format import VNMWeight
 from benchmarks.timing import ceilings, graph_us, log
+from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import operands, prefill_layout, sparse_mma
 from vnm_compile.kernels.dispatch import kernel_linear
 

@@ -8,9 +8,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vnm_compile.format import VNMWeight
-from vnm_compile.passes.layout import channel_major_layouts
-from vnm_compile.passes.layout import _name
-
+from vnm_compile.passes.layout import _name, channel_major_layouts
 
 SHAPES = {"fc1": (64, 32), "fc2": (32, 64), "fc3": (32, 32), "fc4": (32, 64)}  # (out, in) features
 

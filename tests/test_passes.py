@@ -1,6 +1,7 @@
 """The passes on small hand-written models, without Inductor: channel rules, permutation search, verify."""
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,8 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import vnm_compile as vnm
-from types import SimpleNamespace
-
 from vnm_compile.passes.common import graph_parameters, module_path
 from vnm_compile.passes.discover import Discovery, Group, LinearSite
 from vnm_compile.passes.permute import permute as permute_stage

@@ -23,7 +23,8 @@ import dataclasses
 import gc
 import os
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -35,6 +36,7 @@ from .lowering import lower
 from .passes.common import Reuse, graph_parameters
 from .pipeline import run_passes
 from .report import record
+
 
 def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
                 mode: str | None = None) -> Callable:

@@ -11,8 +11,9 @@ and compares the rewritten graph's outputs with the dense graph's. For bisecting
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ class LayerStats:
     act_norm: torch.Tensor
     hessian: torch.Tensor | None = None
 
-    def permuted(self, perm: torch.Tensor | None) -> "LayerStats":
+    def permuted(self, perm: torch.Tensor | None) -> LayerStats:
         """The statistics of the layer with its input channels in `perm`'s order."""
         if perm is None:
             return self

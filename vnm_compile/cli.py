@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--builtin-only", action="store_true", help="skip the pretrained model")
     demo_parser.set_defaults(run=demo)
     explain_parser = commands.add_parser("explain", help=explain.__doc__.split(":")[0])
-    explain_parser.add_argument("factory", help="file.py:function or package.module:function returning (model, example_inputs)")
+    explain_parser.add_argument("factory", help="file.py:function or package.module:function "
+                                "returning (model, example_inputs)")
     explain_parser.add_argument("--out", default="vnm-report.html", help="the HTML file to write")
     explain_parser.add_argument("--v", type=int, default=64)
     explain_parser.add_argument("--m", type=int, default=8)

@@ -8,7 +8,8 @@ config's criterion, same shape) and its input statistics, and returns the compre
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,20 +36,20 @@ def method_names() -> tuple[str, ...]:
     return tuple(_METHODS)
 
 
-def compress(weight: torch.Tensor, scores: torch.Tensor, stats: "LayerStats | None", config: "VNMConfig") -> VNMWeight:
+def compress(weight: torch.Tensor, scores: torch.Tensor, stats: LayerStats | None, config: VNMConfig) -> VNMWeight:
     """`weight` compressed by config.method at config's pattern."""
     return _METHODS[config.method](weight, scores, stats, config)
 
 
 @register_method("mask")
-def mask_weight(weight: torch.Tensor, scores: torch.Tensor, stats: "LayerStats | None", config: "VNMConfig") -> VNMWeight:
+def mask_weight(weight: torch.Tensor, scores: torch.Tensor, stats: LayerStats | None, config: VNMConfig) -> VNMWeight:
     """Keep the weights under the V:N:M mask that retains the most importance."""
     return VNMWeight.from_dense(weight, config.v, config.m, scores=scores, column_select=config.column_select)
 
 
 @register_method("sparsegpt")
-def reconstruct_weight(weight: torch.Tensor, scores: torch.Tensor, stats: "LayerStats | None",
-                       config: "VNMConfig") -> VNMWeight:
+def reconstruct_weight(weight: torch.Tensor, scores: torch.Tensor, stats: LayerStats | None,
+                       config: VNMConfig) -> VNMWeight:
     """Choose the mask by the OBS saliency and update the kept weights to preserve the layer's output on
     the calibration inputs (`reconstruct`); the scores are not used."""
     if stats is None or stats.hessian is None:
@@ -58,7 +59,7 @@ def reconstruct_weight(weight: torch.Tensor, scores: torch.Tensor, stats: "Layer
     return VNMWeight.from_dense(updated, config.v, config.m, mask=mask)
 
 
-def estimated_error(weight: torch.Tensor, compressed: VNMWeight, stats: "LayerStats") -> float:
+def estimated_error(weight: torch.Tensor, compressed: VNMWeight, stats: LayerStats) -> float:
     """||(W - W') diag(a)|| / ||W diag(a)||, a the input channels' norms: the relative output error on
     the calibration inputs if their channels were uncorrelated (what config.max_layer_error bounds)."""
     scale = stats.act_norm.to(weight.device, torch.float32)

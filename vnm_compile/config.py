@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 CRITERIA = ("abs", "wanda", "ria")
 COLUMN_RULES = ("optimal", "l1")
@@ -82,7 +83,9 @@ class VNMConfig:
       too); fuse: linears reading one input (q/k/v, gate/up) run as one vnm.linear where V divides
       their rows; prefill_layout: keep each weight's prefill layout (4/M of its dense bytes) beside it
       (None: where the kernels run, CUDA); keep_dense: keep the masked weight dense too, so the
-      dispatcher may run cuBLAS where it measured faster (the dense bytes).
+      dispatcher may run cuBLAS where it measured faster (the dense bytes); keep_cusparselt: keep a
+      cuSPARSELt copy (M a multiple of 4, about 0.56 of the dense bytes), which the dispatcher runs
+      on many tokens where it wins.
     allow_small_v: accept v < 16 (tests).
     """
 
@@ -109,6 +112,7 @@ class VNMConfig:
     fuse: bool = True
     prefill_layout: bool | None = None
     keep_dense: bool = False
+    keep_cusparselt: bool = False
     allow_small_v: bool = False
 
     def __post_init__(self) -> None:
@@ -128,10 +132,12 @@ class VNMConfig:
             raise ValueError(f"column_select must be one of {COLUMN_RULES}, got {self.column_select!r}")
         if self.refine is not None and not isinstance(self.refine, Refinement):
             raise ValueError(f"refine must be None or a vnm_compile.Refinement, got {type(self.refine).__name__}")
-        for name in ("permute", "sparsify", "verify", "allow_small_v", "inductor", "fuse", "keep_dense"):
+        for name in ("permute", "sparsify", "verify", "allow_small_v", "inductor", "fuse", "keep_dense",
+                     "keep_cusparselt"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if not isinstance(self.permute_rounds, int) or isinstance(self.permute_rounds, bool) or not 0 <= self.permute_rounds <= 100:
+        rounds = self.permute_rounds
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or not 0 <= rounds <= 100:
             raise ValueError(f"permute_rounds must be an integer in [0, 100], got {self.permute_rounds!r}")
         for name in ("skip", "only", "exclude"):
             value = getattr(self, name)
@@ -149,12 +155,13 @@ class VNMConfig:
         if self.max_layer_error is not None and not _is_positive_number(self.max_layer_error):
             raise ValueError(f"max_layer_error must be None or a positive number, got {self.max_layer_error!r}")
         if self.mode not in INDUCTOR_MODES:
-            raise ValueError(f"mode must be one of {INDUCTOR_MODES} (Inductor's torch.compile modes), got {self.mode!r}")
+            raise ValueError(f"mode must be one of {INDUCTOR_MODES} (Inductor's torch.compile modes), "
+                             f"got {self.mode!r}")
         if self.prefill_layout is not None and not isinstance(self.prefill_layout, bool):
             raise ValueError(f"prefill_layout must be None (on CUDA), True or False, got {self.prefill_layout!r}")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | None) -> "VNMConfig":
+    def from_options(cls, options: Mapping[str, Any] | None) -> VNMConfig:
         """Build from a `torch.compile(..., options=...)` dict; unknown keys are errors, not ignored."""
         options = dict(options or {})
         known = {f.name for f in dataclasses.fields(cls)}

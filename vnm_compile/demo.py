@@ -71,7 +71,8 @@ class Block(nn.Module):
 class TinyGPT(nn.Module):
     """A Llama-shaped decoder (RMSNorm, SwiGLU, learned positions) in plain torch, randomly initialised."""
 
-    def __init__(self, config: GPTConfig = GPTConfig()):
+    def __init__(self, config: GPTConfig | None = None):
+        config = config or GPTConfig()
         super().__init__()
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.pos_embeddings = nn.Embedding(config.max_tokens, config.dim)
@@ -112,7 +113,8 @@ def _compile_and_compare(model: nn.Module, inputs: dict, options: dict, logits_o
               f"sparse {math.exp(float(loss_of(sparse))):.2f}")
 
 
-def run_builtin(v: int, m: int, device: str, config: GPTConfig = GPTConfig(), inductor: bool = True) -> None:
+def run_builtin(v: int, m: int, device: str, config: GPTConfig | None = None, inductor: bool = True) -> None:
+    config = config or GPTConfig()
     torch.manual_seed(0)
     model = TinyGPT(config).to(device).eval()
     ids = torch.randint(0, config.vocab_size, (2, min(64, config.max_tokens)), device=device)

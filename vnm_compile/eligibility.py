@@ -17,7 +17,7 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
-def skip_reason(name: str, out_features: int, in_features: int, dtype: torch.dtype, config: "VNMConfig",
+def skip_reason(name: str, out_features: int, in_features: int, dtype: torch.dtype, config: VNMConfig,
                 extra_skips: dict[str, str] | None = None) -> str | None:
     """Why the linear `name` (out x in, weight dtype) stays dense under `config`, or None if it is
     sparsified. extra_skips: names the caller keeps dense, with the reason."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -41,7 +41,7 @@ def _padded(t: torch.Tensor, v: int, m: int) -> torch.Tensor:
     return t.reshape(t.shape[0] // v, v, t.shape[1] // m, m)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _column_subsets(m: int) -> torch.Tensor:
     """All 4-column subsets of range(m), [C(m,4), 4], in the order `_subset_scores` scores them.
 
@@ -264,7 +264,7 @@ class VNMWeight:
         scores: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         column_select: str = "optimal",
-    ) -> "VNMWeight":
+    ) -> VNMWeight:
         """Compress `weight`, keeping what `mask` keeps, or else what maximises `scores` (default |w|)."""
         check_pattern(v, m, allow_small_v=True)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -338,7 +338,7 @@ class VNMWeight:
         mask.scatter_(1, self.kept_columns(), True)
         return mask[:, : self.in_features]
 
-    def to(self, *args, **kwargs) -> "VNMWeight":
+    def to(self, *args, **kwargs) -> VNMWeight:
         """Move to a device and/or cast the values' dtype (indices stay uint8)."""
         values = self.values.to(*args, **kwargs)
         device = values.device
@@ -349,7 +349,7 @@ class VNMWeight:
         return {"values": self.values, "columns": self.columns, "metadata": self.metadata, "layout": layout}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "VNMWeight":
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> VNMWeight:
         missing = {"values", "columns", "metadata", "layout"} - set(state)
         if missing:
             raise ValueError(f"state dict lacks {sorted(missing)}")
@@ -372,7 +372,8 @@ def concat_rows(weights: Sequence[VNMWeight]) -> VNMWeight:
         raise ValueError("weights must be a non-empty sequence of VNMWeight")
     first = weights[0]
     for w in weights[1:]:
-        if (w.v, w.m, w.in_features, w.dtype, w.device) != (first.v, first.m, first.in_features, first.dtype, first.device):
+        if (w.v, w.m, w.in_features, w.dtype, w.device) != (first.v, first.m, first.in_features, first.dtype,
+                                                            first.device):
             raise ValueError(f"weights must share v, m, in_features, dtype and device: {first!r} vs {w!r}")
     for w in weights[:-1]:
         if w.out_features % w.v:

@@ -11,7 +11,8 @@ inputs (token ids, positions), as for a dense model.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -60,7 +61,8 @@ def _keep_dynamo_metadata(gm: fx.GraphModule, dynamo_gm: fx.GraphModule) -> None
     if "dynamo_compile_id" not in dynamo_gm.meta:  # not from Dynamo (a test's own graph)
         return
     gm.meta.update(dynamo_gm.meta)
-    sources = {node.name: getattr(node, "_dynamo_source", None) for node in dynamo_gm.graph.find_nodes(op="placeholder")}
+    sources = {node.name: getattr(node, "_dynamo_source", None)
+               for node in dynamo_gm.graph.find_nodes(op="placeholder")}
     for node in gm.graph.find_nodes(op="placeholder"):
         node._dynamo_source = sources.get(node.name)
     gm._param_name_to_source = {name: ConstantSource(f"vnm_compile weight {name}")

@@ -10,7 +10,8 @@ no loss beyond the block, one block's activations at a time.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,8 @@ def refine_block(
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be a positive integer (calibration inputs per step), got {batch!r}")
     if len(inputs) != len(targets) or not inputs:
-        raise ValueError(f"inputs and targets must be non-empty and of one length, got {len(inputs)} and {len(targets)}")
+        raise ValueError("inputs and targets must be non-empty and of one length, "
+                         f"got {len(inputs)} and {len(targets)}")
     weights = {name: block.get_submodule(name).weight for name in masks}
     trained = [*weights.values(), *extra]
     trainable = {id(p) for p in trained}

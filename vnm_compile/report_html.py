@@ -67,7 +67,7 @@ def _percent(value: float | None) -> str:
 def _layer_table(report: Report) -> str:
     rows = ["<table><tr>" + "".join(f"<th>{name}</th>" for name in _COLUMNS) + "</tr>"]
     for layer in report.layers:
-        groups = f"{'-' if layer.in_group is None else layer.in_group}/{'-' if layer.out_group is None else layer.out_group}"
+        groups = "/".join("-" if group is None else str(group) for group in (layer.in_group, layer.out_group))
         cells = [_cell(layer.name, "name"), _cell(f"{layer.shape[0]}x{layer.shape[1]}"), _cell(layer.pattern),
                  _cell(groups), _cell(_percent(layer.retained)),
                  _cell(_percent(layer.retained_unpermuted)), _cell(_percent(layer.sparsity if layer.sparse else None)),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ class ActivationNorms:
         self._squares: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
-    def __enter__(self) -> "ActivationNorms":
+    def __enter__(self) -> ActivationNorms:
         for name, module in self._targets.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self

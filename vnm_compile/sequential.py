@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

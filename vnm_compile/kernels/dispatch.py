@@ -1,11 +1,12 @@
 """Which implementation runs a V:N:M linear on CUDA, and running it: the decode kernel, the prefill
-kernel, or dense cuBLAS.
+kernel, cuSPARSELt over the full width, or dense cuBLAS.
 
 The choice (`choose_path`) is per (shape, pattern, dtype, token bucket) and comes from measurements on
 the GPU, stored with the package in tables/<gpu>.json ("dispatch", written by benchmarks/kernels.py).
 Dense cuBLAS on the decompressed weight is only an option when the caller keeps that weight (it
-costs the dense memory); without it the sparse kernel runs anyway. Shapes the table lacks follow
-its "rules" (measured crossovers), or DEFAULT_RULES on GPUs without a table.
+costs the dense memory), and cuSPARSELt only when the caller keeps its compressed copy (M a multiple
+of 4, about 0.56 of the dense memory); without them the V:N:M kernels run. Shapes the table lacks
+follow its "rules" (measured crossovers), or DEFAULT_RULES on GPUs without a table.
 
 Two ways to run a call:
   - `kernel_linear`: choose, then launch through Triton (the eager call, and the traced body of
@@ -18,7 +19,7 @@ Two ways to run a call:
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +28,23 @@ from .common import token_bucket
 from .decode import decode_arguments, decode_grid, decode_output, launch_decode
 from .launcher import BinaryLaunch, jit_function, specialization
 from .operands import Operands, channel_major
-from .prefill import (ROW_MAJOR_MAX_TOKENS, channel_index, expand_weight, launch_prefill, prefill_arguments,
-                      prefill_grid, prefill_output, transpose_kernel)
+from .prefill import (
+    ROW_MAJOR_MAX_TOKENS,
+    channel_index,
+    expand_weight,
+    launch_prefill,
+    prefill_arguments,
+    prefill_grid,
+    prefill_output,
+    transpose_kernel,
+)
 from .tuning import AUTOTUNED, gpu_slug, load_table, remember_tuned, table_key
 
-PATHS = ("decode", "decode_split", "prefill", "dense")
+PATHS = ("decode", "decode_split", "prefill", "dense", "cusparselt")
 DECODE_SPLIT_K = 4
-DEFAULT_RULES = {"decode_max_tokens": 16, "dense_when_m_at_most": 5}
+# cuSPARSELt measured 1.30-1.58x cuBLAS on the Llama-2-7B shapes at 2048-8192 tokens (H100), where the
+# V:N:M prefill kernel at M = 8 is 0.8-1.1x; at M = 16 the prefill kernel is faster.
+DEFAULT_RULES = {"decode_max_tokens": 16, "dense_when_m_at_most": 5, "cusparselt_when_m_at_most": 8}
 # With the dense weight kept, a sparse path runs only where it measured this much faster than cuBLAS:
 # both timings move by a few percent from run to run, and a kept dense weight is there so that the
 # layer never runs slower than dense.
@@ -41,20 +52,24 @@ SPARSE_MARGIN = 1.05
 TRANSPOSE_BLOCK = 64
 
 
-def choose_path(
-    rows: int, cols: int, tokens: int, v: int, m: int, dtype: torch.dtype, device: torch.device, has_dense: bool
-) -> str:
-    """One of PATHS for this problem; 'dense' only when has_dense."""
+def choose_path(rows: int, cols: int, tokens: int, v: int, m: int, dtype: torch.dtype, device: torch.device,
+                has_dense: bool, has_cslt: bool = False) -> str:
+    """One of PATHS for this problem; 'dense' only when has_dense, 'cusparselt' only when has_cslt."""
     table = load_table(gpu_slug(device))
+    rules = {**DEFAULT_RULES, **table["rules"]}
     measured = table["dispatch"].get(table_key(rows, cols, token_bucket(tokens), v, m, dtype))
     if measured is not None:
-        if has_dense and measured["dense_us"] < SPARSE_MARGIN * measured["sparse_us"]:
+        best, best_us = measured["path"], measured["sparse_us"]
+        if has_cslt and measured.get("cslt_us") is not None and measured["cslt_us"] * SPARSE_MARGIN < best_us:
+            best, best_us = "cusparselt", measured["cslt_us"]
+        if has_dense and measured["dense_us"] < SPARSE_MARGIN * best_us:
             return "dense"
-        return measured["path"]
-    rules = {**DEFAULT_RULES, **table["rules"]}
+        return best
     if has_dense and m <= rules["dense_when_m_at_most"]:
         return "dense"
-    return "decode" if tokens <= rules["decode_max_tokens"] else "prefill"
+    if tokens <= rules["decode_max_tokens"]:
+        return "decode"
+    return "cusparselt" if has_cslt and m <= rules["cusparselt_when_m_at_most"] else "prefill"
 
 
 def kernel_linear(
@@ -70,7 +85,7 @@ def kernel_linear(
     records the kernel launches. The prefill layout is built on the fly where the operands lack it."""
     tokens = x.shape[0]
     path = path or choose_path(operands.rows, operands.in_features, tokens, operands.v, operands.m, x.dtype,
-                               x.device, operands.dense is not None)
+                               x.device, operands.dense is not None, operands.cslt is not None)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     wrap = wrap or (lambda kernel: kernel)
@@ -78,6 +93,10 @@ def kernel_linear(
         if operands.dense is None:
             raise ValueError("path='dense' needs the decompressed weight (Operands.dense)")
         y = F.linear(x, operands.dense, operands.bias)
+    elif path == "cusparselt":
+        if operands.cslt is None:
+            raise ValueError("path='cusparselt' needs the cuSPARSELt copy (Operands.cslt, cusparselt_weight)")
+        y = cusparselt_linear(x, operands.cslt, operands.bias)
     elif tokens == 0:
         y = x.new_empty(0, operands.rows)
     elif path == "prefill":
@@ -93,6 +112,11 @@ def kernel_linear(
     if channel_major_out and y.stride(1) == 1:  # not written channel-major (or one token: the same)
         y = channel_major(y)
     return y
+
+
+def cusparselt_linear(x: torch.Tensor, cslt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [T, R] = x @ W.T + bias by cuSPARSELt on W's compressed copy (written transposed: row-major y)."""
+    return torch._cslt_sparse_mm(cslt, x.t(), bias, transpose_result=True)
 
 
 def _prefill_layout(operands: Operands) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,28 +144,27 @@ def _transpose_grid(x: torch.Tensor) -> tuple[int, int, int]:
 
 # Plans by weight (the `values` tensor, held weakly: a plan keeps only addresses, so it dies with the
 # weight), then by the call's kind: token bucket, dtype, x's layout, optional operands present.
-_PLANS: weakref.WeakKeyDictionary[torch.Tensor, dict[tuple, "_Plan"]] = weakref.WeakKeyDictionary()
+_PLANS: weakref.WeakKeyDictionary[torch.Tensor, dict[tuple, _Plan]] = weakref.WeakKeyDictionary()
 
 
 def planned_linear(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, metadata: torch.Tensor,
                    bias: torch.Tensor | None, v: int, m: int, in_features: int, dense: torch.Tensor | None,
-                   expanded: torch.Tensor | None, channels: torch.Tensor | None,
+                   expanded: torch.Tensor | None, channels: torch.Tensor | None, cslt: torch.Tensor | None,
                    channel_major_out: bool) -> torch.Tensor:
     """vnm.linear on CUDA for any token count, by the plan made for this weight and token bucket."""
     x2 = x.reshape(-1, in_features)
     tokens = x2.shape[0]
     bucket = 1 << max(0, min(13, (tokens - 1).bit_length()))
-    key = (bucket, x2.dtype, x2.stride(), dense is not None, expanded is not None, bias is not None,
+    key = (bucket, x2.dtype, x2.stride(), dense is not None, expanded is not None, cslt is not None, bias is not None,
            channel_major_out)
     plans = _PLANS.get(values)
     if plans is None:
         plans = _PLANS[values] = {}
     plan = plans.get(key)
-    flat = (values, columns, metadata, v, m, in_features, bias, dense, expanded, channels)
+    flat = (values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt)
     if plan is None:
-        operands = Operands(*flat)
-        plan = plans[key] = _Plan(choose_path(operands.rows, in_features, tokens, v, m, x2.dtype, x2.device,
-                                              dense is not None))
+        plan = plans[key] = _Plan(choose_path(values.shape[0], in_features, tokens, v, m, x2.dtype, x2.device,
+                                              dense is not None, cslt is not None))
     y = plan(x2, flat, channel_major_out) if tokens else x2.new_empty(0, values.shape[0])
     if channel_major_out and y.stride(1) == 1 and tokens > 1:
         y = channel_major(y)
@@ -159,6 +182,8 @@ class _Plan:
     def __call__(self, x: torch.Tensor, flat: tuple, channel_major_out: bool) -> torch.Tensor:
         if self.path == "dense":
             return F.linear(x, flat[7], flat[6])
+        if self.path == "cusparselt":
+            return cusparselt_linear(x, flat[10], flat[6])
         if self.path == "prefill":
             return self._prefill(x, flat, channel_major_out)
         return self._decode(x.contiguous(), flat)

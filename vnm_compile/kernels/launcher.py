@@ -11,7 +11,8 @@ did (`specialization`): Triton compiles separate binaries for integers equal to 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import triton

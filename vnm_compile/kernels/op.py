@@ -36,39 +36,42 @@ def linear(
     dense: torch.Tensor | None = None,
     expanded: torch.Tensor | None = None,
     channels: torch.Tensor | None = None,
+    cslt: torch.Tensor | None = None,
     channel_major_out: bool = False,
 ) -> torch.Tensor:
     """y = x @ W.T + bias for the V:N:M weight (values, columns, metadata) of pattern v:2:m over
-    in_features inputs; dense, expanded, channels: optional layouts kept by the caller (see
+    in_features inputs; dense, expanded, channels, cslt: optional layouts kept by the caller (see
     `Operands`). channel_major_out: y laid out channel-major (see `channel_major`), for a consumer
     that reads it so (passes/layout.py); the values are the same."""
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
     if x.device.type != "cuda" or not all(isinstance(size, int) for size in x.shape):
         return torch.ops.vnm.linear_dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded,
-                                               channels, channel_major_out)
+                                               channels, cslt, channel_major_out)
     from .dispatch import kernel_linear  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
 
-    operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels)
+    operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt)
     y = kernel_linear(x.reshape(-1, in_features), operands, wrap=wrap_triton, channel_major_out=channel_major_out)
     return y.reshape(*x.shape[:-1], values.shape[0])  # a view of either layout: the token dims stay contiguous
 
 
 @linear.register_kernel("cpu")
-def _(x, values, columns, metadata, bias, v, m, in_features, dense=None, expanded=None, channels=None,
+def _(x, values, columns, metadata, bias, v, m, in_features, dense=None, expanded=None, channels=None, cslt=None,
       channel_major_out=False):
-    return _reference(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels,
+    return _reference(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt,
                       channel_major_out)
 
 
-def _reference(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, channel_major_out):
+def _reference(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt,
+               channel_major_out):
     y = reference_linear(x, Operands(values, columns, metadata, v, m, in_features, bias))
     return channel_major(y) if channel_major_out else y
 
 
-def _planned(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, channel_major_out):
+def _planned(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt,
+             channel_major_out):
     from .dispatch import planned_linear
 
-    return planned_linear(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels,
+    return planned_linear(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt,
                           channel_major_out)
 
 
@@ -77,13 +80,14 @@ def _planned(x, values, columns, metadata, bias, v, m, in_features, dense, expan
 _LIBRARY = torch.library.Library("vnm", "FRAGMENT")
 _LIBRARY.define(
     "linear_dispatched(Tensor x, Tensor values, Tensor columns, Tensor metadata, Tensor? bias, int v, int m, "
-    "int in_features, Tensor? dense, Tensor? expanded, Tensor? channels, bool channel_major_out) -> Tensor")
+    "int in_features, Tensor? dense, Tensor? expanded, Tensor? channels, Tensor? cslt, "
+    "bool channel_major_out) -> Tensor")
 _LIBRARY.impl("linear_dispatched", _reference, "CPU")
 _LIBRARY.impl("linear_dispatched", _planned, "CUDA")
 
 
 @torch.library.register_fake("vnm::linear_dispatched", lib=_LIBRARY)
-def _(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, channel_major_out):
+def _(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt, channel_major_out):
     y = x.new_empty(*x.shape[:-1], values.shape[0])
     return channel_major(y) if channel_major_out else y
 
@@ -100,7 +104,7 @@ linear.register_autograd(_backward, setup_context=lambda ctx, inputs, output: No
 
 
 def check_inputs(x: torch.Tensor, weight: VNMWeight, bias: torch.Tensor | None,
-                 dense_weight: torch.Tensor | None, layout: "PrefillLayout | None" = None) -> None:
+                 dense_weight: torch.Tensor | None, layout: PrefillLayout | None = None) -> None:
     """Raise early, naming the parameter, unless the arguments fit `weight`."""
     if not isinstance(weight, VNMWeight):
         raise TypeError(f"weight must be a VNMWeight, got {type(weight).__name__}")
@@ -146,12 +150,20 @@ def prefill_layout(weight: VNMWeight) -> PrefillLayout:
     return PrefillLayout(expand_weight(weight.values, weight.metadata), channel_index(weight.columns, weight.m))
 
 
+def cusparselt_weight(weight: VNMWeight) -> torch.Tensor:
+    """`weight` compressed for cuSPARSELt over its full width (CUDA, fp16/bf16, M a multiple of 4): about
+    0.56 of the dense bytes beside the V:N:M copy, for the dispatcher's cuSPARSELt path."""
+    if weight.m % 4 or weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"cuSPARSELt takes fp16/bf16 CUDA weights with M a multiple of 4, got {weight!r}")
+    return torch._cslt_compress(weight.to_dense().contiguous())
+
+
 def operands(weight: VNMWeight, bias: torch.Tensor | None = None, dense_weight: torch.Tensor | None = None,
-             layout: PrefillLayout | None = None) -> Operands:
+             layout: PrefillLayout | None = None, cslt: torch.Tensor | None = None) -> Operands:
     """The operands of a linear on `weight` with what the caller keeps beside it."""
     expanded, channels = (layout.expanded, layout.channels) if layout is not None else (None, None)
     return Operands(weight.values, weight.columns, weight.metadata, weight.v, weight.m, weight.in_features, bias,
-                    dense_weight, expanded, channels)
+                    dense_weight, expanded, channels, cslt)
 
 
 def vnm_linear(
@@ -160,6 +172,7 @@ def vnm_linear(
     bias: torch.Tensor | None = None,
     dense_weight: torch.Tensor | None = None,
     layout: PrefillLayout | None = None,
+    cslt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ weight.T + bias for a V:N:M weight; x is [..., in_features], y is [..., out_features].
 
@@ -167,7 +180,9 @@ def vnm_linear(
       dense_weight = weight.to_dense() (the dense memory): the dispatcher uses cuBLAS where
         measurements show dense is faster for this shape and token count;
       layout = prefill_layout(weight) (4/M of the dense memory): otherwise the prefill kernel
-        (many tokens) builds it on every call.
+        (many tokens) builds it on every call;
+      cslt = cusparselt_weight(weight) (about 0.56 of the dense memory; M a multiple of 4): the
+        dispatcher may run cuSPARSELt on many tokens.
     """
     check_inputs(x, weight, bias, dense_weight, layout)
-    return linear(x, *operands(weight, bias, dense_weight, layout).op_arguments())
+    return linear(x, *operands(weight, bias, dense_weight, layout, cslt).op_arguments())

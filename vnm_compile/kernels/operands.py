@@ -13,7 +13,9 @@ class Operands:
     input width, the bias, and the optional layouts a caller keeps beside it:
       dense     the masked weight in dense form (lets the dispatcher run cuBLAS where it measured faster);
       expanded  [R, 4G] each row's weight on its block's kept channels, and
-      channels  [ceil(R/V), 4G] int32 those channels' indices: the prefill layout (`prefill_layout`).
+      channels  [ceil(R/V), 4G] int32 those channels' indices: the prefill layout (`prefill_layout`);
+      cslt      the masked weight compressed for cuSPARSELt (`cusparselt_weight`; M a multiple of 4, where a
+                V:N:M weight is a valid 2:4 weight over its full width), for torch._cslt_sparse_mm.
     """
 
     values: torch.Tensor
@@ -26,6 +28,7 @@ class Operands:
     dense: torch.Tensor | None = None
     expanded: torch.Tensor | None = None
     channels: torch.Tensor | None = None
+    cslt: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -38,7 +41,7 @@ class Operands:
     def op_arguments(self) -> tuple:
         """The operands in `torch.ops.vnm.linear`'s order (after x)."""
         return (self.values, self.columns, self.metadata, self.bias, self.v, self.m, self.in_features, self.dense,
-                self.expanded, self.channels)
+                self.expanded, self.channels, self.cslt)
 
 
 def channel_major(x: torch.Tensor) -> torch.Tensor:

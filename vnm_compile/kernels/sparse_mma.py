@@ -217,7 +217,8 @@ class TileConfig:
         """Dynamic shared memory: the pipeline, or the epilogue's partial sums / output tile."""
         sizes = self.geometry(m, v)
         partials = (self.warps_k - 1) * self.warps_m * self.warps_n * 32 * self.warp_m_tiles * self.warp_n_tiles * 4 * 4
-        output_tile = 2 * max(self.block_tokens * sizes["TILE_PITCH_ROWS"], self.block_rows * sizes["TILE_PITCH_TOKENS"])
+        output_tile = 2 * max(self.block_tokens * sizes["TILE_PITCH_ROWS"],
+                              self.block_rows * sizes["TILE_PITCH_TOKENS"])
         return max(self.stages * sizes["STAGE_BYTES"], partials, output_tile)
 
     def check(self, v: int) -> None:

@@ -98,7 +98,8 @@ def candidates(path: str, rows: int, cols: int, tokens: int, groups: int, v: int
             block_t = (16, 16)
         else:
             block_t = (64, max(64, triton.next_power_of_2(tokens)))
-        return [c for c in PREFILL_CONFIGS if c.kwargs["BLOCK_N"] <= v and block_t[0] <= c.kwargs["BLOCK_T"] <= block_t[1]]
+        return [c for c in PREFILL_CONFIGS
+                if c.kwargs["BLOCK_N"] <= v and block_t[0] <= c.kwargs["BLOCK_T"] <= block_t[1]]
     block_t = token_block(tokens)
     return [c for c in DECODE_CONFIGS if c.kwargs["BLOCK_N"] <= v and c.kwargs["BLOCK_J"] <= max(16, groups)
             and (c.kwargs["USE_DOT"] or c.kwargs["BLOCK_T"] == block_t)]
@@ -114,7 +115,7 @@ def gpu_slug(name: str | torch.device | None = None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_slug(index: int) -> str:
     return gpu_slug(torch.cuda.get_device_name(index))
 
@@ -123,7 +124,7 @@ def table_key(rows: int, cols: int, bucket: int, v: int, m: int, dtype: torch.dt
     return f"{rows}x{cols} t{bucket} {v}:2:{m} {str(dtype).replace('torch.', '')}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_table(slug: str) -> dict:
     """The shipped table for this GPU merged with this machine's own tuning results."""
     table: dict = {"autotune": {}, "dispatch": {}, "rules": {}}

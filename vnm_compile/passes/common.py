@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 import weakref
-from typing import Any, Callable, Hashable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import fx
@@ -106,7 +107,8 @@ def concrete_inputs(gm: fx.GraphModule, example_inputs: list[Any], parameters: d
     return concrete
 
 
-def node_outputs(gm: fx.GraphModule, inputs: list[Any], dtype: torch.dtype | None = None) -> Iterator[tuple[fx.Node, Any]]:
+def node_outputs(gm: fx.GraphModule, inputs: list[Any],
+                 dtype: torch.dtype | None = None) -> Iterator[tuple[fx.Node, Any]]:
     """Run `gm` node by node on `inputs` without grad, yielding each node with its value.
 
     With `dtype`, every floating-point tensor the graph reads (inputs, attributes) and every
@@ -192,7 +194,8 @@ class Reuse:
         current = self.versions(parameters)
         same_calibration = (calibration is None if self._calibration is None else self._calibration() is calibration)
         return same_calibration and len(current) == len(self._parameters) and all(
-            ref() is tensor and version == recorded for (ref, recorded), (tensor, version) in zip(self._parameters, current))
+            ref() is tensor and version == recorded
+            for (ref, recorded), (tensor, version) in zip(self._parameters, current))
 
     def cached(self, table: str, key: Hashable, compute: Callable[[], T], keep: Any = None, weak: bool = False) -> T:
         """The value stored under `key`, or `compute()` stored there; `keep` (the objects whose ids

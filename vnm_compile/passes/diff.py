@@ -20,8 +20,8 @@ import difflib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from torch import fx
 from torch._inductor import config as inductor_config

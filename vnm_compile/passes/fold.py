@@ -7,8 +7,10 @@ parameter no permutation touches is read as it is, until the backend freezes the
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
@@ -46,11 +48,9 @@ def fold(state: PassState) -> Folded:
         if any(perm is not None for perm in perms):
             permuted.add(name)
         sources[name] = (id(weight), tuple(None if perm is None else encoded[id(perm)] for perm in perms))
-        if reuse is None:
-            tensors[name] = _permuted(weight, perms)
-        else:
-            tensors[name] = reuse.cached("folded", sources[name], lambda: _permuted(weight, perms), keep=weight,
-                                         weak=True)
+        compute = functools.partial(_permuted, weight, perms)
+        tensors[name] = compute() if reuse is None else reuse.cached("folded", sources[name], compute, keep=weight,
+                                                                     weak=True)
     holder = torch.nn.Module()
     attributes = {}
     for name, tensor in tensors.items():

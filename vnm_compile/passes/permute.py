@@ -29,9 +29,10 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -128,7 +129,7 @@ def permute(state: PassState) -> Permutations:
     return Permutations(perms, searches, before, stopped)
 
 
-def _search_groups(groups: list[Group], search: "_Search", before: dict[str, float], config: VNMConfig
+def _search_groups(groups: list[Group], search: _Search, before: dict[str, float], config: VNMConfig
                    ) -> tuple[dict[int, torch.Tensor], dict[str, float], dict[int, list], str | None]:
     """Alternating group steps, config.permute_rounds times: the permutations, each linear's retained
     importance under them, per group [steps, steps kept, seconds], and why the search stopped early.

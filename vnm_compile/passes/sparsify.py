@@ -14,6 +14,7 @@ weight (the dense bytes; lets the dispatcher run cuBLAS where that measured fast
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -25,9 +26,9 @@ from torch import fx
 from ..compression import compress, estimated_error
 from ..config import VNMConfig
 from ..format import VNMWeight, concat_rows
-from ..kernels.op import prefill_layout
-from .discover import LinearSite
+from ..kernels.op import cusparselt_weight, prefill_layout
 from .common import Reuse, attribute_name, copied_graph
+from .discover import LinearSite
 from .fold import Folded
 from .permute import Permutations
 from .score import Scores, oriented_weight
@@ -75,11 +76,10 @@ def sparsify(state: PassState) -> Sparsified | None:
     for site in discovery.linears.values():
         if site.skip_reason is not None:
             layers[site.node] = LayerResult(site.node, site.name, False, site.skip_reason, None, None, None)
-        elif reuse is None:
-            layers[site.node] = _compress(site, folded, scores, permutations, config)
         else:
-            compute = lambda: _compress(site, folded, scores, permutations, config)
-            result = reuse.cached("compressed", (folded.sources[site.weight], site.transposed), compute)
+            compute = functools.partial(_compress, site, folded, scores, permutations, config)
+            result = compute() if reuse is None else reuse.cached(
+                "compressed", (folded.sources[site.weight], site.transposed), compute)
             layers[site.node] = dataclasses.replace(result, node=site.node, name=site.name)
     readers: dict[str, list[str]] = {}  # input node -> its sparse linears, in graph order
     for node in gm.graph.nodes:
@@ -201,7 +201,7 @@ def _emit(gm: fx.GraphModule, before: fx.Node, x: fx.Node, weights: list[VNMWeig
         return gm.graph.call_function(
             torch.ops.vnm.linear.default,
             (x, reads["values"], reads["columns"], reads["metadata"], bias, weight.v, weight.m, weight.in_features,
-             reads.get("dense"), reads.get("expanded"), reads.get("channels")))
+             reads.get("dense"), reads.get("expanded"), reads.get("channels"), reads.get("cslt")))
 
 
 def _buffers(weights: list[VNMWeight], config: VNMConfig) -> dict[str, torch.Tensor]:
@@ -211,6 +211,12 @@ def _buffers(weights: list[VNMWeight], config: VNMConfig) -> dict[str, torch.Ten
     keep_layout = config.prefill_layout if config.prefill_layout is not None else weight.device.type == "cuda"
     if config.keep_dense:
         tensors["dense"] = weight.to_dense().contiguous()
+    if config.keep_cusparselt:
+        if weight.m % 4 == 0 and weight.device.type == "cuda" and weight.dtype in (torch.float16, torch.bfloat16):
+            tensors["cslt"] = cusparselt_weight(weight)
+        else:
+            log.info("sparsify: no cuSPARSELt copy of a %s weight (it takes fp16/bf16 CUDA weights, M a multiple of 4)",
+                     weight)
     if keep_layout:
         layout = prefill_layout(weight)
         tensors["expanded"], tensors["channels"] = layout.expanded, layout.channels
