@@ -4,6 +4,7 @@ from .api import sparsify
 from .backend import reports, vnm_backend
 from .bisect import Bisection, bisect
 from .calibration import Calibration, LayerStats, calibrate
+from .checkpoint import load_compressed, save_compressed
 from .config import VNMConfig
 from .explain import explain
 from .format import VNMWeight, analytic_speedup, is_vnm, log_mask_diversity, mask_count, select_vm, vnm_mask
@@ -28,9 +29,11 @@ __all__ = [
     "explain",
     "importance",
     "is_vnm",
+    "load_compressed",
     "log_mask_diversity",
     "mask_count",
     "reports",
+    "save_compressed",
     "select_vm",
     "sparsify",
     "vnm_backend",

@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from .backend import Transformed, transform
 from .calibration import Calibration, linear_module_types
+from .checkpoint import record_sparse_layers
 from .config import VNMConfig
 from .modules import VNMLinear
 from .passes.common import graph_parameters
@@ -47,6 +48,7 @@ def sparsify(
     if unreplaceable:  # decide again with those layers dense, so that graph and modules agree
         transformed = transform(gm, graph_inputs, parameters, config, calibration, extra_skips=unreplaceable)
     _write_back(target, transformed)
+    record_sparse_layers(target)
     return target
 
 

@@ -1,0 +1,309 @@
+"""Compressed checkpoints: a sparsified model in one safetensors file that loads without its dense
+weights, example inputs or the passes.
+
+    vnm.save_compressed(model_s, "model.vnm.safetensors")
+    model = vnm.load_compressed(lambda: LlamaForCausalLM(config), "model.vnm.safetensors")
+
+The file holds every parameter and buffer of the model (a tied tensor once), each VNMLinear as its
+`values`, `columns` and `metadata` (and `bias`), and, in the safetensors metadata under "vnm_compile",
+a JSON header (`describe`): the format name and version, that permutations are folded into the
+parameters (the file is the model as it runs), the aliases of tied tensors, and per sparse layer its
+pattern, shape, dtype and whether it has a bias. The weight is stored out x in whatever module it
+replaced (nn.Linear or GPT-2's Conv1D, which stores in x out): the loading model's module says which.
+
+Loading builds the model on the meta device, puts a VNMLinear made of the file's tensors in place of
+each listed layer and assigns every other tensor from the file: nothing dense is allocated for a
+sparse layer, and the loaded model holds the file's tensors, read once, and nothing else.
+
+Hugging Face checkpoints (`save_pretrained` / `from_pretrained`) carry the same header as the
+`quantization_config` of config.json, read by `vnm_compile.hf_quantizer`; `register_with_transformers`
+makes transformers find it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import json
+import os
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .calibration import linear_module_types
+from .format import VNMWeight, WEIGHT_DTYPES
+from .modules import VNMLinear
+
+FORMAT = "vnm-compile"
+FORMAT_VERSION = 1
+HEADER_KEY = "vnm_compile"  # the safetensors metadata entry holding the JSON header
+SPARSE_TENSORS = ("values", "columns", "metadata")
+_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in WEIGHT_DTYPES}
+
+
+@dataclass(frozen=True)
+class SparseLayer:
+    """One VNMLinear as the header records it: enough to build its skeleton before reading tensors."""
+
+    v: int
+    m: int
+    out_features: int
+    in_features: int
+    dtype: str
+    bias: bool
+
+    @classmethod
+    def of(cls, module: VNMLinear) -> "SparseLayer":
+        return cls(module.v, module.m, module.out_features, module.in_features,
+                   str(module.values.dtype).removeprefix("torch."), module.bias is not None)
+
+    def skeleton(self) -> VNMLinear:
+        """A VNMLinear of this shape on the meta device, for a loader to fill."""
+        rows, groups = self.out_features, -(-self.in_features // self.m)
+        meta = {"device": "meta"}
+        weight = VNMWeight(torch.empty(rows, 2 * groups, dtype=_DTYPES[self.dtype], **meta),
+                           torch.empty(-(-rows // self.v), groups, 4, dtype=torch.uint8, **meta),
+                           torch.empty(rows, -(-groups // 2), dtype=torch.uint8, **meta),
+                           self.v, self.m, self.in_features)
+        bias = torch.empty(rows, dtype=_DTYPES[self.dtype], **meta) if self.bias else None
+        return VNMLinear(weight, bias)
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The header of `model`'s checkpoint: format, version, and its VNMLinear layers by name."""
+    layers = {name: asdict(SparseLayer.of(module)) for name, module in model.named_modules()
+              if isinstance(module, VNMLinear)}
+    if not layers:
+        raise ValueError("model has no VNMLinear layers: compress it with vnm_compile.sparsify first")
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "permutations_folded": True, "layers": layers}
+
+
+def sparse_layers(header: dict[str, Any], source: str = "the checkpoint") -> dict[str, SparseLayer]:
+    """The sparse layers a header lists, after checking that this version of vnm-compile reads it."""
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{source} is not a {FORMAT} checkpoint (its header says format "
+                         f"{header.get('format') if isinstance(header, dict) else header!r})")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{source} has {FORMAT} format version {version!r}; this vnm-compile reads version "
+                         f"{FORMAT_VERSION}: load it with the vnm-compile that wrote it and save it again")
+    if header.get("permutations_folded") is not True:
+        raise ValueError(f"{source} does not say its permutations are folded into its parameters")
+    layers = {}
+    for name, fields in header.get("layers", {}).items():
+        try:
+            layers[name] = SparseLayer(**fields)
+            if layers[name].dtype not in _DTYPES:
+                raise ValueError(f"dtype {layers[name].dtype!r} is not one of {sorted(_DTYPES)}")
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: the header's entry for layer {name} is malformed ({error})") from error
+    return layers
+
+
+def check_replaceable(model: nn.Module, name: str, layer: SparseLayer) -> nn.Module:
+    """The module of `model` that the sparse layer `name` replaces, after checking that it fits."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the checkpoint has a sparse layer {name}, which the model does not have") from None
+    if isinstance(module, (VNMLinear, nn.Linear)):
+        shape = (module.out_features, module.in_features)
+    elif isinstance(module, linear_module_types()):  # Conv1D: weight in x out
+        shape = (module.nf, module.weight.shape[0])
+    else:
+        raise ValueError(f"layer {name}: the checkpoint has a sparse linear there, the model a {type(module).__name__}")
+    if shape != (layer.out_features, layer.in_features):
+        raise ValueError(f"layer {name}: the checkpoint's is {layer.out_features}x{layer.in_features} "
+                         f"(out x in), the model's {shape[0]}x{shape[1]}")
+    if (getattr(module, "bias", None) is not None) != layer.bias:
+        raise ValueError(f"layer {name}: the checkpoint's {'has' if layer.bias else 'has no'} bias, the model's "
+                         f"{'has none' if layer.bias else 'has one'}")
+    return module
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, module)
+
+
+def _tensor_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """Every parameter and buffer (persistent or not) of `model` by full name, a shared one under
+    each of its names: (owning module, attribute, tensor)."""
+    slots = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for store in (module._parameters, module._buffers):
+            for leaf, tensor in store.items():
+                if tensor is not None:
+                    slots[f"{prefix}.{leaf}" if prefix else leaf] = (module, leaf, tensor)
+    return slots
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write `model` (sparsified: its VNMLinear layers compressed, its permutations folded) to one
+    safetensors file that `load_compressed` reads back without the dense weights or the passes."""
+    from safetensors.torch import save_file
+
+    header = describe(model)
+    tensors, names_of = {}, {}
+    aliases = {}  # a tensor reachable under several names (tied) is stored once, under the first
+    for name, (_, _, tensor) in _tensor_slots(model).items():
+        if id(tensor) in names_of:
+            aliases[name] = names_of[id(tensor)]
+            continue
+        names_of[id(tensor)] = name
+        tensors[name] = tensor.detach().contiguous()
+    header["aliases"] = aliases
+    save_file(tensors, os.fspath(path), metadata={"format": "pt", HEADER_KEY: json.dumps(header)})
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a compressed checkpoint (see `describe`), without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+    if HEADER_KEY not in metadata:
+        raise ValueError(f"{os.fspath(path)} is not a {FORMAT} checkpoint (no {HEADER_KEY!r} entry in its "
+                         "safetensors metadata); a save_pretrained directory loads with from_pretrained")
+    return json.loads(metadata[HEADER_KEY])
+
+
+def load_compressed(
+    model: nn.Module | Callable[[], nn.Module],
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The model of `path`, written by `save_compressed`, in eval mode, its tensors on `device`.
+
+    model: a function building the dense model (called on the meta device, so no dense weight is
+    allocated), or the model itself, which is changed in place (build it under
+    `torch.device("meta")` to the same effect). The sparse layers the file lists become VNMLinear
+    modules of the file's tensors; every other parameter and buffer takes the file's tensor.
+    A layer or tensor of the file that does not fit the model raises ValueError naming it.
+    """
+    from safetensors import safe_open
+
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or a function building one, got {type(model).__name__}")
+        with torch.device("meta"):
+            model = model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the model function returned a {type(model).__name__}, not an nn.Module")
+    source = os.fspath(path)
+    header = read_header(source)
+    layers = sparse_layers(header, source)
+    aliases = header.get("aliases", {})
+    with safe_open(source, framework="pt", device=str(torch.device(device))) as file:
+        stored = set(file.keys())
+        used = set()
+
+        def read(name: str, shape: torch.Size | None = None) -> torch.Tensor:
+            if name not in stored:
+                raise ValueError(f"{source} lacks {name}, which the model has")
+            if shape is not None and tuple(file.get_slice(name).get_shape()) != tuple(shape):
+                raise ValueError(f"{name} has shape {tuple(file.get_slice(name).get_shape())} in {source}, "
+                                 f"{tuple(shape)} in the model")
+            used.add(name)
+            return file.get_tensor(name)
+
+        made = set()
+        for name, layer in layers.items():
+            check_replaceable(model, name, layer)
+            tensors = {leaf: read(f"{name}.{leaf}") for leaf in SPARSE_TENSORS}
+            try:
+                weight = VNMWeight(**tensors, v=layer.v, m=layer.m, in_features=layer.in_features)
+            except ValueError as error:
+                raise ValueError(f"layer {name}: {error}") from error
+            sparse = VNMLinear(weight, read(f"{name}.bias") if layer.bias else None)
+            replace_module(model, name, sparse)
+            made.add(id(sparse))
+        loaded: dict[str, torch.Tensor] = {}
+        for name, (module, leaf, tensor) in _tensor_slots(model).items():
+            if id(module) in made:
+                continue
+            stored_name = aliases.get(name, name)
+            if stored_name not in loaded:  # tied names share one tensor, as they did when saved
+                value = read(stored_name, tensor.shape)
+                loaded[stored_name] = (nn.Parameter(value, requires_grad=tensor.requires_grad)
+                                       if isinstance(tensor, nn.Parameter) else value)
+            store = module._parameters if leaf in module._parameters else module._buffers
+            store[leaf] = loaded[stored_name]
+    unused = sorted(stored - used)
+    if unused:
+        raise ValueError(f"{source} has tensors the model does not: {', '.join(unused[:8])}"
+                         + (f" and {len(unused) - 8} more" if len(unused) > 8 else ""))
+    record_sparse_layers(model)
+    return model.eval()
+
+
+def record_sparse_layers(model: nn.Module) -> None:
+    """Make what the model's framework records about it agree with its VNMLinear layers: for a
+    transformers model, the vnm quantizer and `quantization_config` (so that `save_pretrained`
+    writes a checkpoint `from_pretrained` restores), and no tie to a weight a sparse layer replaced."""
+    if "transformers.modeling_utils" in sys.modules:  # a transformers model exists only once it is loaded
+        from .hf_quantizer import attach
+
+        attach(model)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `callback` right after the module `name` is executed (and then leaves sys.meta_path).
+
+    It finds the module as the other finders do and wraps the loader of what they find; a caller that
+    only looks for the module (importlib.util.find_spec) executes nothing, so the finder stays.
+    """
+
+    def __init__(self, name: str, callback: Callable[[], None]):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if finder is not self and hasattr(finder, "find_spec") else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_call(module: Any) -> None:
+            exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            self.callback()
+
+        spec.loader.exec_module = exec_then_call
+        return spec
+
+
+_QUANTIZER_REGISTRY = "transformers.quantizers.auto"
+
+
+def _register() -> None:
+    try:
+        importlib.import_module("vnm_compile.hf_quantizer")  # registers on import
+    except Exception as error:  # never break the user's import of transformers
+        warnings.warn(f"vnm-compile could not register its quantizer with transformers ({error!r}): "
+                      "from_pretrained will not restore V:N:M checkpoints", stacklevel=2)
+
+
+def register_with_transformers() -> None:
+    """Register the "vnm" quantization method with transformers: now if its quantizer registry is
+    loaded, else right after transformers loads it (importing transformers here would slow down
+    `import vnm_compile` by seconds, and transformers is optional)."""
+    if _QUANTIZER_REGISTRY in sys.modules:
+        _register()
+    elif not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(_QUANTIZER_REGISTRY, _register))
+
+
+register_with_transformers()
