@@ -187,6 +187,10 @@ def test_mismatched_model_names_the_layer(llama):
         vnm.load_compressed(lambda: llama.cls(shallow), llama.file)
     with pytest.raises(ValueError, match=r"a sparse linear there, the model a LlamaMLP"):
         vnm.load_compressed(lambda: _renamed(llama), llama.file)
+    wide = llama.cls(transformers.LlamaConfig(**{**llama.config.to_dict(), "vocab_size": 256}))
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight has shape \(128, 64\) in .*, \(256, 64\) in the model"):
+        vnm.load_compressed(wide, llama.file)
+    assert not _sparse_names(wide)  # a file that does not fit leaves the model as it was
 
 
 def _renamed(llama):
@@ -197,8 +201,14 @@ def _renamed(llama):
 
 def test_dense_state_dict_into_sparse_model_is_refused(llama):
     dense = llama.cls(llama.config).state_dict()
-    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj: the state dict has a dense weight"):
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj: the state dict has a dense"):
         llama.model.load_state_dict(dense, strict=False)
+
+
+def test_from_pretrained_dtype_casts_sparse_layers(llama):
+    loaded = llama.auto.from_pretrained(llama.dir, dtype=torch.bfloat16)
+    assert {module.values.dtype for module in loaded.modules() if isinstance(module, vnm.VNMLinear)} == {torch.bfloat16}
+    assert _run(loaded, llama.inputs).dtype == torch.bfloat16
 
 
 def test_loading_runs_no_pass(llama, monkeypatch):

@@ -61,16 +61,16 @@ class SparseLayer:
         return cls(module.v, module.m, module.out_features, module.in_features,
                    str(module.values.dtype).removeprefix("torch."), module.bias is not None)
 
-    def skeleton(self) -> VNMLinear:
-        """A VNMLinear of this shape on the meta device, for a loader to fill."""
+    def skeleton(self, dtype: torch.dtype | None = None) -> VNMLinear:
+        """A VNMLinear of this shape on the meta device, for a loader to fill; its values and bias in
+        `dtype` (default: the stored one)."""
         rows, groups = self.out_features, -(-self.in_features // self.m)
-        meta = {"device": "meta"}
-        weight = VNMWeight(torch.empty(rows, 2 * groups, dtype=_DTYPES[self.dtype], **meta),
-                           torch.empty(-(-rows // self.v), groups, 4, dtype=torch.uint8, **meta),
-                           torch.empty(rows, -(-groups // 2), dtype=torch.uint8, **meta),
-                           self.v, self.m, self.in_features)
-        bias = torch.empty(rows, dtype=_DTYPES[self.dtype], **meta) if self.bias else None
-        return VNMLinear(weight, bias)
+        floats = {"device": "meta", "dtype": dtype or _DTYPES[self.dtype]}
+        indices = {"device": "meta", "dtype": torch.uint8}
+        weight = VNMWeight(torch.empty(rows, 2 * groups, **floats),
+                           torch.empty(-(-rows // self.v), groups, 4, **indices),
+                           torch.empty(rows, -(-groups // 2), **indices), self.v, self.m, self.in_features)
+        return VNMLinear(weight, torch.empty(rows, **floats) if self.bias else None)
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -155,7 +155,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
             aliases[name] = names_of[id(tensor)]
             continue
         names_of[id(tensor)] = name
-        tensors[name] = tensor.detach().contiguous()
+        tensor = tensor.detach().contiguous()
+        # a view into a larger tensor (e.g. one part of a fused weight) is stored alone
+        tensors[name] = tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
     header["aliases"] = aliases
     save_file(tensors, os.fspath(path), metadata={"format": "pt", HEADER_KEY: json.dumps(header)})
 
@@ -184,7 +186,8 @@ def load_compressed(
     allocated), or the model itself, which is changed in place (build it under
     `torch.device("meta")` to the same effect). The sparse layers the file lists become VNMLinear
     modules of the file's tensors; every other parameter and buffer takes the file's tensor.
-    A layer or tensor of the file that does not fit the model raises ValueError naming it.
+    A layer or tensor of the file that does not fit the model raises ValueError naming it, before
+    the model is changed.
     """
     from safetensors import safe_open
 
@@ -199,47 +202,49 @@ def load_compressed(
     header = read_header(source)
     layers = sparse_layers(header, source)
     aliases = header.get("aliases", {})
+    replaced = {id(check_replaceable(model, name, layer)) for name, layer in layers.items()}
+    slots = {name: slot for name, slot in _tensor_slots(model).items() if id(slot[0]) not in replaced}
     with safe_open(source, framework="pt", device=str(torch.device(device))) as file:
-        stored = set(file.keys())
-        used = set()
-
-        def read(name: str, shape: torch.Size | None = None) -> torch.Tensor:
-            if name not in stored:
-                raise ValueError(f"{source} lacks {name}, which the model has")
-            if shape is not None and tuple(file.get_slice(name).get_shape()) != tuple(shape):
-                raise ValueError(f"{name} has shape {tuple(file.get_slice(name).get_shape())} in {source}, "
-                                 f"{tuple(shape)} in the model")
-            used.add(name)
-            return file.get_tensor(name)
-
-        made = set()
+        _check_tensors(file, source, layers, {name: tensor for name, (_, _, tensor) in slots.items()}, aliases)
         for name, layer in layers.items():
-            check_replaceable(model, name, layer)
-            tensors = {leaf: read(f"{name}.{leaf}") for leaf in SPARSE_TENSORS}
+            tensors = {leaf: file.get_tensor(f"{name}.{leaf}") for leaf in SPARSE_TENSORS}
             try:
                 weight = VNMWeight(**tensors, v=layer.v, m=layer.m, in_features=layer.in_features)
             except ValueError as error:
                 raise ValueError(f"layer {name}: {error}") from error
-            sparse = VNMLinear(weight, read(f"{name}.bias") if layer.bias else None)
-            replace_module(model, name, sparse)
-            made.add(id(sparse))
+            replace_module(model, name, VNMLinear(weight, file.get_tensor(f"{name}.bias") if layer.bias else None))
         loaded: dict[str, torch.Tensor] = {}
-        for name, (module, leaf, tensor) in _tensor_slots(model).items():
-            if id(module) in made:
-                continue
+        for name, (module, leaf, tensor) in slots.items():
             stored_name = aliases.get(name, name)
             if stored_name not in loaded:  # tied names share one tensor, as they did when saved
-                value = read(stored_name, tensor.shape)
+                value = file.get_tensor(stored_name)
                 loaded[stored_name] = (nn.Parameter(value, requires_grad=tensor.requires_grad)
                                        if isinstance(tensor, nn.Parameter) else value)
             store = module._parameters if leaf in module._parameters else module._buffers
             store[leaf] = loaded[stored_name]
-    unused = sorted(stored - used)
+    record_sparse_layers(model)
+    return model.eval()
+
+
+def _check_tensors(file: Any, source: str, layers: dict[str, SparseLayer], dense: dict[str, torch.Tensor],
+                   aliases: dict[str, str]) -> None:
+    """Raise ValueError, naming the tensor, unless `file` holds exactly the sparse layers' tensors
+    and the model's other tensors (`dense`, by name), each in the model's shape."""
+    expected = {aliases.get(name, name): (name, tensor.shape) for name, tensor in dense.items()}
+    for name, layer in layers.items():
+        expected.update({f"{name}.{leaf}": (f"layer {name}'s {leaf}", tensor.shape)
+                         for leaf, tensor in layer.skeleton().named_buffers()})
+    stored = set(file.keys())
+    for stored_name, (what, shape) in expected.items():
+        if stored_name not in stored:
+            raise ValueError(f"{source} lacks {what}, which the model has")
+        if tuple(file.get_slice(stored_name).get_shape()) != tuple(shape):
+            raise ValueError(f"{what} has shape {tuple(file.get_slice(stored_name).get_shape())} in {source}, "
+                             f"{tuple(shape)} in the model")
+    unused = sorted(stored - set(expected))
     if unused:
         raise ValueError(f"{source} has tensors the model does not: {', '.join(unused[:8])}"
                          + (f" and {len(unused) - 8} more" if len(unused) > 8 else ""))
-    record_sparse_layers(model)
-    return model.eval()
 
 
 def record_sparse_layers(model: nn.Module) -> None:
@@ -265,13 +270,11 @@ class _AfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname != self.name:
             return None
-        for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target) if finder is not self and hasattr(finder, "find_spec") else None
-            if spec is not None:
-                break
-        else:
+        others = (finder for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec"))
+        spec = next((spec for finder in others if (spec := finder.find_spec(fullname, path, target))), None)
+        if spec is None:
             return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        if not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 

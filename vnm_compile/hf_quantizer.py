@@ -61,8 +61,9 @@ class VNMHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for name, layer in self.quantization_config.sparse_layers().items():
-            check_replaceable(model, name, layer)
-            replace_module(model, name, layer.skeleton())
+            dense = check_replaceable(model, name, layer)
+            # in the dtype transformers built the model in (from_pretrained's dtype=), as a dense layer would be
+            replace_module(model, name, layer.skeleton(dense.weight.dtype))
             # Some models' weight initialisation reaches into a block's linears by name (GPT-2 rescales
             # `block.c_proj.weight`), where a VNMLinear has no tensor; the block's tensors all come
             # from the checkpoint, so its initialisation is skipped.
