@@ -1,7 +1,7 @@
 """Compressed checkpoints of a Llama-2-7B-shaped model at 64:2:8: file size, load time, peak memory.
 
-    PYTHONPATH=. python3 benchmarks/checkpoint.py                      # GPU, 32 layers (~4 min on an H100)
-    PYTHONPATH=. python3 benchmarks/checkpoint.py --layers 2           # CPU (or a quick GPU run)
+    PYTHONPATH=. python3 benchmarks/checkpoint.py             # GPU, 32 layers (~21 GB of files in a temp dir)
+    PYTHONPATH=. python3 benchmarks/checkpoint.py --layers 2  # CPU (~3 min on 2 cores), or a quick GPU run
 
 The model is transformers' LlamaForCausalLM with the Llama-2-7B config and random fp16 weights. Its
 linears (lm_head excepted) are compressed directly, `VNMWeight.from_dense` on |w| ("l1" column rule,
@@ -12,9 +12,10 @@ most 0.31x of their dense bytes, everything else unchanged), and for each of den
 sparse `from_pretrained` and `vnm.load_compressed`, in a fresh process each (imports not timed; the
 files are in the page cache, having just been written): the load's wall time and its peak memory
 (CUDA: torch.cuda.max_memory_allocated; CPU: the peak of torch's CPU allocations, from the
-profiler's memory events, and the growth of the process's peak RSS, which also counts the file's
-pages mapped while reading). The loaded sparse model's logits are checked bit-equal to the model
-that was saved. JSON and markdown go to $OUT if set, else benchmarks/results/.
+profiler's memory events, which also slow the CPU loads a little; safetensors maps the file, so
+those bytes become resident as they are read), next to the bytes the loaded model holds. The loaded
+sparse model's logits are checked bit-equal to the model that was saved. JSON and markdown go to
+$OUT if set, else benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -86,10 +87,15 @@ def disk_bytes(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------- one load, in its own process
-def peak_rss() -> int:
-    """The process's peak resident bytes (VmHWM: ru_maxrss would include the parent's, kept across exec)."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+def load(kind: str, path: Path | str, config, device: str):
+    """The checkpoint at `path`: "dense" and "pretrained" by from_pretrained, "file" by vnm.load_compressed
+    (the model built from the dense `config`, as elsewhere one would)."""
+    import transformers
+
+    if kind == "file":
+        return vnm.load_compressed(lambda: transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float16),
+                                   path, device=device)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map=device)
 
 
 def measure(kind: str, path: str, dense_dir: str, device: str) -> dict:
@@ -97,34 +103,25 @@ def measure(kind: str, path: str, dense_dir: str, device: str) -> dict:
 
     transformers.logging.set_verbosity_error()
     config = transformers.AutoConfig.from_pretrained(dense_dir)
-
-    def load():
-        if kind == "file":
-            return vnm.load_compressed(
-                lambda: transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float16), path, device=device)
-        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map=device)
-
-    rss_before = peak_rss()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        model = load()
+        model = load(kind, path, config, device)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated()
     else:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             start = time.perf_counter()
-            model = load()
+            model = load(kind, path, config, device)
             seconds = time.perf_counter() - start
         events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
         peak = held = 0
         for event in events:
             held += event.cpu_memory_usage
             peak = max(peak, held)
-    rss_growth = peak_rss() - rss_before
     held_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
-    return {"load_s": seconds, "peak_bytes": peak, "rss_growth_bytes": rss_growth, "model_bytes": held_bytes}
+    return {"load_s": seconds, "peak_bytes": peak, "model_bytes": held_bytes}
 
 
 def measure_in_subprocess(kind: str, path: Path, dense_dir: Path, device: str) -> dict:
@@ -137,11 +134,13 @@ def measure_in_subprocess(kind: str, path: Path, dense_dir: Path, device: str) -
 
 # ------------------------------------------------------------------------------------------ the run
 def commit() -> str:
+    """The checkout's commit, "+dirty" when it has uncommitted changes."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        head, status = (subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+                        for command in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head.strip() + ("+dirty" if status.strip() else "")
 
 
 def run(layers: int, device: str, workdir: Path) -> dict:
@@ -172,8 +171,8 @@ def run(layers: int, device: str, workdir: Path) -> dict:
     loaded = {kind: measure_in_subprocess(kind, path, dense_dir, device)
               for kind, path in (("dense", dense_dir), ("pretrained", sparse_dir), ("file", sparse_file))}
     with torch.no_grad():  # bit-exact round trip, both formats
-        exact = {kind: torch.equal(load(config, path, device)(input_ids=ids).logits, expected)
-                 for kind, path, load in (("pretrained", sparse_dir, _from_pretrained), ("file", sparse_file, _load_file))}
+        exact = {kind: torch.equal(load(kind, path, config, device)(input_ids=ids).logits, expected)
+                 for kind, path in (("pretrained", sparse_dir), ("file", sparse_file))}
     budget_bytes = BUDGET * dense_linear_bytes + unchanged_bytes
     rows = []
     for kind, path, what in (("dense", dense_dir, "dense save_pretrained / from_pretrained"),
@@ -192,36 +191,22 @@ def run(layers: int, device: str, workdir: Path) -> dict:
             "budget_bytes": budget_bytes, "rows": rows}
 
 
-def _from_pretrained(config, path, device):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map=device)
-
-
-def _load_file(config, path, device):
-    import transformers
-
-    return vnm.load_compressed(lambda: transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float16),
-                               path, device=device)
-
-
 def markdown(result: dict) -> str:
     gib = 2**30
     lines = [f"# Compressed checkpoints: {result['model']}", "",
              f"{result['device']}, {result['date']}, torch {result['torch']}, transformers {result['transformers']}, "
-             f"commit {result['commit'][:12]}", "",
+             f"commit {result['commit'][:12]}{'+dirty' if result['commit'].endswith('+dirty') else ''}", "",
              f"Sparse linears: {result['sparse_linear_bytes'] / gib:.2f} GiB, {result['sparse_linear_ratio']:.3f}x "
              f"their dense {result['dense_linear_bytes'] / gib:.2f} GiB; unchanged parameters "
              f"{result['unchanged_bytes'] / gib:.2f} GiB; budget ({BUDGET}x linears + unchanged) "
              f"{result['budget_bytes'] / gib:.2f} GiB.", "",
-             "| checkpoint | on disk GiB | vs dense | within budget | bit-exact | load s | peak GiB | RSS growth GiB "
-             "| model GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| checkpoint | on disk GiB | vs dense | within budget | bit-exact | load s | peak GiB | model GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         lines.append(f"| {row['variant']} | {row['disk_bytes'] / gib:.2f} | {row['vs_dense']:.3f}x | "
                      f"{'-' if row['within_budget'] is None else row['within_budget']} | "
                      f"{'-' if row['bit_exact'] is None else row['bit_exact']} | {row['load_s']:.2f} | "
-                     f"{row['peak_bytes'] / gib:.2f} | {row['rss_growth_bytes'] / gib:.2f} | {row['model_bytes'] / gib:.2f} |")
+                     f"{row['peak_bytes'] / gib:.2f} | {row['model_bytes'] / gib:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -93,8 +93,10 @@ def sparse_layers(header: dict[str, Any], source: str = "the checkpoint") -> dic
                          f"{FORMAT_VERSION}: load it with the vnm-compile that wrote it and save it again")
     if header.get("permutations_folded") is not True:
         raise ValueError(f"{source} does not say its permutations are folded into its parameters")
+    if not isinstance(header.get("layers"), dict):
+        raise ValueError(f"{source}: the header lists no sparse layers")
     layers = {}
-    for name, fields in header.get("layers", {}).items():
+    for name, fields in header["layers"].items():
         try:
             layers[name] = SparseLayer(**fields)
             if layers[name].dtype not in _DTYPES:

@@ -38,8 +38,9 @@ class VNMQuantizationConfig(QuantizationConfigMixin):
     """The `quantization_config` of a V:N:M checkpoint: the checkpoint header (see
     `vnm_compile.checkpoint.describe`), checked on construction. Made by `sparsify`, never by hand."""
 
-    def __init__(self, layers: dict[str, dict[str, Any]], format: str, format_version: int,
-                 permutations_folded: bool, quant_method: str = METHOD, **unknown: Any):
+    def __init__(self, layers: dict[str, dict[str, Any]] | None = None, format: str | None = None,
+                 format_version: int | None = None, permutations_folded: bool | None = None,
+                 quant_method: str = METHOD, **unknown: Any):
         if unknown:
             raise ValueError(f"the vnm quantization_config has unknown fields {sorted(unknown)}")
         self.quant_method = METHOD
