@@ -171,6 +171,29 @@ def test_other_format_version_fails_clearly(llama, tmp_path):
         llama.auto.from_pretrained(pretrained)
 
 
+def test_truncated_checkpoint_fails_clearly(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(llama.dir / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.columns"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((llama.dir / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"layer model\.layers\.1\.mlp\.up_proj: the checkpoint lacks its columns"):
+        llama.auto.from_pretrained(tmp_path)
+    tensors = load_file(llama.file)
+    del tensors["model.layers.1.mlp.up_proj.columns"]
+    save_file(tensors, tmp_path / "model.vnm", metadata=_metadata(llama.file))
+    with pytest.raises(ValueError, match=r"lacks layer model\.layers\.1\.mlp\.up_proj's columns"):
+        _load_file(llama, tmp_path / "model.vnm")
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        return file.metadata()
+
+
 def test_not_a_compressed_file_fails_clearly(llama, tmp_path):
     with pytest.raises(ValueError, match="not a vnm-compile checkpoint"):
         _load_file(llama, llama.dir / "model.safetensors")  # save_pretrained's: a plain state dict

@@ -72,9 +72,14 @@ class VNMHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        # transformers fills a tensor the checkpoint lacks with uninitialised memory and a warning; a
+        # sparse layer has no sensible initialisation, so that is an error (loaded tensors carry the flag)
         for name, module in model.named_modules():
-            if isinstance(module, VNMLinear) and any(t.device.type == "meta" for t in module.buffers()):
-                raise ValueError(f"layer {name}: the checkpoint lacks its compressed tensors")
+            if isinstance(module, VNMLinear):
+                missing = [leaf for leaf, tensor in module._buffers.items()
+                           if tensor is not None and not getattr(tensor, "_is_hf_initialized", False)]
+                if missing:
+                    raise ValueError(f"layer {name}: the checkpoint lacks its {', '.join(missing)}")
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict]:
@@ -111,7 +116,7 @@ def attach(model: nn.Module) -> None:
     quantizer = VNMHfQuantizer(VNMQuantizationConfig(**describe(model)), pre_quantized=True)
     model.hf_quantizer = quantizer
     model.quantization_method = METHOD
-    quantizer.postprocess_model(model)
+    model.config.quantization_config = quantizer.quantization_config
 
 
 def _ties_sparse_layer(model: nn.Module) -> bool:
