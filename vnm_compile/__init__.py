@@ -10,12 +10,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .hf_registration import register_with_transformers
+
+register_with_transformers()  # from_pretrained restores V:N:M checkpoints once vnm_compile is imported
+
 # public name -> the module that defines it
 _PUBLIC = {
     "sparsify": "api",
     "vnm_backend": "backend",
     "Bisection": "bisection", "bisect": "bisection",
     "Calibration": "calibration", "LayerStats": "calibration", "calibrate": "calibration",
+    "load_compressed": "checkpoint", "save_compressed": "checkpoint",
     "register_method": "compression",
     "Refinement": "config", "VNMConfig": "config",
     "explain": "explanation",

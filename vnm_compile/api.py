@@ -11,6 +11,7 @@ from torch import nn
 
 from .calibration import Calibration, linear_module_types
 from .capture import arguments, capture
+from .checkpoint import record_sparse_layers
 from .config import VNMConfig
 from .modules import VNMLinear
 from .pipeline import PassState, run_passes
@@ -48,6 +49,7 @@ def sparsify(
         state = run_passes(gm, graph_inputs, parameters, config, calibration, extra_skips=unreplaceable)
     record(state.report)
     _write_back(target, state)
+    record_sparse_layers(target)
     return target
 
 

@@ -35,6 +35,14 @@ class VNMLinear(nn.Module):
     def weight(self) -> VNMWeight:
         return VNMWeight(self.values, self.columns, self.metadata, self.v, self.m, self.in_features)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # load_state_dict(strict=False) would drop a dense weight silently and keep the old compressed one
+        if f"{prefix}weight" in state_dict:
+            raise ValueError(f"layer {prefix.removesuffix('.')}: the state dict has a dense weight, this layer "
+                             "holds a V:N:M-compressed one; load a compressed checkpoint (vnm_compile.load_compressed) "
+                             "or compress the weight with VNMWeight.from_dense")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return vnm_linear(x, self.weight, self.bias)
 
