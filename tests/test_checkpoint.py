@@ -13,8 +13,8 @@ from torch import nn
 import vnm_compile as vnm
 import vnm_compile.api  # noqa: F401  (patched below)
 import vnm_compile.backend  # noqa: F401
-from vnm_compile.pipeline import STAGES
 from vnm_compile import checkpoint
+from vnm_compile.pipeline import STAGES
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -266,7 +266,27 @@ def test_vnm_backend_reuses_stored_weights(name, tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules["vnm_compile.passes.permute"], "linear_sum_assignment", refuse)
     compiled = torch.compile(loaded, backend="vnm", options={**OPTIONS, "inductor": False})
     assert torch.equal(_run(compiled, sparse.fresh_inputs), eager)
-    assert not vnm.reports()[-1].sparse_layers  # nothing left to compress: the stored layers ran as they are
+    layers = vnm.reports()[-1].layers
+    assert all(layer.stored for layer in layers if layer.sparse)  # the stored layers, as they are
+    assert all("stay dense" in layer.reason for layer in layers if not layer.sparse)  # nothing compressed anew
+    torch._dynamo.reset()
+
+
+def test_vnm_backend_fuses_stored_layers_and_keeps_their_layouts(tmp_path):
+    """The backend takes the stored layers over as the sparse layers it makes itself: q/k/v and gate/up
+    run fused, each with the prefill layout beside it; the output stays the loaded model's."""
+    llama = _sparse("llama")
+    llama.model.save_pretrained(tmp_path)
+    loaded = llama.auto.from_pretrained(tmp_path)
+    eager = _run(loaded, llama.fresh_inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(loaded, backend="vnm", options={**OPTIONS, "inductor": False, "prefill_layout": True})
+    torch.testing.assert_close(_run(compiled, llama.fresh_inputs), eager, rtol=1e-5, atol=1e-5)
+    report = vnm.reports()[-1]
+    code = next(stage.after for stage in report.stages if stage.stage == "sparsify")
+    calls = code.count("torch.ops.vnm.linear.default(")
+    assert 0 < calls < len(report.sparse_layers)  # fused
+    assert code.count("_expanded") >= calls  # each reads its prefill layout
     torch._dynamo.reset()
 
 

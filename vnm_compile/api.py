@@ -58,6 +58,8 @@ def _unreplaceable(model: nn.Module, state: PassState) -> dict[str, str]:
     calls = collections.Counter(layer.name for layer in state.report.layers)
     reasons = {}
     for layer in state.report.sparse_layers:
+        if layer.stored:  # a VNMLinear already: it stays as it is
+            continue
         if calls[layer.name] > 1:
             reasons[layer.name] = f"runs {calls[layer.name]} times per forward; one module holds one weight"
             continue
@@ -81,7 +83,7 @@ def _write_back(model: nn.Module, state: PassState) -> None:
             owner._buffers[leaf] = tensor
         else:
             raise ValueError(f"{name} was permuted but is neither a parameter nor a buffer of the model")
-    for layer in state.report.sparse_layers:
+    for layer in (layer for layer in state.report.sparse_layers if not layer.stored):
         parent_name, _, leaf = layer.name.rpartition(".")
         module = model.get_submodule(layer.name)
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None

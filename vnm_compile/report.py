@@ -43,6 +43,7 @@ class LayerReport:
     input: str = ""                  # FX node of the layer's input
     measured_error: float | None = None  # ||y' - y|| / ||y|| of its output on the example inputs (explain)
     kernel: str | None = None        # which implementation runs it, and why (explain)
+    stored: bool = False             # compressed before this graph (a loaded or sparsified model's layer)
 
     @property
     def pattern(self) -> str:
@@ -130,7 +131,7 @@ class Report:
             groups = f"{_group(layer.in_group)}/{_group(layer.out_group)}"
             size = (f"{_bytes(layer.dense_bytes)}->{_bytes(layer.weight.nbytes)}" if layer.weight is not None else "-")
             speedup = "-" if layer.predicted_speedup is None else f"{layer.predicted_speedup:.2f}x"
-            note = layer.kernel if layer.sparse else layer.reason
+            note = ("stored" if layer.stored else layer.kernel) if layer.sparse else layer.reason
             lines.append(f"{layer.name:<{width}}  {shape:>11}  {layer.pattern:>8}  {groups:>13}  "
                          f"{_percent(layer.retained):>8}  {_percent(layer.retained_unpermuted):>8}  "
                          f"{_percent(layer.sparsity if layer.sparse else None):>8}  {size:>19}  "
@@ -224,7 +225,7 @@ def build_report(
             error=result.error if result else None, stats=scores.source.get(site.node),
             weight=result.weight if result else None,
             input_perm=permutations.of(site.in_group), output_perm=permutations.of(site.out_group),
-            parameter=site.weight, transposed=site.transposed, input=site.input))
+            parameter=site.weight, transposed=site.transposed, input=site.input, stored=site.stored))
     names = {site.node: site.name for site in discovery.linears.values()}
     groups = []
     for group in discovery.groups.values():

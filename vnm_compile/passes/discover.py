@@ -27,6 +27,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import VNMConfig
 from ..eligibility import skip_reason
+from ..kernels import op  # noqa: F401  (defines torch.ops.vnm.linear, a node kind below)
 from .common import module_path
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class LinearSite:
     in_group: int | None = None
     out_group: int | None = None
     skip_reason: str | None = None
+    stored: bool = False    # a vnm.linear already in the graph (a loaded or sparsified model's VNMLinear)
 
 
 @dataclass
@@ -150,6 +152,7 @@ def _function_kinds() -> dict[Any, str]:
         "stack": (torch.stack,),
         "getitem": (operator.getitem,),
         "linear": (F.linear,),
+        "stored": (torch.ops.vnm.linear.default,),
         "addmm": (torch.addmm,),
         "matmul": (torch.matmul, operator.matmul, torch.mm, torch.bmm),
         "embedding": (F.embedding,),
@@ -223,6 +226,7 @@ class _Candidate:
     shape: tuple[int, int]   # (out_features, in_features)
     dtype: torch.dtype
     problem: str | None      # why it cannot be rewritten, whatever the config says
+    stored: bool = False
 
 
 class _ChannelTracer:
@@ -239,7 +243,8 @@ class _ChannelTracer:
             "softmax": self._first, "reduce": self._reduce, "reshape": self._reshape,
             "expand": self._expand, "repeat": self._repeat, "transpose": self._transpose,
             "split": self._split, "narrow": self._narrow, "cat": self._cat, "stack": self._stack,
-            "getitem": self._getitem, "linear": self._linear, "addmm": self._addmm, "matmul": self._matmul,
+            "getitem": self._getitem, "linear": self._linear, "stored": self._stored, "addmm": self._addmm,
+            "matmul": self._matmul,
             "embedding": self._embedding, "norm": self._norm, "batch_norm": self._batch_norm,
             "conv": self._conv, "neutral": self._neutral,
         }
@@ -539,6 +544,18 @@ class _ChannelTracer:
         self._weight_of(node, x, weight, transposed=False, problem=None)
         return out
 
+    def _stored(self, node: fx.Node) -> Any:
+        """A vnm.linear already in the graph: its compressed weight cannot be permuted, so its input and
+        output keep their order; it is a site the sparsify stage takes over as it is."""
+        x, values, rows, in_features = node.args[0], node.args[1], _shape(_example(node.args[1]))[0], node.args[7]
+        self._unknown(node, "is a stored V:N:M weight, whose channels keep their order")
+        stack = node.meta.get("nn_module_stack") or {}
+        values_name = self.parameters.get(values.name, node.name)
+        name = module_path(list(stack.values())[-1][0]) if stack else values_name.removesuffix(".values")
+        self.candidates.append(_Candidate(node.name, name, x.name, values, False, (rows, in_features),
+                                          _example(values).dtype, None, stored=True))
+        return None
+
     def _addmm(self, node: fx.Node) -> Any:
         bias, x, weight = node.args[:3]
         x_dims, w_dims = self._dims(x), self._dims(weight)
@@ -654,7 +671,8 @@ class _ChannelTracer:
         for candidate in self.candidates:
             weight_name = self.parameters.get(candidate.weight_node.name)
             site = LinearSite(candidate.node, candidate.name, candidate.input, weight_name or "", candidate.transposed,
-                              *candidate.shape, skip_reason=self._skip_reason(candidate, config, extra_skips))
+                              *candidate.shape, skip_reason=self._skip_reason(candidate, config, extra_skips),
+                              stored=candidate.stored)
             linears[site.node] = site
             if weight_name is None:
                 continue
@@ -697,6 +715,9 @@ class _ChannelTracer:
             reasons.append(f"dimensions of different sizes {sorted(sizes)} meet")
         return Group(group_id, min(sizes), dims=[(key[1], key[2]) for key in keys], blocked_by=sorted(set(reasons)))
 
-    @staticmethod
-    def _skip_reason(candidate: _Candidate, config: VNMConfig, extra_skips: dict[str, str]) -> str | None:
+    def _skip_reason(self, candidate: _Candidate, config: VNMConfig, extra_skips: dict[str, str]) -> str | None:
+        if candidate.stored:
+            return None
+        if any(other.stored for other in self.candidates):
+            return "the model holds stored V:N:M layers (it was compressed already): its dense linears stay dense"
         return candidate.problem or skip_reason(candidate.name, *candidate.shape, candidate.dtype, config, extra_skips)

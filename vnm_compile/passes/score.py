@@ -68,7 +68,7 @@ def score(state: PassState) -> Scores:
     inputs. A non-finite weight or statistic raises, naming the layer; a layer whose inputs were all
     zero (no signal to score by) is logged as a warning."""
     discovery, config, calibration = state.discover, state.config, state.calibration
-    eligible = [site for site in discovery.linears.values() if site.skip_reason is None]
+    eligible = [site for site in discovery.linears.values() if site.skip_reason is None and not site.stored]
     for site in eligible:
         if not _finite(state.weights[site.weight]):
             raise ValueError(f"layer {site.name}: its weight {site.weight} holds NaN or Inf values; "

@@ -76,6 +76,9 @@ def sparsify(state: PassState) -> Sparsified | None:
     for site in discovery.linears.values():
         if site.skip_reason is not None:
             layers[site.node] = LayerResult(site.node, site.name, False, site.skip_reason, None, None, None)
+        elif site.stored:
+            weight = _stored_weight(nodes[site.node], gm)
+            layers[site.node] = LayerResult(site.node, site.name, True, None, None, None, weight)
         else:
             compute = functools.partial(_compress, site, folded, scores, permutations, config)
             result = compute() if reuse is None else reuse.cached(
@@ -125,7 +128,15 @@ def _compress(site: LinearSite, folded: Folded, scores: Scores, permutations: Pe
     return LayerResult(site.node, site.name, True, None, retained, error, compressed)
 
 
+def _stored_weight(node: fx.Node, gm: fx.GraphModule) -> VNMWeight:
+    """The compressed weight a vnm.linear already in the graph reads."""
+    values, columns, metadata = (gm.get_buffer(arg.target) for arg in node.args[1:4])
+    return VNMWeight(values, columns, metadata, *node.args[5:8])
+
+
 def _bias(node: fx.Node) -> fx.Node | None:
+    if node.target is torch.ops.vnm.linear.default:
+        return node.args[4]
     if node.target is torch.addmm:
         return node.args[0]
     if len(node.args) > 2:

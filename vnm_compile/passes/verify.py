@@ -135,9 +135,9 @@ def _masked_dense(folded: fx.GraphModule, sparse: Sparsified, discovery: Discove
     reference = fx.GraphModule(folded, graph)
     nodes = {node.name: node for node in graph.nodes}
     for name, layer in sparse.layers.items():
-        if not layer.sparse:
-            continue
         site = discovery.linears[name]
+        if not layer.sparse or site.stored:  # a stored layer is the same op in both graphs
+            continue
         node = nodes[name]
         position = 2 if node.target is torch.addmm else 1
         attribute = attribute_name(f"{name}_masked_weight", dict(reference.named_buffers()))
