@@ -157,9 +157,10 @@ def planned_linear(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor,
     bucket = 1 << max(0, min(13, (tokens - 1).bit_length()))
     key = (bucket, x2.dtype, x2.stride(), dense is not None, expanded is not None, cslt is not None, bias is not None,
            channel_major_out)
-    plans = _PLANS.get(values)
+    plans = _PLANS.get(id(values))
     if plans is None:
-        plans = _PLANS[values] = {}
+        plans = _PLANS[id(values)] = {}
+        weakref.finalize(values, _PLANS.pop, id(values), None)
     plan = plans.get(key)
     flat = (values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt)
     if plan is None:
