@@ -11,6 +11,7 @@ from .kernels import vnm_linear
 from .modules import VNMLinear
 from .report import Report
 from .scoring import ActivationNorms, activation_norms, importance
+from .transposable import is_transposable, transposable_mask
 
 __all__ = [
     "ActivationNorms",
@@ -27,12 +28,14 @@ __all__ = [
     "calibrate",
     "explain",
     "importance",
+    "is_transposable",
     "is_vnm",
     "log_mask_diversity",
     "mask_count",
     "reports",
     "select_vm",
     "sparsify",
+    "transposable_mask",
     "vnm_backend",
     "vnm_linear",
     "vnm_mask",
