@@ -213,7 +213,7 @@ def test_same_input_same_mask_and_chunking_does_not_matter(monkeypatch):
     scores = _scores(64, 96, "wanda", seed=9).float()
     first = transposable_mask(scores, 4, 8)
     assert torch.equal(first, transposable_mask(scores.clone(), 4, 8))
-    monkeypatch.setattr(transposable, "_CHUNK_ELEMENTS", 5 * 64)  # 5 blocks a chunk
+    monkeypatch.setattr(transposable, "_CHUNK_ELEMENTS", {"cpu": 5 * 64, "other": 5 * 64})  # 5 blocks a chunk
     assert torch.equal(first, transposable_mask(scores, 4, 8))
 
 
