@@ -123,7 +123,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Transposable N:M masks on {results['device']}",
         "",
-        f"{results['date']}, torch {results['torch']}, commit {results['commit']}; scores {results['scores']}; "
+        f"{results['date']}, torch {results['torch']}, commit {results['commit']}, {results['cpu_threads']} CPU threads; "
+        f"scores {results['scores']}; "
         f"defaults: {results['defaults']}. Times are medians of {results['repeats']} runs (after a warm-up run on CUDA). "
         "Gap = retained score lost against the exact optimum, on the blocks the exact solver ran on; "
         "exact = enumeration where m <= 4 (whole weight), else HiGHS LPs on the CPU on sampled blocks with "
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     results = {
         "device": device_name, "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "commit": git_commit(), "repeats": repeats, "quick": args.quick,
+        "commit": git_commit(), "repeats": repeats, "quick": args.quick, "cpu_threads": torch.get_num_threads(),
         "scores": "|w| * exp(z_j), w, z ~ N(0, 1)",
         "defaults": {"iterations": transposable.ITERATIONS, "tau_start": transposable.TAU_START, "tau_end": transposable.TAU_END},
         "cases": [],

@@ -106,7 +106,7 @@ def test_random_scores_every_pattern_is_feasible():
 
 # ------------------------------------------------------------------------------------ gap
 @pytest.mark.parametrize("kind", ["abs", "wanda", "scaled"])
-@pytest.mark.parametrize("n,m,size", [(2, 4, 128), (4, 8, 64)])
+@pytest.mark.parametrize("n,m,size", [(2, 4, 128), (4, 8, 64), (8, 16, 64)])
 def test_gap_to_exact_optimum_is_within_two_percent(kind, n, m, size):
     scores = _scores(size, size, kind, seed=n)
     optimal = exact_transposable_mask(scores, n, m)
