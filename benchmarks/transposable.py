@@ -123,7 +123,7 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Transposable N:M masks on {results['device']}",
         "",
-        f"{results['date']}, torch {results['torch']}, commit {results['commit']}, {results['cpu_threads']} CPU threads; "
+        f"{results['date']}, torch {results['torch']}, commit {results['commit']}, CPU threads: {results['cpu_threads']}; "
         f"scores {results['scores']}; "
         f"defaults: {results['defaults']}. Times are medians of {results['repeats']} runs (after a warm-up run on CUDA). "
         "Gap = retained score lost against the exact optimum, on the blocks the exact solver ran on; "
