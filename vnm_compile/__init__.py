@@ -29,6 +29,7 @@ _PUBLIC = {
     "vnm_linear": "kernels",
     "VNMLinear": "modules",
     "Report": "report", "reports": "report",
+    "is_transposable": "transposable", "transposable_mask": "transposable",
     "ActivationNorms": "scoring", "activation_norms": "scoring", "importance": "scoring",
 }
 __all__ = sorted(_PUBLIC)
