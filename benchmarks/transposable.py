@@ -1,9 +1,9 @@
 """Transposable N:M masks: solver time and retained-score gap against the exact optimum and a greedy baseline.
 
-    PYTHONPATH=. python3 benchmarks/transposable.py                 # CUDA if available, else CPU
-    PYTHONPATH=. python3 benchmarks/transposable.py --device cpu    # full shapes on the CPU (slow)
-    PYTHONPATH=. python3 benchmarks/transposable.py --quick         # small shapes: a smoke test
-    PYTHONPATH=. python3 benchmarks/transposable.py --shapes 2048x2048 --device cpu
+    python3 -m benchmarks.transposable                 # CUDA if available, else CPU
+    python3 -m benchmarks.transposable --device cpu    # full shapes on the CPU (slow)
+    python3 -m benchmarks.transposable --quick         # small shapes: a smoke test
+    python3 -m benchmarks.transposable --shapes 2048x2048 --device cpu
 
 Weights 4096x4096 and 11008x4096 (Llama-2-7B) at 2:4, 4:8, 8:16, 16:32, Wanda-like scores
 (|w| * ||x_j|| with w ~ N(0, 1) and log-normal activation norms). Per case:

@@ -1,10 +1,8 @@
 """Transposable N:M masks: feasibility, gap to the exact optimum, determinism, devices, plain N:M."""
 
-import importlib.util
 import itertools
 import json
 import math
-from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -304,10 +302,8 @@ def test_bad_schedule_raises(kwargs, match):
 
 # ------------------------------------------------------------------------------------ benchmark script
 def test_benchmark_script_quick_run_writes_its_results(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "transposable.py"
-    spec = importlib.util.spec_from_file_location("transposable_benchmark", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from benchmarks import transposable as script
+
     results = script.main(["--quick", "--device", "cpu", "--shapes", "64x64,96x64", "--out", str(tmp_path)])
     assert [(c["rows"], c["n"], c["m"]) for c in results["cases"]][:2] == [(64, 2, 4), (64, 4, 8)]
     for case in results["cases"]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import scipy.optimize
@@ -255,7 +255,7 @@ def is_transposable(mask: torch.Tensor, n: int, m: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- exact
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _feasible_blocks(n: int, m: int) -> torch.Tensor | None:
     """Every m x m 0/1 block with n per row and column, [K, m*m] float64, or None if too many."""
     if math.comb(m, n) ** m > _MAX_CANDIDATES:
