@@ -139,3 +139,27 @@ def test_block_path_and_passes_choose_the_same_linears():
     assert by_blocks == by_passes
     assert by_passes and not any("up_proj" in name or "tiny" in name for name in by_passes)
     assert not any(name.endswith(("k_proj", "v_proj")) for name in by_passes)  # 24 outputs < min_features
+
+
+@pytest.mark.parametrize("pattern,n,m", [("nm", 2, 4), ("transposable", 2, 4), ("nm", 4, 8), ("transposable", 4, 8)])
+@pytest.mark.parametrize("method", ["mask", "sparsegpt"])
+def test_block_path_makes_nm_and_transposable_models(pattern, n, m, method):
+    """The block-by-block path compresses to plain or transposable N:M (masked dense weights) by every
+    method: each mask has n of every m per row (and per column of every m x m block when transposable);
+    reconstruction keeps the model's output closer than masking alone."""
+    from vnm_compile.transposable import is_transposable
+
+    model, batches = tiny_llama(), token_batches()
+    config = vnm.VNMConfig(v=16, m=m, n=n, pattern=pattern, method=method, criterion="wanda", allow_small_v=True,
+                           min_features=16)
+    compressed = compress_sequential(model, batches, config, progress=False)
+    assert compressed
+    for name, weight in compressed.items():
+        mask = weight.mask()
+        assert torch.equal(weight.to_dense() != 0, mask & (weight.to_dense() != 0))  # zero off the mask
+        rows = mask[:, : mask.shape[1] // m * m].reshape(mask.shape[0], -1, m).sum(-1)
+        assert bool((rows == n).all()), name
+        if pattern == "transposable":
+            assert is_transposable(mask, n, m), name
+    with pytest.raises(ValueError, match="makes masked dense weights"):
+        vnm.sparsify(model, token_batches()[0], config)

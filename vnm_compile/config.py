@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CRITERIA = ("abs", "wanda", "ria")
+PATTERNS = ("vnm", "nm", "transposable")
 COLUMN_RULES = ("optimal", "l1")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WEIGHT_DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what the kernels take
@@ -64,6 +65,10 @@ class VNMConfig:
 
     The pattern and the mask:
       v, m: the V:N:M pattern (v rows share 4 kept columns of every m; each row keeps 2 of them).
+      pattern: "vnm" (the default, what the kernels run), or, for the block-by-block path
+        (`compress_sequential`), "nm" (n of every m in each row) or "transposable" (n per row and per
+        column of every m x m block, so W and W^T are both N:M: a sparse backward), kept as masked
+        dense weights; n: their kept count (2 for "vnm").
       criterion: importance of a weight, "abs", "wanda" or "ria"; ria_exponent: RIA's power of the
         input channel norms.
       column_select: "optimal" (exhaustive per block) or "l1" (the paper's rule).
@@ -91,6 +96,8 @@ class VNMConfig:
 
     v: int = 64
     m: int = 8
+    pattern: str = "vnm"
+    n: int = 2
     criterion: str = "ria"
     ria_exponent: float = 0.5
     column_select: str = "optimal"
@@ -119,6 +126,12 @@ class VNMConfig:
         from .compression import method_names  # the registry imports this module
 
         check_pattern(self.v, self.m, self.allow_small_v)
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.pattern == "vnm" and self.n != 2:
+            raise ValueError(f"n must be 2 for pattern='vnm' (V:2:M), got {self.n!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 0 < self.n < self.m:
+            raise ValueError(f"n must be an integer with 0 < n < m={self.m}, got {self.n!r}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
         if self.method not in method_names():

@@ -364,6 +364,25 @@ class VNMWeight:
                 f"{self.nbytes / 2**20:.2f} MiB)")
 
 
+@dataclass
+class MaskedWeight:
+    """A weight pruned to a pattern that has no kernel here (N:M, transposable N:M): held dense, zero
+    off its mask. `to_dense()` and `mask()` as for a VNMWeight."""
+
+    dense: torch.Tensor
+    kept: torch.Tensor  # bool, the mask
+
+    def to_dense(self) -> torch.Tensor:
+        return self.dense
+
+    def mask(self) -> torch.Tensor:
+        return self.kept
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.dense.shape
+
+
 def concat_rows(weights: Sequence[VNMWeight]) -> VNMWeight:
     """One weight holding the rows of `weights` in order, so x @ W.T is the outputs of all of them
     side by side (fused q/k/v or gate/up projections). They must share v, m, in_features and dtype,

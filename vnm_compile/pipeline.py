@@ -98,6 +98,9 @@ def run_passes(gm: fx.GraphModule, example_inputs: list[Any], found: dict[str, t
     Dynamo's metadata is still on the graph); `state.graph` is the rewritten graph, `state.report`
     what happened. `reuse`, made for exactly these parameters and this config, lends the work of
     earlier compiles and keeps this one's; the report's `reused` says what was taken."""
+    if config.pattern != "vnm":
+        raise ValueError(f"pattern={config.pattern!r} makes masked dense weights, which no kernel runs: the "
+                         "passes take pattern='vnm' (use vnm_compile.compress_sequential for N:M patterns)")
     if config.refine is not None:
         raise ValueError("refine needs the block-by-block path (vnm_compile.compress_sequential); "
                          "the passes compress one layer at a time")

@@ -15,6 +15,8 @@ fifth over the pass alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -36,8 +38,12 @@ def reconstruct(
     damp: float = 0.01,
     column_select: str = "optimal",
     block_columns: int = BLOCK_COLUMNS,
+    group_mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune `weight` (R x C) to V:N:M and update its kept weights to preserve W X.
+
+    group_mask(saliency) -> bool mask of the same R x m shape chooses each group's mask instead of
+    V:N:M (another pattern whose masks lie within groups of m columns: N:M, transposable N:M).
 
     hessian is X^T X (C x C) over the calibration inputs X of the layer (`HessianAccumulator`);
     its scale does not matter. damp adds damp * mean(diag H) to the diagonal so H is invertible.
@@ -87,7 +93,8 @@ def reconstruct(
             if j % m == 0:
                 group = slice(j, j + m)
                 saliency = block[group].square() / diagonal[group, None].square()
-                block_mask[group] = vnm_mask(saliency.T, v, m, column_select).T
+                block_mask[group] = (group_mask(saliency.T) if group_mask is not None
+                                     else vnm_mask(saliency.T, v, m, column_select)).T
             error = block[j].masked_fill(block_mask[j], 0.0) / diagonal[j]
             # Column j becomes its kept part; the columns after it absorb the pruned part.
             block[j:].addr_(factor[j, j:], error, alpha=-1.0)

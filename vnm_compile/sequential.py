@@ -23,10 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import LayerStats, linear_module_types
-from .compression import compress, estimated_error
+from .compression import Compressed, compress, estimated_error, pruned
 from .config import VNMConfig
 from .eligibility import skip_reason
-from .format import VNMWeight
 from .reconstruct import HessianAccumulator
 from .refine import refine_block
 from .scoring import ActivationNorms, importance, run_batch
@@ -52,7 +51,7 @@ def compress_sequential(
     config: VNMConfig,
     device: torch.device | str | None = None,
     progress: bool = True,
-) -> dict[str, VNMWeight]:
+) -> dict[str, Compressed]:
     """Compress every linear (nn.Linear, or transformers' Conv1D) inside the model's repeated blocks,
     block by block.
 
@@ -66,8 +65,8 @@ def compress_sequential(
     CPU. The model is compressed as it is (no channel permutation). config.refine then trains each
     compressed block's kept weights (`refine_block`, in the block's dtype) towards the dense model's
     output of that block, masks fixed.
-    Returns the compressed weights (out_features x in_features, also for Conv1D, which stores its
-    weight transposed) by module name, in the linears' dtype.
+    Returns the compressed weights (VNMWeight, or MaskedWeight for the N:M patterns; out_features x
+    in_features, also for Conv1D, which stores its weight transposed) by module name, in the linears' dtype.
     """
     if not isinstance(config, VNMConfig):
         raise ValueError(f"config must be a VNMConfig, got {type(config).__name__}")
@@ -78,7 +77,7 @@ def compress_sequential(
     # Refinement's targets: the dense model's own hidden states at each block's output, so that a
     # refined block also corrects the error the compressed blocks before it let through.
     dense_states = [args[0] for args, _ in inputs] if config.refine is not None else []
-    compressed: dict[str, VNMWeight] = {}
+    compressed: dict[str, Compressed] = {}
     for index, original in enumerate(tqdm(blocks, desc="compress blocks", disable=not progress)):
         block = copy.deepcopy(original)
         if device is not None:
@@ -112,8 +111,7 @@ def compress_sequential(
             for name, linear in linears.items():
                 if name not in masks:
                     continue
-                compressed[f"{block_name}.{name}"] = VNMWeight.from_dense(
-                    _oriented(linear), config.v, config.m, mask=_oriented(linear, masks[name]))
+                compressed[f"{block_name}.{name}"] = pruned(_oriented(linear), _oriented(linear, masks[name]), config)
         if index + 1 < len(blocks) and inputs:
             _advance(block, inputs)
         del block
