@@ -16,3 +16,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The tiny random-init transformers models the tests share: dims that V = 16 and M = 8 divide.
+TINY = {
+    "llama": ("LlamaConfig", dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+    "gpt2": ("GPT2Config", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                eos_token_id=0)),
+    "bert": ("BertConfig", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=64)),
+    "vit": ("ViTConfig", dict(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=128)),
+}
+
+
+def tiny_config(kind: str, **changes):
+    """The shared tiny config of a transformers model family ("llama", "gpt2", "bert", "vit")."""
+    import transformers
+
+    name, fields = TINY[kind]
+    return getattr(transformers, name)(**{**fields, **changes})
+

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -23,26 +24,22 @@ OPTIONS = {"v": 16, "m": 8, "min_features": 48, "skip": ["lm_head"]}
 
 
 def _llama():
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = tiny_config("llama")
     return transformers.LlamaForCausalLM(config), {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}
 
 
 def _gpt2():
-    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
+    config = tiny_config("gpt2")
     return transformers.GPT2LMHeadModel(config), {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}
 
 
 def _bert():
-    config = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, max_position_embeddings=64)
+    config = tiny_config("bert")
     return transformers.BertModel(config), {"input_ids": torch.randint(0, 128, (2, 9))}
 
 
 def _vit():
-    config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    config = tiny_config("vit")
     return transformers.ViTModel(config), {"pixel_values": torch.randn(2, 3, 32, 32)}
 
 

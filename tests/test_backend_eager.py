@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 import vnm_compile as vnm
@@ -18,8 +19,7 @@ CONFIG = vnm.VNMConfig(v=16, m=8, min_features=48, verify=True)
 
 def _gpt2():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
+    config = tiny_config("gpt2")
     return transformers.GPT2LMHeadModel(config).eval(), {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 import vnm_compile as vnm
@@ -16,8 +17,7 @@ CONFIG = vnm.VNMConfig(v=16, m=8, criterion="abs", permute=False, min_features=3
 
 def _llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = tiny_config("llama")
     return transformers.LlamaForCausalLM(config).eval(), {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}
 
 

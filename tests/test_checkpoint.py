@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 import vnm_compile as vnm
@@ -26,20 +27,16 @@ TOKENS = {"input_ids": lambda: torch.randint(0, 128, (2, 9))}
 def _configs():
     return {
         "llama": (transformers.LlamaForCausalLM, transformers.AutoModelForCausalLM,
-                  transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+                  tiny_config("llama"),
                   lambda: {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}),
         "gpt2": (transformers.GPT2LMHeadModel, transformers.AutoModelForCausalLM,
-                 transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                         bos_token_id=0, eos_token_id=0),
+                 tiny_config("gpt2"),
                  lambda: {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}),
         "bert": (transformers.BertModel, transformers.AutoModel,
-                 transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=128, max_position_embeddings=64),
+                 tiny_config("bert"),
                  lambda: {"input_ids": torch.randint(0, 128, (2, 9))}),
         "vit": (transformers.ViTModel, transformers.AutoModel,
-                transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+                tiny_config("vit"),
                 lambda: {"pixel_values": torch.randn(2, 3, 32, 32)}),
     }
 

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 import vnm_compile as vnm
@@ -24,15 +25,13 @@ CONFIG = vnm.VNMConfig(v=16, m=8, min_features=32, inductor=False)
 
 def _llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = tiny_config("llama")
     return transformers.LlamaForCausalLM(config).eval(), {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}
 
 
 def _vit():
     torch.manual_seed(0)
-    config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    config = tiny_config("vit")
     return transformers.ViTModel(config).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)}
 
 

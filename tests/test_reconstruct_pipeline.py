@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 import vnm_compile as vnm
@@ -13,8 +14,7 @@ transformers.logging.set_verbosity_error()
 
 def _gpt2():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
+    config = tiny_config("gpt2")
     return transformers.GPT2LMHeadModel(config).eval()
 
 
