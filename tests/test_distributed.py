@@ -5,6 +5,10 @@ files; the tests compare them with the unsharded models here.
 """
 
 import copy
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -187,3 +191,25 @@ def test_backend_on_tensor_parallel_models(run):
         torch.testing.assert_close(rank_results["llama compiled"], rank_results["llama 17"], rtol=1e-5, atol=1e-5)
         message = rank_results["dense backend"]
         assert "layer 0: its parameter 0.weight is a DTensor" in message and "do not support" in message
+
+
+@pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_benchmark_smoke(tmp_path, mode):
+    """benchmarks/tp.py as the GPU run launches it, on a tiny model over gloo (compiled: ~70 s here,
+    Inductor compiling the blocks of both variants on a cold cache)."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(RANKS),
+               "-m", "benchmarks.tp", "--smoke", "--modes", mode, "--out", str(tmp_path)]
+    environment = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(command, cwd=root, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "tp-cpu.json").read_text())
+    rows = {(row["variant"], row["shape"]): row for row in result["rows"]}
+    assert set(rows) == {(variant, shape) for variant in ("dense", "vnm-64:2:8") for shape in ("1x64", "1x1", "4x1")}
+    assert {row["mode"] for row in rows.values()} == {mode}
+    for row in rows.values():
+        assert row["max_abs_diff_vs_1gpu"] < 1e-5 * row["max_abs_logit"] + 1e-6
+    # float32 at 16:2:8: values 1/4 of the dense bytes, metadata 1/64, columns 1/128
+    assert rows["vnm-64:2:8", "1x1"]["layers_bytes_x_dense"] == pytest.approx(1 / 4 + 1 / 64 + 1 / 128, rel=1e-3)
+    if mode == "compiled":  # the targets are read on the compiled decode step
+        assert "memory: 0.273x (met)" in (tmp_path / "tp-cpu.md").read_text()

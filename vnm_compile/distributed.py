@@ -95,7 +95,8 @@ class _VNMStyle:
     handling around the local op. Mixed in before ColwiseParallel or RowwiseParallel."""
 
     layer_names: dict[int, str]
-    computed: Placement  # what the local op's output is of the full output
+    takes: tuple[Placement, ...]  # the input layout the local op needs
+    computed: Placement           # what the local op's output is of the full output
     # and `_shard(module, mesh, name) -> (local weight, local bias)`
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -110,7 +111,7 @@ class _VNMStyle:
         module.in_features, module.out_features = weight.in_features, weight.out_features
         # The dense style's hooks, around the local op: its input arrives as a DTensor of the
         # desired layout, its output leaves as the DTensor the dense op would have made.
-        prepare_input = partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts)
+        prepare_input = partial(self._prepare_input_fn, self.input_layouts, self.takes)
         prepare_output = partial(self._prepare_output_fn, self.output_layouts, self.use_local_output)
         computed = self.computed
         module.register_forward_pre_hook(lambda mod, inputs: prepare_input(mod, inputs, device_mesh).to_local())
@@ -123,6 +124,7 @@ class _VNMStyle:
 class _VNMColwiseParallel(_VNMStyle, ColwiseParallel):
     """ColwiseParallel that also shards a VNMLinear's output rows at whole V-row blocks."""
 
+    takes = (Replicate(),)
     computed = Shard(-1)
 
     def _shard(self, module: VNMLinear, mesh: DeviceMesh, name: str) -> tuple[VNMWeight, torch.Tensor | None]:
@@ -141,6 +143,7 @@ class _VNMColwiseParallel(_VNMStyle, ColwiseParallel):
 class _VNMRowwiseParallel(_VNMStyle, RowwiseParallel):
     """RowwiseParallel that also shards a VNMLinear's input channels at whole M-column groups."""
 
+    takes = (Shard(-1),)
     computed = Partial()
 
     def _shard(self, module: VNMLinear, mesh: DeviceMesh, name: str) -> tuple[VNMWeight, torch.Tensor | None]:
@@ -150,7 +153,6 @@ class _VNMRowwiseParallel(_VNMStyle, RowwiseParallel):
                 f"layer {name}: RowwiseParallel over {ranks} ranks shards its {module.in_features} input channels "
                 f"at whole {module.m}-column groups, so in_features must be a multiple of m * {ranks} = "
                 f"{module.m * ranks}")
-        self.desired_input_layouts = (Shard(-1),)  # as RowwiseParallel sets for nn.Linear
         local = partial(_local, mesh=mesh, src_data_rank=self.src_data_rank)
         weight = module.weight
         # Two groups share a metadata byte: shard the unpacked slots, then pack each rank's own.
