@@ -26,11 +26,12 @@ def log(*args) -> None:
     print(*args, flush=True)
 
 
-def graph_us(calls: Sequence[Callable[[], object]], replays: int = 9) -> float:
+def graph_us(calls: Sequence[Callable[[], object]], replays: int = 9, capture_error_mode: str = "global") -> float:
     """Median microseconds of one call among `calls`, all replayed in one CUDA graph: kernel time
     without Python's launch cost (which do_bench counts, and which dominates kernels of a few
     microseconds). Give calls on different weight copies to make the weights stream from device
-    memory, as they do in a model. On CPU (smoke runs) the first call runs once and 1.0 comes back."""
+    memory, as they do in a model. capture_error_mode "thread_local" lets other threads (NCCL's
+    watchdog) query CUDA during the capture. On CPU (smoke runs) the first call runs once and 1.0 comes back."""
     if DEVICE == "cpu":
         calls[0]()
         return 1.0
@@ -41,7 +42,7 @@ def graph_us(calls: Sequence[Callable[[], object]], replays: int = 9) -> float:
             call()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
         for call in calls:
             call()
     graph.replay()

@@ -23,6 +23,7 @@ _PUBLIC = {
     "load_compressed": "checkpoint", "save_compressed": "checkpoint",
     "register_method": "compression",
     "Refinement": "config", "VNMConfig": "config",
+    "parallelize": "distributed",
     "explain": "explanation",
     "VNMWeight": "format", "analytic_speedup": "format", "is_vnm": "format", "log_mask_diversity": "format",
     "mask_count": "format", "select_vm": "format", "vnm_mask": "format",

@@ -207,7 +207,7 @@ def _choice_from_mask(mask: torch.Tensor, v: int, m: int) -> tuple[torch.Tensor,
     return columns, slots
 
 
-def _pack_slots(slots: torch.Tensor) -> torch.Tensor:
+def pack_slots(slots: torch.Tensor) -> torch.Tensor:
     """[R, G, 2] slots (0..3, ascending) -> [R, ceil(G/2)] uint8: 4 bits a group, two groups a byte."""
     nibbles = (slots[..., 0] | (slots[..., 1] << 2)).to(torch.uint8)
     if nibbles.shape[1] % 2:
@@ -292,7 +292,7 @@ class VNMWeight:
         kept_columns = columns[:, None].expand(-1, v, -1, -1).gather(3, slots)
         values = blocks.gather(3, kept_columns).reshape(-1, 2 * blocks.shape[2])[:rows]
         slots = slots.reshape(-1, blocks.shape[2], KEPT_PER_ROW)[:rows]
-        return cls(values.contiguous(), columns.to(torch.uint8), _pack_slots(slots), v, m, cols)
+        return cls(values.contiguous(), columns.to(torch.uint8), pack_slots(slots), v, m, cols)
 
     @property
     def out_features(self) -> int:

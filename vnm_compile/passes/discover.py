@@ -92,7 +92,26 @@ def discover(state: PassState) -> Discovery:
     tracer = _ChannelTracer(state.parameters)
     for node in state.gm.graph.nodes:
         tracer.visit(node)
-    return tracer.result(state.config, state.extra_skips)
+    discovery = tracer.result(state.config, state.extra_skips)
+    _refuse_sharded(discovery, state.weights)
+    return discovery
+
+
+def _refuse_sharded(discovery: Discovery, weights: dict[str, torch.Tensor]) -> None:
+    """Masks and permutations are searched on whole weights, so a model holding DTensor (tensor-parallel)
+    parameters is compressed before it is sharded. A graph of stored V:N:M layers only reads its
+    parameters (its dense linears stay dense, nothing is permuted), so it may hold them."""
+    if any(site.stored for site in discovery.linears.values()) or not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [name for name, tensor in weights.items() if isinstance(tensor, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"layer {sharded[0].rpartition('.')[0] or sharded[0]}: its parameter {sharded[0]} is a DTensor (tensor "
+            f"parallelism; {len(sharded)} such parameters in this graph), which the vnm passes do not support: "
+            "they choose masks and permutations on whole weights. Compress the full model first, then shard "
+            "it: vnm.sparsify(model, example_inputs, config), then vnm.parallelize(model, mesh, plan)")
 
 
 def _shape(value: Any) -> Any:
