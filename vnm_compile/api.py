@@ -13,7 +13,7 @@ from .calibration import Calibration, linear_module_types
 from .capture import arguments, capture
 from .checkpoint import record_sparse_layers
 from .config import VNMConfig
-from .modules import VNMLinear
+from .modules import replace_linears
 from .pipeline import PassState, run_passes
 from .report import record
 
@@ -83,8 +83,4 @@ def _write_back(model: nn.Module, state: PassState) -> None:
             owner._buffers[leaf] = tensor
         else:
             raise ValueError(f"{name} was permuted but is neither a parameter nor a buffer of the model")
-    for layer in (layer for layer in state.report.sparse_layers if not layer.stored):
-        parent_name, _, leaf = layer.name.rpartition(".")
-        module = model.get_submodule(layer.name)
-        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        setattr(model.get_submodule(parent_name), leaf, VNMLinear(layer.weight, bias))
+    replace_linears(model, {layer.name: layer.weight for layer in state.report.sparse_layers if not layer.stored})

@@ -40,7 +40,7 @@ def formats(args: argparse.Namespace) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Compile a small GPT (and SmolLM2-135M if installed) with backend="vnm": per-layer table, output difference."""
+    """Compress SmolLM2-135M and compare it with dense (--builtin-only: a random-weight model through the backend)."""
     from .demo import demo as run_demo
 
     run_demo(args.v, args.m, args.device, pretrained=not args.builtin_only)
@@ -109,9 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     formats_parser.set_defaults(run=formats)
     demo_parser = commands.add_parser("demo", help=demo.__doc__)
     demo_parser.add_argument("--v", type=int, default=64)
-    demo_parser.add_argument("--m", type=int, default=8)
+    demo_parser.add_argument("--m", type=int, default=5)
     demo_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    demo_parser.add_argument("--builtin-only", action="store_true", help="skip the pretrained model")
+    demo_parser.add_argument("--builtin-only", action="store_true",
+                             help="a random-weight model through the backend instead of SmolLM2 (a quick check)")
     demo_parser.set_defaults(run=demo)
     explain_parser = commands.add_parser("explain", help=explain.__doc__.split(":")[0])
     explain_parser.add_argument("factory", help="file.py:function or package.module:function "

@@ -49,3 +49,13 @@ class VNMLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"pattern={self.v}:2:{self.m}, bias={self.bias is not None}")
+
+
+def replace_linears(model: nn.Module, weights: dict[str, VNMWeight]) -> None:
+    """Put a VNMLinear holding weights[name] (and the module's bias) in place of each named linear of
+    `model`, in place."""
+    for name, weight in weights.items():
+        parent_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(name)
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        setattr(model.get_submodule(parent_name), leaf, VNMLinear(weight, bias))
