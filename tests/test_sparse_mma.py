@@ -191,8 +191,8 @@ def make_case(rows, cols, v, m, tokens, seed, dtype=torch.float16):
     weight = vnm.VNMWeight.from_dense(torch.randn(rows, cols, generator=gen).to(dtype), v, m)
     x = torch.randn(tokens, cols, generator=gen).to(dtype)
     bias = torch.randn(rows, generator=gen).to(dtype)
-    ref = reference_linear(x.double(), weight.values.double(), weight.columns, weight.metadata, bias.double(),
-                           v, m, cols)
+    ref = reference_linear(x.double(), vnm.kernels.Operands(weight.values.double(), weight.columns, weight.metadata,
+                                                            v, m, cols, bias.double()))
     return weight, x, bias, ref
 
 
