@@ -199,8 +199,9 @@ def markdown(result: dict) -> str:
         if "tokens_per_s" not in r:
             lines.append(f"| {r['variant']} | {r.get('batch', '')} | {r.get('error', '')} | | | |")
             continue
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | {_x(r, 'tokens_per_s_x_inductor')} | "
-                     f"{_x(r, 'tokens_per_s_x_semi-2:4')} | {r['first_generate_s']:.1f} |")
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+                     f"{_x(r, 'tokens_per_s_x_inductor')} | {_x(r, 'tokens_per_s_x_semi-2:4')} | "
+                     f"{r['first_generate_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,12 +1,16 @@
 """Benchmark sweep of the V:N:M kernels against cuBLAS, the condensed-K bound and torch's 2:4.
 
-    PYTHONPATH=. python3 benchmarks/kernels.py --tune      # times every candidate, writes the tables
-    PYTHONPATH=. python3 benchmarks/kernels.py             # times what the shipped tables dispatch to
+    python3 -m benchmarks.kernels --tune      # times every candidate, writes the tables
+    python3 -m benchmarks.kernels             # times what the shipped tables dispatch to
+    python3 -m benchmarks.kernels --smoke     # CPU dry run: Triton interpreter, tiny shapes
 
 Shapes: Llama-2-7B (4096x4096, 11008x4096, 4096x11008) and DeiT-base (768x768, 3072x768, 768x3072)
 weights; tokens 1..8192; patterns 64:2:4..64:2:16, 128:2:8, 32:2:8; fp16 and bf16. Baselines:
 cuBLAS dense (F.linear), dense on the condensed K' = 4C/M (the perfect-gather bound), torch's 2:4
-(cuSPARSELt; eager and inside a CUDA graph) for the 2:4 patterns. Also measured: the device's copy
+(`to_sparse_semi_structured`, cuSPARSELt; eager and inside a CUDA graph) on a magnitude 2:4 mask of
+the same dense weight, for every pattern, and cuSPARSELt on the V:N:M weight itself over its full
+width where M % 4 == 0 (the dispatcher's "cusparselt" path; such a weight is a valid 2:4 weight).
+Those two need CUDA: a smoke run skips them (n/a), with a note. Also measured: the device's copy
 bandwidth and dense fp16 peak.
 
 Timing: every contender is replayed in a CUDA graph of many calls that rotate over enough weight
@@ -15,9 +19,10 @@ copies), so Python's launch cost stays out of kernel times. (The tables in the p
 with do_bench from 2048 tokens, which counts launch cost on kernels of a few microseconds; see
 benchmarks/NOTES.md.) `--tune` writes
 vnm_compile/kernels/tables/<gpu>.json: per key the fastest sparse path and config (fp16 tunes;
-bf16 reuses the fp16 config) and the dense time, which the dispatcher reads. Without --tune the
-sweep times the shipped choices through the library entry (`triton_vnm_linear`), with and
-without the dense weight, and writes benchmarks/results/kernels-<gpu>.json and .md.
+bf16 reuses the fp16 config), the dense time and, where measured, the cuSPARSELt time, which the
+dispatcher reads. Without --tune the sweep times the shipped choices through the kernels' entry
+(`dispatch.kernel_linear`), with and without the dense weight, and writes
+benchmarks/results/kernels-<gpu>.json and .md.
 """
 
 from __future__ import annotations
@@ -31,17 +36,29 @@ import warnings
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # CPU dry run of this script under the Triton interpreter, tiny shapes
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")  # on the CPU on GPU machines too
 
 import torch
 import torch.nn.functional as F
 import triton
-from timing import DEVICE, ceilings, fake_weight, graph_us, log, precompile
+from torch.sparse import to_sparse_semi_structured
 from triton.testing import do_bench
 
+from benchmarks.timing import DEVICE, ceilings, fake_weight, graph_us, log, precompile
 from vnm_compile.format import VNMWeight
-from vnm_compile.kernels import PrefillLayout, decode, dispatch, prefill, prefill_layout, triton_vnm_linear, tuning
+from vnm_compile.kernels import (
+    Operands,
+    PrefillLayout,
+    cusparselt_weight,
+    decode,
+    dispatch,
+    operands,
+    prefill,
+    prefill_layout,
+    tuning,
+)
 from vnm_compile.kernels.common import token_bucket
+from vnm_compile.transposable import nm_mask
 
 warnings.filterwarnings("ignore", message="column_select='optimal'")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (768, 768), (3072, 768), (768, 3072)]
@@ -51,11 +68,12 @@ DTYPES = [torch.float16, torch.bfloat16]
 GRAPH_MAX_TOKENS = 256
 ROTATE_BYTES = 180 << 20  # 3x the H200's L2
 DECODE_MAX_TOKENS = 16
-SPLIT_CONFIGS = [tuning._decode(64, 16, 32, True, 4, 3), tuning._decode(16, 4, 32, False, 4, 4),
+SPLIT_CONFIGS = [tuning.decode_config(64, 16, 32, True, 4, 3), tuning.decode_config(16, 4, 32, False, 4, 4),
                  # rounds 14-15: one dot a tile, the next tile prefetched
-                 tuning._decode(64, 16, 32, True, 4, 3, prefetch=True),
-                 tuning._decode(32, 16, 16, True, 4, 3, prefetch=True)]
+                 tuning.decode_config(64, 16, 32, True, 4, 3, prefetch=True),
+                 tuning.decode_config(32, 16, 16, True, 4, 3, prefetch=True)]
 ROOT = Path(__file__).resolve().parent
+CUDA_ONLY_NOTE = "torch 2:4 and cuSPARSELt run on CUDA only: skipped in this CPU run (n/a)."
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -74,15 +92,48 @@ class Problem:
         self.dense = self.weight.to_dense().contiguous()
         self.layout = prefill_layout(self.weight)
         self.groups = self.weight.groups
-        copies = min(512, max(2, -(-ROTATE_BYTES // self.weight.nbytes)))
+        self.copies = min(512, max(2, -(-ROTATE_BYTES // self.weight.nbytes)))
         self.weights = [self.weight] + [
             VNMWeight(self.weight.values.clone(), self.weight.columns.clone(), self.weight.metadata.clone(),
-                      v, m, cols) for _ in range(copies - 1)]
+                      v, m, cols) for _ in range(self.copies - 1)]
         self.layouts = [self.layout] + [PrefillLayout(self.layout.expanded.clone(), self.layout.channels)
-                                        for _ in range(min(copies, -(-ROTATE_BYTES // self.layout.expanded.nbytes))
-                                                       - 1)]
-        self.denses = [self.dense] + [self.dense.clone() for _ in range(min(copies, -(-ROTATE_BYTES // self.dense.nbytes))
-                                                                         - 1)]
+                                        for _ in range(self.rotated(self.layout.expanded.nbytes) - 1)]
+        self.denses = [self.dense] + [self.dense.clone() for _ in range(self.rotated(self.dense.nbytes) - 1)]
+        # what the library entry reads: each weight copy with a prefill layout, or with a dense copy
+        self.sparse_operands = [operands(w, layout=self.layouts[i % len(self.layouts)])
+                                for i, w in enumerate(self.weights)]
+        self.dense_operands = [operands(self.weight, dense_weight=d) for d in self.denses]
+        self.errors: dict[str, str] = {}  # why a baseline is missing: shapes or dtypes cuSPARSELt refuses
+        self.torch24 = self.torch_2to4()
+        self.cslt_operands = self.cusparselt()
+
+    def rotated(self, nbytes: int) -> int:
+        """How many copies of a tensor of `nbytes` the calls rotate over: enough to overflow L2."""
+        return min(self.copies, -(-ROTATE_BYTES // nbytes))
+
+    def torch_2to4(self) -> list:
+        """Copies of torch's 2:4 weight (cuSPARSELt) made from a magnitude 2:4 mask of the dense weight."""
+        if DEVICE != "cuda":
+            return []
+        try:
+            masked = self.dense * nm_mask(self.dense.abs(), 2, 4)
+            first = to_sparse_semi_structured(masked)
+        except (RuntimeError, ValueError) as error:
+            self.errors["torch24_error"] = repr(error)[:200]
+            return []
+        return [first] + [to_sparse_semi_structured(masked) for _ in range(self.rotated(first.packed.nbytes) - 1)]
+
+    def cusparselt(self) -> list[Operands]:
+        """Operands with copies of the V:N:M weight compressed for cuSPARSELt (M % 4 == 0)."""
+        if DEVICE != "cuda" or self.m % 4:
+            return []
+        try:
+            first = cusparselt_weight(self.weight)
+        except (RuntimeError, ValueError) as error:
+            self.errors["cslt_error"] = repr(error)[:200]
+            return []
+        cslts = [first] + [first.clone() for _ in range(self.rotated(first.nbytes) - 1)]
+        return [operands(self.weight, cslt=cslt) for cslt in cslts]
 
     def x(self, tokens):
         return torch.randn(tokens, self.cols, device=DEVICE, dtype=self.dtype)
@@ -90,23 +141,23 @@ class Problem:
     def kernel_calls(self, path, config, x):
         """Closures running one explicit kernel config of `path` on each weight copy."""
         if path == "prefill":
-            def call(layout):
-                xt = x.t() if x.shape[0] <= prefill.ROW_MAJOR_MAX_TOKENS else prefill.transpose(x)
-                return prefill.launch_prefill(prefill.vnm_prefill_kernel, xt, layout.expanded, layout.channels, None,
-                                              self.v, self.m, self.cols, **config_args(config))
-            return [lambda layout=layout: call(layout) for layout in self.layouts]
+            return [lambda ops=ops: launch_prefill(x, ops, config) for ops in self.sparse_operands[:len(self.layouts)]]
         split_k = decode_split_k(path)
-        return [lambda w=w: decode.launch_decode(decode.vnm_decode_kernel, x, w.values, w.columns, w.metadata, None,
-                                                 self.v, self.m, self.cols, split_k=split_k, **config_args(config))
-                for w in self.weights]
+        return [lambda ops=ops: decode.launch_decode(decode.vnm_decode_kernel, x, ops, split_k=split_k,
+                                                     **tuning.config_record(config))
+                for ops in self.sparse_operands]
+
+
+def launch_prefill(x: torch.Tensor, ops: Operands, config: triton.Config) -> torch.Tensor:
+    """The prefill kernel in one config on x as the dispatcher hands it over: read in place up to
+    ROW_MAJOR_MAX_TOKENS, else transposed (one read and one write of x, timed with the kernel)."""
+    xt = x.t() if x.shape[0] <= prefill.ROW_MAJOR_MAX_TOKENS else x.t().contiguous()
+    return prefill.launch_prefill(prefill.vnm_prefill_kernel, xt, ops.expanded, ops.channels, ops,
+                                  **tuning.config_record(config))
 
 
 def decode_split_k(path):
     return dispatch.DECODE_SPLIT_K if path == "decode_split" else 1
-
-
-def config_args(config: triton.Config) -> dict:
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def candidate_list(problem_shape, tokens):
@@ -132,13 +183,10 @@ def compile_job(job):
     config = next(c for c in pool if tuning.config_record(c) == record)
     try:
         if path == "prefill":
-            layout = prefill_layout(weight)
-            xt = x.t() if tokens <= prefill.ROW_MAJOR_MAX_TOKENS else prefill.transpose(x)
-            prefill.launch_prefill(prefill.vnm_prefill_kernel, xt, layout.expanded, layout.channels,
-                                   None, v, m, cols, **config_args(config))
+            launch_prefill(x, operands(weight, layout=prefill_layout(weight)), config)
         else:
-            decode.launch_decode(decode.vnm_decode_kernel, x, weight.values, weight.columns, weight.metadata, None,
-                                 v, m, cols, split_k=decode_split_k(path), **config_args(config))
+            decode.launch_decode(decode.vnm_decode_kernel, x, operands(weight), split_k=decode_split_k(path),
+                                 **tuning.config_record(config))
         torch.cuda.synchronize()
         return None
     except Exception as error:
@@ -171,17 +219,21 @@ def measure_baselines(problem: Problem, tokens: int, x: torch.Tensor) -> dict:
     xc = torch.randn(tokens, kc, device=DEVICE, dtype=problem.dtype)
     wcs = [torch.randn(problem.rows, kc, device=DEVICE, dtype=problem.dtype) for _ in range(len(problem.layouts))]
     out = {"dense_us": bench_us([lambda d=d: F.linear(x, d) for d in problem.denses], tokens),
-           "condensed_us": bench_us([lambda w=w: F.linear(xc, w) for w in wcs], tokens)}
-    if problem.m == 4:  # V:2:4 is plain 2:4: torch's semi-structured path (cuSPARSELt)
-        try:
-            from torch.sparse import to_sparse_semi_structured
-
-            sparse = to_sparse_semi_structured(problem.dense)
-            out["torch24_graph_us"] = bench_us([lambda: F.linear(x, sparse)], tokens)
-            out["torch24_eager_us"] = 1e3 * float(do_bench(lambda: F.linear(x, sparse), warmup=5, rep=30,
-                                                          return_mode="median"))
-        except Exception as error:
-            out["torch24_error"] = repr(error)[:200]
+           "condensed_us": bench_us([lambda w=w: F.linear(xc, w) for w in wcs], tokens),
+           "torch24_graph_us": None, "torch24_eager_us": None, "cslt_us": None, **problem.errors}
+    try:
+        if problem.torch24:  # torch's 2:4 (cuSPARSELt) on the magnitude 2:4 weight, every pattern
+            out["torch24_graph_us"] = bench_us([lambda s=s: F.linear(x, s) for s in problem.torch24], tokens)
+            out["torch24_eager_us"] = 1e3 * float(do_bench(lambda: F.linear(x, problem.torch24[0]), warmup=5,
+                                                          rep=30, return_mode="median"))
+    except RuntimeError as error:
+        out["torch24_error"] = repr(error)[:200]
+    try:
+        if problem.cslt_operands:  # cuSPARSELt on the V:N:M weight itself, as the dispatcher runs it
+            out["cslt_us"] = bench_us([lambda ops=ops: dispatch.kernel_linear(x, ops, path="cusparselt")
+                                       for ops in problem.cslt_operands], tokens)
+    except RuntimeError as error:
+        out["cslt_error"] = repr(error)[:200]
     return out
 
 
@@ -212,8 +264,9 @@ def run(args) -> None:
     results = {"device": device, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
                "triton": triton.__version__,
                "sms": torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 0,
-               "mode": "tune" if args.tune else "dispatch", "ceilings": ceilings(), "cases": []}
-    log(device, results["ceilings"])
+               "mode": "tune" if args.tune else "dispatch", "ceilings": ceilings(),
+               "notes": [] if DEVICE == "cuda" else [CUDA_ONLY_NOTE], "cases": []}
+    log(device, results["ceilings"], *results["notes"])
     shapes, tokens_list, patterns = SHAPES, TOKENS, PATTERNS
     if args.quick:
         shapes, tokens_list, patterns = SHAPES[:1], [1, 16, 2048], [(64, 8)]
@@ -266,7 +319,10 @@ def measure(problem: Problem, tokens: int, args, table: dict) -> dict:
         path, (sparse_us, config) = min(timed.items(), key=lambda kv: kv[1][0])
         for p, (_, cfg) in timed.items():
             table["autotune"][f"{p} {key}"] = tuning.config_record(cfg)
-        table["dispatch"][key] = {"path": path, "sparse_us": round(sparse_us, 2), "dense_us": round(case["dense_us"], 2)}
+        table["dispatch"][key] = {"path": path, "sparse_us": round(sparse_us, 2),
+                                  "dense_us": round(case["dense_us"], 2)}
+        if case["cslt_us"] is not None:  # the dispatcher weighs it where the caller keeps a cuSPARSELt copy
+            table["dispatch"][key]["cslt_us"] = round(case["cslt_us"], 2)
         case.update(path=path, sparse_us=sparse_us, config=tuning.config_record(config),
                     paths_us={p: t for p, (t, _) in timed.items()})
         y = problem.kernel_calls(path, config, x)[0]()
@@ -275,30 +331,32 @@ def measure(problem: Problem, tokens: int, args, table: dict) -> dict:
                                           x.device, has_dense=True)
         case["dispatched_path"] = dispatched
         if dispatched == "dense":  # timed next to the cuBLAS baseline: the card slows under load
-            case["dispatch_us"] = bench_us([lambda d=d: triton_vnm_linear(x, problem.weight, dense_weight=d)
-                                            for d in problem.denses], tokens)
+            case["dispatch_us"] = bench_us([lambda ops=ops: dispatch.kernel_linear(x, ops)
+                                            for ops in problem.dense_operands], tokens)
         path = dispatch.choose_path(problem.rows, problem.cols, tokens, problem.v, problem.m, problem.dtype,
                                     x.device, has_dense=False)
-        layouts = problem.layouts
-        sparse_calls = [lambda w=w, layout=layouts[i % len(layouts)]: triton_vnm_linear(x, w, layout=layout)
-                        for i, w in enumerate(problem.weights)]
         case["path"] = path
-        case["sparse_us"] = bench_us(sparse_calls, tokens)
+        case["sparse_us"] = bench_us([lambda ops=ops: dispatch.kernel_linear(x, ops)
+                                      for ops in problem.sparse_operands], tokens)
         if dispatched != "dense":
             case["dispatch_us"] = case["sparse_us"]
-        y = triton_vnm_linear(x, problem.weight, layout=problem.layout)
+        y = dispatch.kernel_linear(x, problem.sparse_operands[0])
     case["err"] = check(problem, x, y)
     flops = 2 * problem.rows * problem.cols * tokens
     case["sparse_TFLOPs"] = flops / case["sparse_us"] / 1e6
     case["sparse_GBps"] = problem.weight.nbytes / case["sparse_us"] / 1e3
     case["vs_dense"] = case["dense_us"] / case["sparse_us"]
     case["vs_bound"] = case["condensed_us"] / case["sparse_us"]
+    torch24_us = case["torch24_graph_us"]
+    case["vs_torch24"] = None if torch24_us is None else torch24_us / case["sparse_us"]
     if "dispatch_us" in case:
         case["dispatch_vs_dense"] = case["dense_us"] / case["dispatch_us"]
     log(f"  {key:34s} {case['path']:12s} sparse {case['sparse_us']:8.1f}us dense {case['dense_us']:8.1f}us "
         f"x{case['vs_dense']:.2f} (bound x{case['dense_us'] / case['condensed_us']:.2f}) "
         f"{case['sparse_GBps']:6.0f}GB/s err {case['err']:.1e}"
-        + (f" dispatch x{case['dispatch_vs_dense']:.2f}" if "dispatch_vs_dense" in case else ""))
+        + (f" dispatch x{case['dispatch_vs_dense']:.2f}" if "dispatch_vs_dense" in case else "")
+        + (f" vs 2:4 x{case['vs_torch24']:.2f}" if torch24_us is not None else "")
+        + (f" cslt {case['cslt_us']:.1f}us" if case["cslt_us"] is not None else ""))
     return case
 
 
@@ -340,8 +398,9 @@ def merge_cases(before: dict, after: dict) -> dict:
 
 def derive_rules(cases) -> dict:
     """Rules for shapes the table lacks: the largest token count at which a decode path beats the
-    prefill kernel on most measured shapes, and the largest M at which dense beats the sparse
-    kernel on most measured shapes from 64 tokens."""
+    prefill kernel on most measured shapes, and the largest M at which dense cuBLAS (and the largest
+    at which cuSPARSELt on the V:N:M weight) beats the sparse kernel on most measured shapes from 64
+    tokens."""
     decode_max = DECODE_MAX_TOKENS
     for tokens in sorted({c["tokens"] for c in cases}):
         both = [c["paths_us"] for c in cases if c["tokens"] == tokens and "prefill" in c.get("paths_us", {})
@@ -349,12 +408,15 @@ def derive_rules(cases) -> dict:
         wins = sum(min(p.get("decode", 1e9), p.get("decode_split", 1e9)) < p["prefill"] for p in both)
         if both and wins > len(both) / 2:
             decode_max = max(decode_max, tokens)
-    dense_m = 0
+    largest_m = {"dense_us": 0, "cslt_us": 0}
     for m in sorted({c["m"] for c in cases}):
         big = [c for c in cases if c["m"] == m and c["tokens"] >= 64 and "sparse_us" in c]
-        if big and sum(c["dense_us"] < c["sparse_us"] for c in big) > len(big) / 2:
-            dense_m = m
-    return {"decode_max_tokens": decode_max, "dense_when_m_at_most": dense_m}
+        for contender in largest_m:
+            timed = [c for c in big if c.get(contender) is not None]
+            if timed and sum(c[contender] < c["sparse_us"] for c in timed) > len(timed) / 2:
+                largest_m[contender] = m
+    return {"decode_max_tokens": decode_max, "dense_when_m_at_most": largest_m["dense_us"],
+            "cusparselt_when_m_at_most": largest_m["cslt_us"]}
 
 
 def markdown(results) -> str:
@@ -362,26 +424,30 @@ def markdown(results) -> str:
              f"{results['date']}, torch {results['torch']}, triton {results['triton']}, {results['sms']} SMs. "
              f"Copy bandwidth {results['ceilings']['copy_GBps']:.0f} GB/s (read + write), cuBLAS fp16 "
              f"8192^3 {results['ceilings']['dense_fp16_TFLOPs']:.0f} TFLOP/s.", "",
-             "Times in us (median of CUDA-graph replays of calls rotating over weight copies past L2). `sparse`: the library entry without the dense weight (dispatched sparse "
-             "path); `dispatch`: with the dense weight kept (dense cuBLAS where the table says it is faster). "
-             "`bound`: cuBLAS on the condensed K' = 4C/M. GB/s: compressed bytes / sparse time. TFLOP/s: "
-             "dense-equivalent 2*R*C*T / sparse time.", ""]
+             "Times in us (median of CUDA-graph replays of calls rotating over weight copies past L2). "
+             "`sparse`: the library entry without the dense weight (dispatched sparse path); `dispatch`: with "
+             "the dense weight kept (dense cuBLAS where the table says it is faster). `torch 2:4`: torch's "
+             "semi-structured 2:4 (cuSPARSELt) on a magnitude 2:4 mask of the dense weight; `x dense` and "
+             "`x 2:4`: cuBLAS's and torch 2:4's time over the sparse time. `cslt`: cuSPARSELt on the V:N:M "
+             "weight over its full width (M a multiple of 4). `bound`: cuBLAS on the condensed K' = 4C/M. "
+             "GB/s: compressed bytes / sparse time. TFLOP/s: dense-equivalent 2*R*C*T / sparse time. "
+             "`2:4 eager`: torch 2:4 timed by do_bench (launch cost included).", ""]
+    if results.get("notes"):
+        lines += [*results["notes"], ""]
     dates = sorted({c.get("date", results["date"]) for c in results["cases"]})
     if len(dates) > 1:
         lines += [f"Rows from sweeps of {', '.join(dates)} (the header is the last one's); each row's times "
                   "come from one sweep.", ""]
-    header = ("| weight | tokens | pattern | dtype | path | sparse | dense | x dense | bound | x bound | "
-              "dispatch x dense | TFLOP/s | GB/s | 2:4 eager / graph |")
+    header = ("| weight | tokens | pattern | dtype | path | sparse | dense | x dense | torch 2:4 | x 2:4 | cslt | "
+              "bound | x bound | dispatch x dense | TFLOP/s | GB/s | 2:4 eager |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for c in results["cases"]:
-        t24 = (f"{c['torch24_eager_us']:.1f} / {c['torch24_graph_us']:.1f}" if "torch24_eager_us" in c
-               else ("n/a" if c["m"] == 4 else ""))
         lines.append(
             f"| {c['rows']}x{c['cols']} | {c['tokens']} | {c['v']}:2:{c['m']} | {c['dtype']} | {c.get('path', '')} | "
-            f"{c.get('sparse_us', float('nan')):.1f} | {c['dense_us']:.1f} | {c.get('vs_dense', float('nan')):.2f} | "
-            f"{c['condensed_us']:.1f} | {c.get('vs_bound', float('nan')):.2f} | "
-            f"{c.get('dispatch_vs_dense', float('nan')):.2f} | {c.get('sparse_TFLOPs', 0):.0f} | "
-            f"{c.get('sparse_GBps', 0):.0f} | {t24} |")
+            f"{cell(c, 'sparse_us', '.1f')} | {c['dense_us']:.1f} | {cell(c, 'vs_dense', '.2f')} | "
+            f"{cell(c, 'torch24_graph_us', '.1f')} | {cell(c, 'vs_torch24', '.2f')} | {cell(c, 'cslt_us', '.1f')} | "
+            f"{c['condensed_us']:.1f} | {cell(c, 'vs_bound', '.2f')} | {cell(c, 'dispatch_vs_dense', '.2f')} | "
+            f"{c.get('sparse_TFLOPs', 0):.0f} | {c.get('sparse_GBps', 0):.0f} | {cell(c, 'torch24_eager_us', '.1f')} |")
     worst = min((c for c in results["cases"] if "dispatch_vs_dense" in c), key=lambda c: c["dispatch_vs_dense"],
                 default=None)
     if worst is not None:
@@ -389,6 +455,12 @@ def markdown(results) -> str:
                       f"{worst['rows']}x{worst['cols']}, {worst['tokens']} tokens, {worst['v']}:2:{worst['m']} "
                       f"{worst['dtype']}."]
     return "\n".join(lines) + "\n"
+
+
+def cell(case: dict, key: str, spec: str) -> str:
+    """case[key] formatted, or n/a where it was not measured (CPU, M not a multiple of 4, an error)."""
+    value = case.get(key)
+    return "n/a" if value is None else format(value, spec)
 
 
 def main():

@@ -237,7 +237,8 @@ def time_torch24(rows: int, cols: int, tokens: int) -> float | None:
 # ------------------------------------------------------------------------------------------ main
 def run(args) -> dict:
     start = time.time()
-    device = torch.device("cuda", torch.cuda.current_device())  # indexed, like tensors' devices (the kernel cache's key)
+    # indexed, like tensors' devices (the kernel cache's key)
+    device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
     shared_limit = props.shared_memory_per_block_optin
     results = {"device": props.name, "capability": list(torch.cuda.get_device_capability()), "torch": torch.__version__,
@@ -274,7 +275,8 @@ def run(args) -> dict:
                     log("time budget reached: the remaining cases are not timed")
                     return results
                 try:
-                    results["cases"].append(time_case(rows, cols, tokens, v, m, passed, shared_limit, torch24, deadline))
+                    results["cases"].append(time_case(rows, cols, tokens, v, m, passed, shared_limit, torch24,
+                                                      deadline))
                 except Exception:
                     log(f"  {rows}x{cols} x{tokens} {v}:2:{m} failed:\n{traceback.format_exc()[-1500:]}")
                 torch.cuda.empty_cache()
@@ -282,7 +284,8 @@ def run(args) -> dict:
 
 
 def table(results: dict) -> str:
-    head = "| weight x tokens | pattern | best config | us | +T us | cuBLAS us | x cuBLAS | torch 2:4 us | x torch 2:4 | cslt V:N:M us | triton us | target |"
+    head = ("| weight x tokens | pattern | best config | us | +T us | cuBLAS us | x cuBLAS | torch 2:4 us | "
+            "x torch 2:4 | cslt V:N:M us | triton us | target |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in results.get("cases", []):
         target = TARGETS.get((c["rows"], c["cols"], c["tokens"], c["v"], c["m"]))

@@ -77,7 +77,8 @@ def run_case(rows: int, cols: int, n: int, m: int, device: str, sample_blocks: i
     ours, ours_s = timed(lambda: transposable_mask(scores, n, m), device, repeats)
     greedy, greedy_s = timed(lambda: greedy_transposable_mask(scores, n, m), device, repeats)
     plain, plain_s = timed(lambda: nm_mask(scores, n, m), device, repeats)
-    feasible = bool(transposable._blocks(ours, m).sum(2).eq(n).all() and transposable._blocks(ours, m).sum(1).eq(n).all())
+    feasible = bool(transposable._blocks(ours, m).sum(2).eq(n).all()
+                    and transposable._blocks(ours, m).sum(1).eq(n).all())
 
     # The exact optimum: whole weight by enumeration where it exists, else LPs on a sample of blocks.
     sample = torch.randperm(block_count, generator=torch.Generator().manual_seed(1))[: min(sample_blocks, block_count)]
@@ -88,9 +89,11 @@ def run_case(rows: int, cols: int, n: int, m: int, device: str, sample_blocks: i
         on_blocks, gap_blocks = slice(None), block_count
         # the LP reference, timed on sampled blocks, for comparison with the other patterns
         lp_blocks = transposable._blocks(sampled(scores, m, sample[:256]), m, torch.float64).cpu().numpy()
-        lp_s = timed(lambda: transposable._exact_lp(lp_blocks, n), device, 1, warm_up=False)[1] * block_count / len(lp_blocks)
+        lp_sample_s = timed(lambda: transposable._exact_lp(lp_blocks, n), device, 1, warm_up=False)[1]
+        lp_s = lp_sample_s * block_count / len(lp_blocks)
     else:
-        exact, sample_s = timed(lambda: exact_transposable_mask(sampled(scores, m, sample), n, m), device, 1, warm_up=False)
+        exact, sample_s = timed(lambda: exact_transposable_mask(sampled(scores, m, sample), n, m), device, 1,
+                                warm_up=False)
         exact_s = lp_s = sample_s * block_count / len(sample)
         on_blocks, gap_blocks = sample, len(sample)
 
@@ -114,7 +117,8 @@ def run_case(rows: int, cols: int, n: int, m: int, device: str, sample_blocks: i
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -123,22 +127,26 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Transposable N:M masks on {results['device']}",
         "",
-        f"{results['date']}, torch {results['torch']}, commit {results['commit']}, CPU threads: {results['cpu_threads']}; "
+        f"{results['date']}, torch {results['torch']}, commit {results['commit']}, "
+        f"CPU threads: {results['cpu_threads']}; "
         f"scores {results['scores']}; "
-        f"defaults: {results['defaults']}. Times are medians of {results['repeats']} runs (after a warm-up run on CUDA). "
+        f"defaults: {results['defaults']}. "
+        f"Times are medians of {results['repeats']} runs (after a warm-up run on CUDA). "
         "Gap = retained score lost against the exact optimum, on the blocks the exact solver ran on; "
         "exact = enumeration where m <= 4 (whole weight), else HiGHS LPs on the CPU on sampled blocks with "
         "the time extrapolated; LP = the LP reference at every m. ours/plain = retained score against "
         "plain (row-wise, not transposable) N:M.",
         "",
-        "| weight | N:M | ours s | greedy s | exact s | LP s | vs exact | vs LP | gap ours % | gap greedy % | gap blocks | ours/plain % | feasible |",
+        "| weight | N:M | ours s | greedy s | exact s | LP s | vs exact | vs LP | gap ours % | gap greedy % "
+        "| gap blocks | ours/plain % | feasible |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["cases"]:
         lines.append(
             f"| {c['rows']}x{c['cols']} | {c['n']}:{c['m']} | {c['ours_s']:.3f} | {c['greedy_s']:.3f} | "
             f"{c['exact_s']:.3g} | {c['lp_s']:.3g} | {c['speedup_vs_exact']:.3g}x | {c['speedup_vs_lp']:.3g}x | "
-            f"{c['ours_gap_pct']:.3f} | {c['greedy_gap_pct']:.3f} | {c['gap_blocks']} | {c['ours_vs_plain_nm_pct']:.2f} | "
+            f"{c['ours_gap_pct']:.3f} | {c['greedy_gap_pct']:.3f} | {c['gap_blocks']} | "
+            f"{c['ours_vs_plain_nm_pct']:.2f} | "
             f"{'yes' if c['feasible'] else 'NO'} |"
         )
     return "\n".join(lines) + "\n"
@@ -153,25 +161,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shapes", help="weights to run instead, e.g. 64x64,96x64")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results"))
     args = parser.parse_args(argv)
-    shapes, repeats, sample_blocks = (QUICK_SHAPES, 1, min(args.sample_blocks, 32)) if args.quick else (SHAPES, args.repeats, args.sample_blocks)
+    shapes, repeats, sample_blocks = ((QUICK_SHAPES, 1, min(args.sample_blocks, 32)) if args.quick
+                                      else (SHAPES, args.repeats, args.sample_blocks))
     if args.shapes:
         shapes = [tuple(int(side) for side in shape.split("x")) for shape in args.shapes.split(",")]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     results = {
-        "device": device_name, "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+        "device": device_name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
         "commit": git_commit(), "repeats": repeats, "quick": args.quick, "cpu_threads": torch.get_num_threads(),
         "scores": "|w| * exp(z_j), w, z ~ N(0, 1)",
-        "defaults": {"iterations": transposable.ITERATIONS, "tau_start": transposable.TAU_START, "tau_end": transposable.TAU_END},
+        "defaults": {"iterations": transposable.ITERATIONS, "tau_start": transposable.TAU_START,
+                     "tau_end": transposable.TAU_END},
         "cases": [],
     }
     print(f"{device_name}, torch {torch.__version__}")
-    print(f"{'weight':>11} {'N:M':>5} {'ours s':>8} {'greedy s':>8} {'exact s':>9} {'x exact':>8} {'x LP':>8} {'gap %':>7} {'greedy %':>8}")
+    print(f"{'weight':>11} {'N:M':>5} {'ours s':>8} {'greedy s':>8} {'exact s':>9} {'x exact':>8} {'x LP':>8} "
+          f"{'gap %':>7} {'greedy %':>8}")
     for rows, cols in shapes:
         for n, m in PATTERNS:
             c = run_case(rows, cols, n, m, args.device, sample_blocks, repeats)
             results["cases"].append(c)
             print(f"{rows:>5}x{cols:<5} {n:>2}:{m:<2} {c['ours_s']:8.3f} {c['greedy_s']:8.3f} {c['exact_s']:9.3g} "
-                  f"{c['speedup_vs_exact']:7.3g}x {c['speedup_vs_lp']:7.3g}x {c['ours_gap_pct']:7.3f} {c['greedy_gap_pct']:8.3f}"
+                  f"{c['speedup_vs_exact']:7.3g}x {c['speedup_vs_lp']:7.3g}x {c['ours_gap_pct']:7.3f} "
+                  f"{c['greedy_gap_pct']:8.3f}"
                   + ("" if c["feasible"] else "  INFEASIBLE"), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ CONFIG = vnm.VNMConfig(v=16, m=8, criterion="abs", permute=False, min_features=3
 def _llama():
     torch.manual_seed(0)
     config = tiny_config("llama")
-    return transformers.LlamaForCausalLM(config).eval(), {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}
+    inputs = {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}
+    return transformers.LlamaForCausalLM(config).eval(), inputs
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,8 @@ def test_only_and_exclude_select_layers():
     model, inputs = _llama()
     only = vnm.explain(model, inputs, vnm.VNMConfig(v=16, m=8, permute=False, min_features=32, inductor=False,
                                                    only=["mlp.*"], exclude=["layers.1.*"]))
-    assert [layer.name for layer in only.sparse_layers] == [f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    assert [layer.name for layer in only.sparse_layers] == [
+        f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
     reasons = {layer.name: layer.reason for layer in only.layers}
     assert reasons["model.layers.1.mlp.up_proj"] == "matches exclude pattern 'layers.1.*'"
     assert reasons["lm_head"] == "matches no pattern of only=['mlp.*']"

@@ -10,8 +10,9 @@ def test_defaults_are_valid():
 
 @pytest.mark.parametrize("field,value", [
     ("v", 48), ("v", 8), ("v", -64), ("v", "64"), ("m", 3), ("m", 1000), ("m", 8.0),
-    ("criterion", "magnitude"), ("method", "obs"), ("ria_exponent", -1.0), ("ria_exponent", "half"), ("column_select", "greedy"),
-    ("pattern", "2:4"), ("n", 3), ("permute", "yes"), ("sparsify", 1), ("verify", None), ("permute_rounds", -1), ("skip", [3]),
+    ("criterion", "magnitude"), ("method", "obs"), ("ria_exponent", -1.0), ("ria_exponent", "half"),
+    ("column_select", "greedy"), ("pattern", "2:4"), ("n", 3), ("permute", "yes"), ("sparsify", 1), ("verify", None),
+    ("permute_rounds", -1), ("skip", [3]),
 ])
 def test_every_bad_field_raises_naming_it(field, value):
     with pytest.raises(ValueError, match=f"^{field} "):

@@ -29,7 +29,8 @@ def _llama(kv_heads=4):
 def _compiled_logits(model, ids, **options):
     torch._dynamo.reset()
     with torch.no_grad():
-        logits = torch.compile(model, backend="vnm", options={**SMALL, **options})(input_ids=ids, use_cache=False).logits
+        compiled = torch.compile(model, backend="vnm", options={**SMALL, **options})
+        logits = compiled(input_ids=ids, use_cache=False).logits
     return logits, vnm.reports()[-1]
 
 
@@ -87,7 +88,8 @@ def test_mixed_bias_fuses_and_matches_masked_dense():
     assert code.count("torch.ops.vnm.linear.default(") == 2 and "fused_bias" in code
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     layers = {layer.name: layer for layer in report.layers}
-    reference = torch.cat((torch.relu(x @ layers["a"].weight.to_dense().T + module.a.bias), x @ layers["b"].weight.to_dense().T), -1)
+    reference = torch.cat((torch.relu(x @ layers["a"].weight.to_dense().T + module.a.bias),
+                           x @ layers["b"].weight.to_dense().T), -1)
     reference = reference @ layers["c"].weight.to_dense().T + module.c.bias
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
 

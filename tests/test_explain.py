@@ -26,7 +26,8 @@ CONFIG = vnm.VNMConfig(v=16, m=8, min_features=32, inductor=False)
 def _llama():
     torch.manual_seed(0)
     config = tiny_config("llama")
-    return transformers.LlamaForCausalLM(config).eval(), {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}
+    inputs = {"input_ids": torch.randint(0, 128, (2, 9)), "use_cache": False}
+    return transformers.LlamaForCausalLM(config).eval(), inputs
 
 
 def _vit():
@@ -108,7 +109,8 @@ def test_stage_diffs_show_each_replaced_node(explained):
         share = re.search(rf"\n\+    {new} = (\w+)\[\d+\]", diff)  # fused with its neighbours: its part of the split
         op = re.search(rf"\n\+    {share.group(1)} = torch.functional.split\((\w+),", diff).group(1) if share else new
         line = next(line for line in diff.splitlines() if line.startswith(f"+    {op} = torch.ops.vnm.linear.default("))
-        reads = [node for node, origin in sparsify.provenance.items() if origin.startswith("new") and f" {node}," in line
+        reads = [node for node, origin in sparsify.provenance.items()
+                 if origin.startswith("new") and f" {node}," in line
                  and not node.endswith("_fused_bias")]  # fused biases are concatenated into a new buffer too
         assert len(reads) == 3  # values, columns, metadata
     fold = stages["fold"]

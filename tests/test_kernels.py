@@ -95,7 +95,8 @@ CPU_SHAPES = [(100, 77, 16, 5), (130, 200, 32, 16), (33, 12, 16, 4), (64, 64, 64
 CPU_PATHS = ("decode", "decode_split", "prefill")
 CPU_CASES = [
     (shape, tokens, dtype, path)
-    for i, (shape, dtype) in enumerate((s, d) for s in CPU_SHAPES for d in (torch.float16, torch.bfloat16, torch.float32))
+    for i, (shape, dtype) in enumerate((s, d) for s in CPU_SHAPES
+                                       for d in (torch.float16, torch.bfloat16, torch.float32))
     for tokens, path in [((1, 3, 17, 129)[i % 4], CPU_PATHS[i % 3]), ((3, 17, 1, 129)[i % 4], CPU_PATHS[(i + 1) % 3])]
 ]
 interpreter_only = pytest.mark.skipif(ON_GPU, reason="interpreter runs are for machines without CUDA")
@@ -115,7 +116,8 @@ def test_interpreted_kernel_matches_float64(kernels, shape, tokens, dtype, path)
     (False, True, True, 4, 4), (True, False, False, 16, 17), (True, False, True, 16, 3)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("path,shape,block_j", [("decode", (70, 77, 16, 5), 16), ("decode_split", (64, 256, 32, 8), 4)])
-def test_interpreted_decode_variants(kernels, use_dot, select_x, prefetch, block_t, tokens, dtype, path, shape, block_j):
+def test_interpreted_decode_variants(kernels, use_dot, select_x, prefetch, block_t, tokens, dtype, path, shape,
+                                     block_j):
     """The decode bodies (FMA selecting weights or picking activations by slot, tensor cores), with
     and without prefetch, token blocks smaller than the tokens; odd G (77 / 5), and an even split of
     several tiles a program (256 / 8: 16 group pairs, 4 splits of 4), where the prefetch of the last

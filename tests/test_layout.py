@@ -33,7 +33,8 @@ class Block(nn.Module):
         hidden = self.sparse("fc1", F.layer_norm(x, (32,)))
         merged = hidden.view(x.shape[0], x.shape[1], 4, 16).transpose(1, 2).reshape(x.shape[0], x.shape[1], 64)
         gate, up = hidden.split(32, dim=-1)
-        return self.sparse("fc2", F.gelu(hidden)) + self.sparse("fc3", F.silu(gate) * up) + self.sparse("fc4", merged * 0.5)
+        return (self.sparse("fc2", F.gelu(hidden)) + self.sparse("fc3", F.silu(gate) * up)
+                + self.sparse("fc4", merged * 0.5))
 
 
 class Mlp(Block):

@@ -24,7 +24,8 @@ def token_batches(count: int, length: int = 33, seed: int = 1) -> list[torch.Ten
 
 def relative_error(model: torch.nn.Module, dense: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     with torch.no_grad():
-        errors = [(model(b).logits - dense(b).logits).square().mean() / dense(b).logits.square().mean() for b in batches]
+        errors = [(model(b).logits - dense(b).logits).square().mean() / dense(b).logits.square().mean()
+                  for b in batches]
     return float(sum(errors) / len(errors))
 
 
@@ -81,7 +82,8 @@ def test_sequential_refinement_lowers_the_model_error():
     config = vnm.VNMConfig(v=16, m=8, method="sparsegpt", allow_small_v=True, min_features=16)
     one_shot = compress_sequential(model, calibration, config, progress=False)
     refined = compress_sequential(model, calibration, vnm.VNMConfig(
-        v=16, m=8, method="sparsegpt", allow_small_v=True, min_features=16, refine=vnm.Refinement(steps=40)), progress=False)
+        v=16, m=8, method="sparsegpt", allow_small_v=True, min_features=16, refine=vnm.Refinement(steps=40)),
+        progress=False)
     assert set(refined) == set(one_shot)
     for name, weight in refined.items():
         assert vnm.is_vnm(weight.mask(), 16, 8)

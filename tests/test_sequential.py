@@ -60,7 +60,8 @@ def test_first_llama_block_matches_one_shot_reconstruction():
 def test_bert_mask_criterion_uses_norms_of_the_compressed_prefix():
     model = tiny_bert()
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in token_batches()]
-    config = vnm.VNMConfig(v=16, m=5, criterion="wanda", allow_small_v=True, min_features=16, skip=("*.attention.output.dense",))
+    config = vnm.VNMConfig(v=16, m=5, criterion="wanda", allow_small_v=True, min_features=16,
+                           skip=("*.attention.output.dense",))
     compressed = compress_sequential(model, batches, config, progress=False)
     assert len(compressed) == 2 * 5 and not any(name.endswith("attention.output.dense") for name in compressed)
 

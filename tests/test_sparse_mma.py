@@ -128,7 +128,8 @@ def run_kernel_model(x: torch.Tensor, layout, bias, config) -> torch.Tensor:
                 destination = (f.x_tile_offset(x_row, x_chunk, g["X_ROW_PITCH"])
                                + copy * g["X_ROW_STEP"] * g["X_ROW_PITCH"]) // 2
                 valid = (channel < channels) & (token < ld)
-                chunk = xt[channel.clamp(max=channels - 1)[..., None], token.clamp(max=ld - 8)[..., None] + torch.arange(8)]
+                chunk = xt[channel.clamp(max=channels - 1)[..., None],
+                           token.clamp(max=ld - 8)[..., None] + torch.arange(8)]
                 written = row < g["X_ROWS"]  # the copy's guard
                 x_smem[destination[written][:, None] + torch.arange(8)] = (chunk * valid[..., None])[written]
                 a_rest, a_m16 = tid % (g["STEP_K32"] * 32), tid // (g["STEP_K32"] * 32)
@@ -136,7 +137,8 @@ def run_kernel_model(x: torch.Tensor, layout, bias, config) -> torch.Tensor:
                 written = m16 < g["M_TILES"]
                 source = ((first_m16 + m16) * k32_units * 512 + step * g["STEP_K32"] * 512 + a_rest * 16) // 2
                 destination = (m16 * g["STEP_K32"] * 512 + a_rest * 16) // 2
-                a_smem[destination[written][:, None] + torch.arange(8)] = values[source[written][:, None] + torch.arange(8)]
+                a_chunk = values[source[written][:, None] + torch.arange(8)]
+                a_smem[destination[written][:, None] + torch.arange(8)] = a_chunk
                 for q in range(g["E_CHUNKS"]):
                     m16, rest = q // (g["STEP_K32"] * 4), q % (g["STEP_K32"] * 4)
                     unit = (first_m16 + m16) * k32_units + step * g["STEP_K32"]
@@ -161,7 +163,8 @@ def run_kernel_model(x: torch.Tensor, layout, bias, config) -> torch.Tensor:
                 tiles = (warp_first_m16[..., None] + torch.arange(g["WARP_M_TILES"])) * g["STEP_K32"] + k32[..., None]
                 a = a_smem[((tiles[..., None, None] * 512 + lane[:, None] * 16) // 2) + torch.arange(8)]
                 e = e_smem[(tiles[..., None] * 64 + f.metadata_word(lane) * 4) // 4]  # [w, k, m16s, 32]
-                b = ptx_ldmatrix_x4_trans(x_smem, row_address[..., None, :] + 16 * torch.arange(g["WARP_N_TILES"])[:, None])
+                b = ptx_ldmatrix_x4_trans(x_smem,
+                                          row_address[..., None, :] + 16 * torch.arange(g["WARP_N_TILES"])[:, None])
                 acc += ptx_mma_sp(a[:, :, :, None], b[:, :, None], e[:, :, :, None]).sum(1)
             # ---- epilogue: partial sums of warps along K, then bias, at the accumulators' positions
             acc = acc.view(g["WARPS_M"], g["WARPS_N"], g["WARPS_K"], *acc.shape[1:]).sum(2)
@@ -170,7 +173,8 @@ def run_kernel_model(x: torch.Tensor, layout, bias, config) -> torch.Tensor:
                 for warp_n in range(g["WARPS_N"]):
                     for mi in range(g["WARP_M_TILES"]):
                         for ni in range(g["WARP_N_TILES"]):
-                            row = first_row + (warp_m * g["WARP_M_TILES"] + mi) * 16 + f.accumulator_row(lane[:, None], i)
+                            row = (first_row + (warp_m * g["WARP_M_TILES"] + mi) * 16
+                                   + f.accumulator_row(lane[:, None], i))
                             token = (first_token + (warp_n * g["WARP_N_TILES"] + ni) * 8
                                      + f.accumulator_token(lane[:, None], i))
                             value = acc[warp_m, warp_n, mi, ni]
@@ -187,8 +191,8 @@ def make_case(rows, cols, v, m, tokens, seed, dtype=torch.float16):
     weight = vnm.VNMWeight.from_dense(torch.randn(rows, cols, generator=gen).to(dtype), v, m)
     x = torch.randn(tokens, cols, generator=gen).to(dtype)
     bias = torch.randn(rows, generator=gen).to(dtype)
-    ref = reference_linear(x.double(), weight.values.double(), weight.columns, weight.metadata, bias.double(),
-                           v, m, cols)
+    ref = reference_linear(x.double(), vnm.kernels.Operands(weight.values.double(), weight.columns, weight.metadata,
+                                                            v, m, cols, bias.double()))
     return weight, x, bias, ref
 
 

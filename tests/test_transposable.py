@@ -70,7 +70,8 @@ ADVERSARIAL = {
     "huge": lambda: _scores(64, 64).float() * 1e37,
     "tiny": lambda: _scores(64, 64).float() * 1e-37,
     "float64 extremes": lambda: _scores(64, 64) * 1e300,
-    "outliers": lambda: _scores(64, 64).float() * (1 + 1e6 * (torch.rand(64, 64, generator=torch.Generator().manual_seed(2)) < 0.02)),
+    "outliers": lambda: _scores(64, 64).float() * (
+        1 + 1e6 * (torch.rand(64, 64, generator=torch.Generator().manual_seed(2)) < 0.02)),
     "fp16": lambda: _scores(64, 64).half(),
     "bf16": lambda: _scores(64, 64).bfloat16(),
 }

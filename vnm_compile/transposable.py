@@ -221,8 +221,10 @@ def transposable_mask(
     """
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    if not (isinstance(tau_start, (int, float)) and isinstance(tau_end, (int, float)) and 0 < tau_start <= tau_end < math.inf):
-        raise ValueError(f"tau_start and tau_end must satisfy 0 < tau_start <= tau_end < inf, got {tau_start!r}, {tau_end!r}")
+    if not (isinstance(tau_start, (int, float)) and isinstance(tau_end, (int, float))
+            and 0 < tau_start <= tau_end < math.inf):
+        raise ValueError(f"tau_start and tau_end must satisfy 0 < tau_start <= tau_end < inf, "
+                         f"got {tau_start!r}, {tau_end!r}")
     return _solve(scores, n, m, lambda blocks: _round(_dykstra(blocks, n, iterations, tau_start, tau_end), blocks, n))
 
 
@@ -298,7 +300,8 @@ def exact_transposable_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tenso
     if patterns is None:
         def solve(blocks: torch.Tensor) -> torch.Tensor:
             parts = blocks.cpu().numpy()
-            solved = [_exact_lp(parts[i : i + _LP_BLOCKS_PER_SOLVE], n) for i in range(0, len(parts), _LP_BLOCKS_PER_SOLVE)]
+            solved = [_exact_lp(parts[i : i + _LP_BLOCKS_PER_SOLVE], n)
+                      for i in range(0, len(parts), _LP_BLOCKS_PER_SOLVE)]
             return torch.from_numpy(np.concatenate(solved)).to(blocks.device)
 
         return _solve(scores, n, m, solve, torch.float64)

@@ -30,12 +30,16 @@ USER_CACHE = Path(os.environ.get("VNM_CACHE_DIR", Path.home() / ".cache" / "vnm_
 KEY = ["R", "C", "TOKEN_BUCKET", "V", "M"]
 
 
-def _prefill(block_n, block_t, block_k, w_left, warps, stages, group_n):
+def prefill_config(block_n: int, block_t: int, block_k: int, w_left: bool, warps: int, stages: int,
+                   group_n: int) -> triton.Config:
+    """A config of the prefill kernel (its blocks, weight tile on the MMA's M side, row grouping)."""
     return triton.Config({"BLOCK_N": block_n, "BLOCK_T": block_t, "BLOCK_K": block_k, "W_LEFT": w_left,
                           "GROUP_N": group_n}, num_warps=warps, num_stages=stages)
 
 
-def _decode(block_n, block_t, block_j, use_dot, warps, stages, select_x=False, prefetch=False):
+def decode_config(block_n: int, block_t: int, block_j: int, use_dot: bool, warps: int, stages: int,
+                  select_x: bool = False, prefetch: bool = False) -> triton.Config:
+    """A config of the decode kernel (its blocks and body: tensor cores, FMA, or FMA with SELECT_X)."""
     return triton.Config({"BLOCK_N": block_n, "BLOCK_T": block_t, "BLOCK_J": block_j, "USE_DOT": use_dot,
                           "SELECT_X": select_x, "PREFETCH": prefetch},
                          num_warps=warps, num_stages=stages)
@@ -44,33 +48,34 @@ def _decode(block_n, block_t, block_j, use_dot, warps, stages, select_x=False, p
 # Measured on an H200 (benchmarks/NOTES.md): weight rows on the MMA's M side for row tiles of 64 and
 # 128; tokens on the M side when V = 32 or 16; 64-token tiles for short prompts; row-fastest order.
 PREFILL_CONFIGS = [
-    _prefill(128, 128, 64, True, 8, 3, 32), _prefill(128, 64, 64, True, 8, 3, 32),
-    _prefill(64, 128, 64, True, 4, 3, 64), _prefill(64, 128, 64, True, 4, 4, 64),
-    _prefill(64, 64, 128, True, 4, 3, 64), _prefill(64, 64, 64, True, 4, 3, 64),
-    _prefill(32, 128, 64, False, 4, 4, 128), _prefill(32, 64, 64, False, 4, 3, 128),
-    _prefill(16, 64, 64, False, 4, 3, 128),
+    prefill_config(128, 128, 64, True, 8, 3, 32), prefill_config(128, 64, 64, True, 8, 3, 32),
+    prefill_config(64, 128, 64, True, 4, 3, 64), prefill_config(64, 128, 64, True, 4, 4, 64),
+    prefill_config(64, 64, 128, True, 4, 3, 64), prefill_config(64, 64, 64, True, 4, 3, 64),
+    prefill_config(32, 128, 64, False, 4, 4, 128), prefill_config(32, 64, 64, False, 4, 3, 128),
+    prefill_config(16, 64, 64, False, 4, 3, 128),
 ] + [
     # a few tokens (x read in place, row-major): 16-token tiles, narrow row tiles for enough programs
     # (round 6: they beat the decode kernel from 4 tokens on where C = 4096 and R >= 11008)
-    _prefill(32, 16, 256, False, 4, 3, 1), _prefill(16, 16, 256, False, 4, 3, 1),
-    _prefill(64, 16, 256, True, 8, 3, 1), _prefill(64, 16, 128, True, 4, 4, 1),
-    _prefill(64, 16, 128, False, 4, 4, 1), _prefill(32, 16, 128, False, 4, 4, 1),
+    prefill_config(32, 16, 256, False, 4, 3, 1), prefill_config(16, 16, 256, False, 4, 3, 1),
+    prefill_config(64, 16, 256, True, 8, 3, 1), prefill_config(64, 16, 128, True, 4, 4, 1),
+    prefill_config(64, 16, 128, False, 4, 4, 1), prefill_config(32, 16, 128, False, 4, 4, 1),
 ]
 # FMA configs per token block (their [BLOCK_N, BLOCK_J, BLOCK_T] accumulator stays <= 64 registers a
 # thread) and tensor-core configs (tokens padded to 16).
 DECODE_CONFIGS = [
-    _decode(n, t, j, False, warps, stages)
+    decode_config(n, t, j, False, warps, stages)
     for t in (1, 2, 4, 8, 16)
     for n, j, warps, stages in ((8, 64, 4, 4), (16, 32, 4, 4), (16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 3),
                                 (16, 16, 4, 4), (8, 32, 2, 4))
     if n * j * t <= 64 * 32 * warps
-] + [_decode(64, 16, 32, True, 4, 3), _decode(32, 16, 32, True, 4, 3), _decode(16, 16, 32, True, 4, 3),
+] + [decode_config(64, 16, 32, True, 4, 3), decode_config(32, 16, 32, True, 4, 3),
+      decode_config(16, 16, 32, True, 4, 3),
       # one dot a tile, next tile prefetched: the 4-16-token winners of rounds 14-15 (with split-K 4)
-      _decode(64, 16, 32, True, 4, 3, prefetch=True), _decode(64, 16, 16, True, 4, 3, prefetch=True),
-      _decode(32, 16, 16, True, 4, 3, prefetch=True)] + [
+      decode_config(64, 16, 32, True, 4, 3, prefetch=True), decode_config(64, 16, 16, True, 4, 3, prefetch=True),
+      decode_config(32, 16, 16, True, 4, 3, prefetch=True)] + [
     # 1-4 tokens: each stored value times its slot's activation, picked by a byte permute; whole
     # rows of group pairs a tile, or the next tile prefetched (benchmarks/NOTES.md, rounds 9-10)
-    _decode(n, t, j, False, warps, 4, select_x=True, prefetch=prefetch)
+    decode_config(n, t, j, False, warps, 4, select_x=True, prefetch=prefetch)
     for t in (1, 2, 4)
     for n, j, warps, prefetch in ((4, 256, 4, False), (8, 256, 4, False), (4, 128, 2, False), (8, 128, 2, False),
                                   (16, 64, 4, False), (16, 32, 2, False), (8, 64, 4, True), (16, 64, 4, True),
@@ -81,9 +86,9 @@ DECODE_CONFIGS = [
 # (The FMA body's reduction runs its combine function per element there: the tensor-core body is
 # the fast one to simulate; tests run the FMA body on small tiles explicitly.)
 INTERPRETER_CONFIGS = {
-    "prefill": _prefill(16, 16, 32, False, 4, 1, 8),
-    "decode": _decode(16, 16, 16, True, 4, 1),
-    "decode_split": _decode(16, 16, 16, True, 4, 1),
+    "prefill": prefill_config(16, 16, 32, False, 4, 1, 8),
+    "decode": decode_config(16, 16, 16, True, 4, 1),
+    "decode_split": decode_config(16, 16, 16, True, 4, 1),
 }
 
 
