@@ -15,7 +15,8 @@ class VNMLinear(nn.Module):
 
     The compressed tensors (values, columns, metadata) and the bias are buffers, so state_dict()
     saves them and load_state_dict() restores them into a VNMLinear of the same shape and pattern.
-    Inference only: a backward through it raises.
+    Gradients flow through it to its input (so adapters may sit before or after it); the values,
+    as buffers, are not trained unless the caller sets `values.requires_grad_()` (the mask stays).
     """
 
     def __init__(self, weight: VNMWeight, bias: torch.Tensor | None = None):
@@ -41,3 +42,17 @@ class VNMLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"pattern={self.v}:2:{self.m}, bias={self.bias is not None}")
+
+
+def replace_linears(model: nn.Module, weights: dict[str, VNMWeight]) -> None:
+    """Replace, in place, each nn.Linear of `model` named in `weights` by a VNMLinear holding that
+    weight and the linear's bias."""
+    for name, weight in weights.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear to replace")
+        if weight.shape != module.weight.shape:
+            raise ValueError(f"{name}: weight is {tuple(weight.shape)}, the linear {tuple(module.weight.shape)}")
+        parent, _, leaf = name.rpartition(".")
+        bias = None if module.bias is None else module.bias.detach()
+        setattr(model.get_submodule(parent), leaf, VNMLinear(weight, bias))
