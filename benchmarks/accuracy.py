@@ -52,6 +52,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vnm_compile as vnm  # noqa: E402
+from vnm_compile.finetune import FirstOutput, masked_copy  # noqa: E402
+from vnm_compile.finetune import distill as distill_model  # noqa: E402
 from vnm_compile.sequential import compress_sequential  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -192,14 +194,6 @@ def random_windows(tokenizer, text: str, count: int, size: int, lengths: list[in
     return batches
 
 
-def compressed_copy(model: nn.Module, weights: dict[str, vnm.VNMWeight]) -> nn.Module:
-    """A copy of the model whose compressed linears hold their masked dense weights (what the op computes)."""
-    model = copy.deepcopy(model)
-    for name, weight in weights.items():
-        model.get_submodule(name).weight.data = weight.to_dense()
-    return model
-
-
 def sparsity(weights: dict[str, vnm.VNMWeight]) -> float:
     """Fraction of pruned entries over all compressed linears (padding makes it differ from 1 - 2/m)."""
     kept = sum(int(w.mask().sum()) for w in weights.values())
@@ -251,19 +245,7 @@ class Task:
         return vnm.sparsify(self.model, self.batches[0], config, calibration=self._calibration)
 
 
-class _FirstOutput(nn.Module):
-    """The model with its first output only (last_hidden_state, logits), as `refine_block` trains it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, **kwargs) -> torch.Tensor:
-        output = self.model(**kwargs)
-        return output if isinstance(output, torch.Tensor) else output[0]
-
-
-class _SentenceEmbedding(_FirstOutput):
+class _SentenceEmbedding(FirstOutput):
     """An encoder's sentence embedding: its mean-pooled last hidden state, unit length (what
     sentence-transformers returns for all-MiniLM-L6-v2, and what the evaluation compares)."""
 
@@ -272,39 +254,24 @@ class _SentenceEmbedding(_FirstOutput):
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-DISTILL_TARGETS = {"first": _FirstOutput, "embedding": _SentenceEmbedding}
+DISTILL_TARGETS = {"first": FirstOutput, "embedding": _SentenceEmbedding}
 
 
 def distill(task: Task, model: nn.Module, weights: dict[str, vnm.VNMWeight], steps: int, lr: float,
             batch: int, target: str = "first", params: str = "kept", text: str = "batches",
             window: int = 0) -> tuple[nn.Module, dict[str, vnm.VNMWeight]]:
-    """End-to-end refinement after the block-wise pass: the compressed model's kept weights, masks
-    fixed, trained by `refine_block` on the whole model towards the dense model's output
-    (post-training, no labels): its first output (last hidden state, logits) or, for an encoder,
-    its sentence embedding (`target`). params "kept+affine" trains every one-dimensional parameter
-    too (biases, norm scales and shifts). The text is the calibration batches, or with text
-    "windows" `steps` fresh batches of `batch` windows each, drawn from the whole calibration
-    text: the same text, in more distinct inputs. A batch of windows is `window` tokens long, or
-    (0) as long as a calibration batch drawn at random. Returns the refined copy
-    (which holds the trained one-dimensional parameters) and its weights."""
-    from vnm_compile.refine import refine_block
-
-    output = DISTILL_TARGETS[target]
-    student = output(compressed_copy(model, weights))
+    """The package's end-to-end refinement (`vnm_compile.finetune.distill`) on the task's text: its
+    calibration batches, or with text "windows" `steps` fresh batches of `batch` windows each, drawn
+    from the whole calibration text (the same text, in more distinct inputs), a batch of windows
+    `window` tokens long or (0) as long as a calibration batch drawn at random. target: what is
+    matched (DISTILL_TARGETS); params "kept+affine" trains biases and norms too."""
     inputs, per_step = task.batches, batch
     if text == "windows":
         lengths = [window] if window else [b["input_ids"].shape[-1] for b in task.batches]
         inputs = random_windows(task.tokenizer, task.calibration_text, steps, batch, lengths, task.device)
         per_step = 1
-    with torch.no_grad():
-        targets = [output(model)(**batch_inputs) for batch_inputs in inputs]
-    masks = {f"model.{name}": weight.mask() for name, weight in weights.items()}
-    extra = [p for p in student.parameters() if p.dim() == 1] if params == "kept+affine" else []
-    refine_block(student, masks, [[[], batch_inputs] for batch_inputs in inputs], targets, steps, lr, per_step,
-                 extra=extra)
-    refined = {name: vnm.VNMWeight.from_dense(student.model.get_submodule(name).weight.detach(), w.v, w.m,
-                                              mask=masks[f"model.{name}"]) for name, w in weights.items()}
-    return student.model, refined
+    return distill_model(model, weights, inputs, steps, lr, per_step, output=DISTILL_TARGETS[target],
+                            train_affine=params == "kept+affine")
 
 
 def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct: bool, permute: bool,
@@ -321,7 +288,7 @@ def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct:
         compressed, weights = distill(task, model, weights, args.distill_steps, args.distill_lr, args.refine_batch,
                                       args.distill_target, args.distill_params, args.distill_text, args.distill_window)
     else:
-        compressed = compressed_copy(model, weights)
+        compressed = masked_copy(model, weights)
     compress_seconds = time.perf_counter() - start
     value = task.evaluate(compressed)
     fit = {f"calibration_{task.metric}": task.fit(compressed)} if task.fit else {}

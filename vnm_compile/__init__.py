@@ -6,6 +6,7 @@ from .bisect import Bisection, bisect
 from .calibration import Calibration, LayerStats, calibrate
 from .config import VNMConfig
 from .explain import explain
+from .finetune import FinetuneSchedule, finetune
 from .format import VNMWeight, analytic_speedup, is_vnm, log_mask_diversity, mask_count, select_vm, vnm_mask
 from .kernels import vnm_linear
 from .modules import VNMLinear
@@ -16,6 +17,7 @@ __all__ = [
     "ActivationNorms",
     "Bisection",
     "Calibration",
+    "FinetuneSchedule",
     "LayerStats",
     "Report",
     "VNMConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "bisect",
     "calibrate",
     "explain",
+    "finetune",
     "importance",
     "is_vnm",
     "log_mask_diversity",
