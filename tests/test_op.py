@@ -95,6 +95,25 @@ def test_opcheck_with_gradients():
         torch.library.opcheck(torch.ops.vnm.linear.default, args)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 17, 129])
+def test_gradients_on_cuda_match_the_masked_dense_layer(dtype, tokens):
+    _, _, _, _, _, weight = _op_inputs(200, 120, 64, 8, (tokens,), torch.float32)
+    weight = weight.to("cuda", dtype)
+    x = torch.randn(tokens, 120, device="cuda", dtype=dtype, requires_grad=True)
+    values = weight.values.clone().requires_grad_()
+    grad = torch.randn(tokens, 200, device="cuda", dtype=dtype)
+    torch.ops.vnm.linear(x, values, weight.columns, weight.metadata, None, 64, 8, 120).backward(grad)
+    dense = weight.to_dense().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    (x64 @ dense.T).backward(grad.double())
+    mask = weight.mask()
+    expected = vnm.VNMWeight.from_dense((dense.grad * mask).float(), 64, 8, mask=mask).values
+    assert relative_error(x.grad, x64.grad) < TOLERANCE[dtype]
+    assert relative_error(values.grad, expected.double()) < TOLERANCE[dtype]
+
+
 def test_vnm_linear_trains_through_a_compressed_weight():
     weight = vnm.VNMWeight.from_dense(torch.randn(16, 16), 16, 8)
     x = torch.randn(2, 16, requires_grad=True)
