@@ -3,9 +3,10 @@
   reconstruction  one-shot SparseGPT-style reconstruction, block by block (`compress_sequential`,
                   mask by the OBS saliency), calibrated on windows of the training text;
   fixed           then LoRA with that mask fixed (`vnm.finetune`, stage 3 only);
-  three-staged    the V:N:M paper's recipe from the dense model (`vnm.finetune`): LoRA dense, LoRA
-                  under RIA masks of W + BA recomputed every --mask-interval steps, LoRA with the
-                  last mask fixed; then merged and compressed;
+  three-staged    the V:N:M paper's recipe from the dense model (`vnm.finetune`): LoRA dense (not
+                  under --loss distill, where it has nothing to learn), LoRA under RIA masks of
+                  W + BA recomputed every --mask-interval steps, LoRA with the last mask fixed;
+                  then merged and compressed;
   reconstruction+three-staged (not run unless asked) the same from the reconstruction's weights.
 Every recipe trains on the same number of tokens. Text: the corpus file of benchmarks/corpus.py
 (man pages, package docs and the pydoc calibration half); perplexity over --eval-windows windows of
@@ -64,12 +65,14 @@ def calibration_batches(batches: list[dict], count: int, device: torch.device, s
 
 def schedule(recipe: str, steps: int, args: argparse.Namespace) -> FinetuneSchedule:
     """The LoRA schedule of a recipe: all `steps` under the fixed mask, or split 20/40/40 over the
-    three stages."""
+    three stages. Distilling the dense model into itself has nothing to learn (the loss starts at
+    zero, and so do its gradients), so under the distillation loss the dense model's three-staged
+    recipe skips stage 1: 0/50/50."""
     if recipe == "fixed":
         stages = {"fixed_steps": steps}
     else:
-        dense = round(0.2 * steps)
-        dynamic = round(0.4 * steps)
+        dense = 0 if recipe == "three-staged" and args.loss == "distill" else round(0.2 * steps)
+        dynamic = (steps - dense) // 2
         stages = {"dense_steps": dense, "dynamic_steps": dynamic, "fixed_steps": steps - dense - dynamic}
     device = torch.device(args.device)
     return FinetuneSchedule(**stages, mask_interval=args.mask_interval, lr=args.lr, warmup_steps=min(steps // 10, 20),
@@ -238,8 +241,9 @@ def _markdown(rows: list[dict], s: dict) -> str:
         f"{s['window']} tokens of two held-out texts: the pydoc topics at odd positions and Vim's user manual. "
         f"Training text: {s['corpus']} ({s['documents']} documents), windows of {s['seq']} tokens, {s['batch']} a "
         f"step. reconstruction: SparseGPT-style, block by block, {s['calibration_windows']} calibration windows "
-        f"(tokens = calibration tokens). fixed: LoRA under the reconstruction's mask; three-staged: LoRA dense 20%, "
-        f"dynamic RIA masks every {s['mask_interval']} steps 40%, fixed 40%, from the dense model. LoRA rank "
+        f"(tokens = calibration tokens). fixed: LoRA under the reconstruction's mask; three-staged: from the dense "
+        f"model, LoRA dense 20% (0% under distillation: the dense model distilled into itself has nothing to "
+        f"learn), dynamic RIA masks every {s['mask_interval']} steps, then fixed, half the rest each. LoRA rank "
         f"{s['rank']}, alpha {s['alpha']}, lr {s['lr']} (warmup, cosine), loss {s['loss']}. Seconds: the recipe's "
         "own (reconstruction, or LoRA training with its merge and compression).",
         "",

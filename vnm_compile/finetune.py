@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import fnmatch
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from .modules import replace_linears
 from .refine import refine_block
 from .scoring import ActivationNorms, importance
 from .sequential import block_linears
+
+log = logging.getLogger(__name__)
 
 STAGES = ("dense", "dynamic", "fixed")
 LOSSES = ("lm", "distill")
@@ -196,6 +199,9 @@ def finetune(
             for name, weight in start.items():
                 student.get_submodule(name).weight.copy_(weight.to_dense())
     if schedule.loss == "distill":
+        if teacher is None and start is None and schedule.dense_steps:
+            log.warning("the dense stage distils the model into itself: its loss and gradients are zero, so its "
+                        "%d steps change nothing", schedule.dense_steps)
         teacher = model if teacher is None else teacher
         if next(teacher.parameters()).device != device:
             teacher = copy.deepcopy(teacher).to(device)
