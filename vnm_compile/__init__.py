@@ -25,6 +25,7 @@ _PUBLIC = {
     "Refinement": "config", "VNMConfig": "config",
     "parallelize": "distributed",
     "explain": "explanation",
+    "FinetuneSchedule": "recovery", "finetune": "recovery",
     "VNMWeight": "format", "analytic_speedup": "format", "is_vnm": "format", "log_mask_diversity": "format",
     "mask_count": "format", "select_vm": "format", "vnm_mask": "format",
     "vnm_linear": "kernels",

@@ -221,6 +221,16 @@ def unpack_slots(metadata: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack((nibbles & 3, (nibbles >> 2) & 3), dim=-1).long()
 
 
+def kept_columns(columns: torch.Tensor, metadata: torch.Tensor, v: int, m: int) -> torch.Tensor:
+    """Absolute input column (of the padded G * m) of every stored value, [R, 2G] int64."""
+    rows, groups = metadata.shape[0], columns.shape[1]
+    slots = unpack_slots(metadata, groups)  # [R, G, 2]
+    block_of_row = torch.arange(rows, device=columns.device) // v
+    in_group = columns.long()[block_of_row].gather(2, slots)
+    group_start = torch.arange(groups, device=columns.device)[:, None] * m
+    return (in_group + group_start).reshape(rows, -1)
+
+
 @dataclass
 class VNMWeight:
     """A V:N:M-compressed weight of shape (out_features, in_features).
@@ -320,11 +330,7 @@ class VNMWeight:
 
     def kept_columns(self) -> torch.Tensor:
         """Absolute input column of every stored value, [R, 2G] int64."""
-        slots = unpack_slots(self.metadata, self.groups)  # [R, G, 2]
-        block_of_row = torch.arange(self.out_features, device=self.device) // self.v
-        in_group = self.columns.long()[block_of_row].gather(2, slots)
-        group_start = torch.arange(self.groups, device=self.device)[:, None] * self.m
-        return (in_group + group_start).reshape(self.out_features, -1)
+        return kept_columns(self.columns, self.metadata, self.v, self.m)
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight with zeros where the mask pruned; exact inverse of `from_dense`."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .calibration import linear_module_types
 from .format import VNMWeight
 from .kernels import vnm_linear
 
@@ -15,7 +16,8 @@ class VNMLinear(nn.Module):
 
     The compressed tensors (values, columns, metadata) and the bias are buffers, so state_dict()
     saves them and load_state_dict() restores them into a VNMLinear of the same shape and pattern.
-    Inference only: a backward through it raises.
+    Gradients flow through it to its input (so adapters may sit before or after it); the values,
+    as buffers, are not trained unless the caller sets `values.requires_grad_()` (the mask stays).
     """
 
     def __init__(self, weight: VNMWeight, bias: torch.Tensor | None = None):
@@ -52,10 +54,15 @@ class VNMLinear(nn.Module):
 
 
 def replace_linears(model: nn.Module, weights: dict[str, VNMWeight]) -> None:
-    """Put a VNMLinear holding weights[name] (and the module's bias) in place of each named linear of
-    `model`, in place."""
+    """Replace, in place, each linear of `model` named in `weights` (nn.Linear, or GPT-2's Conv1D) by a
+    VNMLinear holding that weight (out x in) and the linear's bias."""
     for name, weight in weights.items():
-        parent_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(name)
-        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        setattr(model.get_submodule(parent_name), leaf, VNMLinear(weight, bias))
+        if not isinstance(module, linear_module_types()):
+            raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear or Conv1D to replace")
+        shape = tuple(module.weight.shape) if isinstance(module, nn.Linear) else tuple(module.weight.shape)[::-1]
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"{name}: weight is {tuple(weight.shape)}, the linear {shape} (out x in)")
+        parent, _, leaf = name.rpartition(".")
+        bias = None if module.bias is None else module.bias.detach()
+        setattr(model.get_submodule(parent), leaf, VNMLinear(weight, bias))

@@ -118,6 +118,14 @@ def compress_sequential(
     return compressed
 
 
+def block_linears(model: nn.Module, config: VNMConfig) -> dict[str, nn.Module]:
+    """The linears `compress_sequential` compresses, by full module name: the eligible linears inside
+    the model's repeated blocks."""
+    prefix, blocks = _find_blocks(model)
+    return {f"{prefix}.{index}.{name}": linear for index, block in enumerate(blocks)
+            for name, linear in _eligible_linears(block, f"{prefix}.{index}", config).items()}
+
+
 def _outputs(block: nn.Module, inputs: list[list], states: list[torch.Tensor]) -> list[torch.Tensor]:
     """The block's outputs on `states` in place of the stored inputs' hidden states."""
     with torch.no_grad():

