@@ -32,6 +32,7 @@ _PUBLIC = {
     "VNMLinear": "modules",
     "Report": "report", "reports": "report",
     "is_transposable": "transposable", "transposable_mask": "transposable",
+    "compress_sequential": "sequential",
     "ActivationNorms": "scoring", "activation_norms": "scoring", "importance": "scoring",
 }
 __all__ = sorted(_PUBLIC)
