@@ -363,3 +363,11 @@ def test_import_is_lazy_and_registers_with_transformers():
     code = ("import sys, vnm_compile; assert 'transformers' not in sys.modules and 'safetensors' not in sys.modules; "
             "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING; assert 'vnm' in AUTO_QUANTIZER_MAPPING")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_sparsify_that_only_permutes_records_nothing():
+    """sparsify=False folds the permutations and compresses nothing: the model stays a dense one."""
+    llama = transformers.LlamaForCausalLM(tiny_config("llama")).eval()
+    inputs = {"input_ids": torch.randint(0, 128, (2, 9))}
+    permuted = vnm.sparsify(llama, inputs, vnm.VNMConfig(**{**OPTIONS, "sparsify": False}))
+    assert not _sparse_names(permuted) and getattr(permuted.config, "quantization_config", None) is None

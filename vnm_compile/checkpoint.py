@@ -250,7 +250,10 @@ def _check_tensors(file: Any, source: str, layers: dict[str, SparseLayer], dense
 def record_sparse_layers(model: nn.Module) -> None:
     """Make what the model's framework records about it agree with its VNMLinear layers: for a
     transformers model, the vnm quantizer and `quantization_config` (so that `save_pretrained`
-    writes a checkpoint `from_pretrained` restores), and no tie to a weight a sparse layer replaced."""
+    writes a checkpoint `from_pretrained` restores), and no tie to a weight a sparse layer replaced.
+    A model without VNMLinear layers (permutations folded, nothing compressed) has nothing to record."""
+    if not any(isinstance(module, VNMLinear) for module in model.modules()):
+        return
     if "transformers.modeling_utils" in sys.modules:  # a transformers model exists only once it is loaded
         from .hf_quantizer import attach
 
