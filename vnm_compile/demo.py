@@ -21,7 +21,7 @@ PROMPT = "The history of the printing press begins"
 # The recipe that fits a few minutes on a 2-core CPU: the MLP linears (two thirds of the weights; the
 # attention projections of a model this small lose the most), after the channel permutation search,
 # one-shot reconstruction (SparseGPT, then an exact refit) block by block on 16 windows of 256 tokens.
-# Measured at 64:2:5 without the permutation search: perplexity 14.7 -> 47.5 on the held-out pydoc text.
+# Measured on a 2-core CPU (`vnm demo`, 64:2:5): perplexity 15.2 -> 44.5 on the held-out pydoc text, in 4 minutes.
 SKIP = ["lm_head", "*self_attn*"]
 CALIBRATION_WINDOWS, WINDOW = 16, 256
 EVALUATION_WINDOWS, EVALUATION_WINDOW = 4, 512
