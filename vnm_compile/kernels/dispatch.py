@@ -181,10 +181,13 @@ class _Plan:
         self.binaries: dict[tuple, BinaryLaunch] = {}
 
     def __call__(self, x: torch.Tensor, flat: tuple, channel_major_out: bool) -> torch.Tensor:
+        """y for a 2-D x; `flat` holds the Operands fields in order (built into an Operands only where a
+        kernel is launched through Triton: the bundle costs a microsecond or two a call)."""
+        bias, dense, cslt = flat[6], flat[7], flat[10]
         if self.path == "dense":
-            return F.linear(x, flat[7], flat[6])
+            return F.linear(x, dense, bias)
         if self.path == "cusparselt":
-            return cusparselt_linear(x, flat[10], flat[6])
+            return cusparselt_linear(x, cslt, bias)
         if self.path == "prefill":
             return self._prefill(x, flat, channel_major_out)
         return self._decode(x.contiguous(), flat)
