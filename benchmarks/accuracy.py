@@ -471,7 +471,8 @@ def _plot(rows: list[dict], path: Path) -> None:
               if any(r["model"] == m for r in rows)]
     figure, axes = plt.subplots(len(models), 2, figsize=(11, 4.2 * len(models)), squeeze=False)
     for (model, metric), row_axes in zip(models, axes):
-        rows_of_model = [r for r in rows if r["model"] == model]
+        # the V:N:M rows (N:M rows have no predicted speedup: no kernel runs them)
+        rows_of_model = [r for r in rows if r["model"] == model and r.get("predicted_speedup") is not None]
         dense = next((r[metric] for r in rows_of_model if r["pattern"] == "dense"), None)
         for axis, x_key, x_label in zip(row_axes, ("sparsity", "predicted_speedup"),
                                         ("sparsity of the compressed linears", "predicted speedup (analytic)")):
