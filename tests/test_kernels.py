@@ -221,6 +221,26 @@ def test_dispatch_keeps_dense_unless_sparse_measured_clearly_faster(kernels, mon
     assert cslt == "cusparselt" and choose(has_dense=False) == "decode_split"
 
 
+def test_plans_live_as_long_as_their_weight(kernels):
+    """The dynamic graph's entry keeps one plan table per weight, reused by later calls and dropped
+    with the weight (the dense path runs on the CPU: no kernel launch)."""
+    import gc
+
+    dispatch = kernels["dispatch"]
+    weight = vnm.VNMWeight.from_dense(torch.randn(40, 30), 16, 4)
+    dense = weight.to_dense()
+    for tokens in (1, 3, 17, 3):
+        x = torch.randn(tokens, 30)
+        y = dispatch.planned_linear(x, weight.values, weight.columns, weight.metadata, None, weight.v, weight.m,
+                                    weight.in_features, dense, None, None, None, False)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, dense))
+    assert len(dispatch._PLANS[id(weight.values)]) == 3  # buckets 1, 4 and 32
+    key = id(weight.values)
+    del weight
+    gc.collect()
+    assert key not in dispatch._PLANS
+
+
 def test_shipped_tables_are_consistent(kernels):
     """Every shipped table entry names a known path and a config among the candidates."""
     tuning = kernels["tuning"]

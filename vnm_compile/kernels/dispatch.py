@@ -142,9 +142,10 @@ def _transpose_grid(x: torch.Tensor) -> tuple[int, int, int]:
     return -(-x.shape[0] // TRANSPOSE_BLOCK), -(-x.shape[1] // TRANSPOSE_BLOCK), 1
 
 
-# Plans by weight (the `values` tensor, held weakly: a plan keeps only addresses, so it dies with the
-# weight), then by the call's kind: token bucket, dtype, x's layout, optional operands present.
-_PLANS: weakref.WeakKeyDictionary[torch.Tensor, dict[tuple, _Plan]] = weakref.WeakKeyDictionary()
+# Plans by the id of the weight's `values` tensor (dropped when it dies: a plan keeps only addresses),
+# then by the call's kind: token bucket, dtype, x's layout, optional operands present. Keyed by id, not
+# by the tensor, since tensors compare elementwise.
+_PLANS: dict[int, dict[tuple, _Plan]] = {}
 
 
 def planned_linear(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, metadata: torch.Tensor,
