@@ -387,7 +387,7 @@ def test_gpu_planned_calls_match_float64(kernels, v, m, rows, cols, dtype):
     bucket: token counts inside one bucket that Triton specialises differently (1, divisible by 16 or
     not), x that is misaligned or channel-major, with and without bias and layouts, all stay right."""
     gen = torch.Generator().manual_seed(rows)
-    weight = vnm.VNMWeight.from_dense(torch.randn(rows, cols, generator=gen).to(dtype), v, m).cuda()
+    weight = vnm.VNMWeight.from_dense(torch.randn(rows, cols, generator=gen).to(dtype), v, m).to("cuda")
     bias = torch.randn(rows, generator=gen).to(dtype).cuda()
     layout = vnm.kernels.prefill_layout(weight)
     for tokens in (1, 2, 3, 16, 17, 31, 32, 33, 48, 129, 128, 2047, 2048):

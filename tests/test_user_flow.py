@@ -51,6 +51,40 @@ def test_one_dynamic_graph_serves_every_token_count():
     assert counters["stats"]["unique_graphs"] == 3  # the first static graph, the dynamic one, one token
 
 
+def test_small_token_counts_run_static_graphs_of_their_own(monkeypatch):
+    """Token counts up to static_tokens run in a graph compiled for that count (its sparse linears'
+    token count is static while Inductor traces it, so on CUDA the kernels are launched directly),
+    larger ones in the dynamic graph (a symbolic count); all match float64, and Dynamo makes no extra
+    graph. The CPU stands in for CUDA here: there both kinds of graph run the reference."""
+    from vnm_compile import backend
+    from vnm_compile.kernels import op
+
+    monkeypatch.setattr(backend, "STATIC_GRAPH_DEVICES", ("cuda", "cpu"))
+    lowered = []  # per compile: the token count of each sparse linear as its graph is lowered
+
+    def lower(state, example_inputs, record=False):
+        inputs = [node.args[0].meta["example_value"] for node in state.graph.graph.nodes
+                  if node.target is torch.ops.vnm.linear.default]
+        lowered.append({op.static_count(tuple(x.shape[:-1])) for x in inputs})
+        return real_lower(state, example_inputs, record)
+
+    real_lower = backend.lower
+    monkeypatch.setattr(backend, "lower", lower)
+    torch.manual_seed(0)
+    model = _Block().eval()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "static_tokens": 4})
+    with torch.no_grad():
+        for tokens, compiles in ((129, [{258}]), (3, [{None}, {6}]), (17, []), (2, [{4}]), (3, []), (9, [])):
+            lowered.clear()
+            x = torch.randn(2, tokens, 48)
+            error = (compiled(x).double() - _reference(model, x)).norm() / _reference(model, x).norm()
+            assert error < 1e-5, tokens
+            assert lowered == compiles, tokens
+    assert counters["stats"]["unique_graphs"] == 2  # the first static graph and the dynamic one
+
+
 def test_non_finite_weight_names_the_layer():
     torch.manual_seed(0)
     model = _Block().eval()

@@ -19,6 +19,7 @@ each weight, and the same buffers in every graph. The compiled graphs hold it; i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -34,8 +35,12 @@ from .config import VNMConfig
 from .explanation import write_explanation
 from .lowering import lower
 from .passes.common import Reuse, graph_parameters
-from .pipeline import run_passes
+from .pipeline import PassState, run_passes
 from .report import record
+
+# Devices whose sparse linears a static graph runs faster than the dynamic graph (CUDA: the kernels
+# launched by Inductor, not chosen per call; on the CPU both run the reference).
+STATIC_GRAPH_DEVICES = ("cuda",)
 
 
 def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
@@ -61,24 +66,123 @@ def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
                          "torch._dynamo.config.inline_inbuilt_nn_modules at its default (True)")
     found = graph_parameters(gm, example_inputs)
     reuse = _reuse_for(found, config, calibration)
+    compiled, token_symbols = _compile(gm, example_inputs, found, config, calibration, reuse, explain_path)
+    runs_kernels = any(isinstance(value, torch.Tensor) and value.device.type in STATIC_GRAPH_DEVICES
+                       for value in example_inputs)
+    if config.static_tokens and token_symbols and runs_kernels:
+        context = torch._guards.TracingContext.try_get()
+        if context is not None and context.fake_mode is not None and context.fake_mode.shape_env is not None:
+            static = lambda args: _compile(gm, args, found, config, calibration, reuse, None)[0]
+            return _StaticPerTokenCount(compiled, static, token_symbols, config.static_tokens, context)
+    return compiled
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list[Any], found: dict[str, tuple[str, torch.Tensor]],
+             config: VNMConfig, calibration: Calibration | None, reuse: Reuse | None,
+             explain_path: str | os.PathLike | None) -> tuple[_FrozenGraph, dict[int, Any]]:
+    """The passes and Inductor on Dynamo's graph; with the symbols of the token dimensions the sparse
+    linears read (by the placeholder that passes each, empty in a static graph)."""
     state = run_passes(gm, example_inputs, found, config, calibration, reuse=reuse)
     record(state.report)
     compiled = lower(state, example_inputs, record=explain_path is not None) if config.inductor else state.graph
     if explain_path is not None:
         write_explanation(state, explain_path)
+    token_symbols = _token_symbols(state)
     snapshotted = _snapshotted(gm, found)
     # The permuted dense weights live in graph modules, which are reference cycles: free them now,
     # not at some later collection, so that they never hold memory the model runs with.
     del state
     gc.collect()
-    return _FrozenGraph(compiled, snapshotted, reuse)
+    return _FrozenGraph(compiled, snapshotted, reuse), token_symbols
+
+
+def _token_symbols(state: PassState) -> dict[int, Any]:
+    """The size symbols of the sparse linears' token dimensions, by the position of the placeholder
+    that passes each (a KV cache's length, read by attention alone, is not among them)."""
+    if state.sparsify is None:
+        return {}
+    nodes = {node.name: node for node in state.gm.graph.nodes}
+    symbols = set()
+    for site in state.discover.linears.values():
+        example = nodes[site.input].meta.get("example_value") if site.skip_reason is None else None
+        if isinstance(example, torch.Tensor):
+            for size in example.shape[:-1]:
+                if isinstance(size, torch.SymInt):
+                    symbols |= size.node.expr.free_symbols
+    positions = {}
+    for index, node in enumerate(state.gm.graph.find_nodes(op="placeholder")):
+        example = node.meta.get("example_value")
+        if isinstance(example, torch.SymInt) and example.node.expr in symbols:
+            positions[index] = example.node.expr
+    return positions
+
+
+class _StaticPerTokenCount:
+    """A dynamic-shape graph that runs small token counts in static graphs of their own.
+
+    In the dynamic graph each sparse linear picks its kernel when called (tens of microseconds of
+    CPU a call); a static graph has Inductor launch the kernels directly. So a call whose token
+    symbols are all at most `limit` runs a graph compiled for exactly those sizes, on its first
+    sight, as Dynamo compiles the specialisations of `mark_dynamic(..., specialize_on=...)`: the
+    same graph under Dynamo's shape environment with the symbols pinned to the call's values.
+    Other calls run the dynamic graph."""
+
+    def __init__(self, dynamic: Callable, static: Callable[[list[Any]], Callable], symbols: dict[int, Any],
+                 limit: int, context: Any):
+        self.dynamic, self.static, self.symbols, self.limit, self.context = dynamic, static, symbols, limit, context
+        self.compiled: dict[tuple[int, ...], Callable] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        sizes = tuple(args[index] for index in self.symbols)
+        if max(sizes) > self.limit:
+            return self.dynamic(*args)
+        compiled = self.compiled.get(sizes)
+        if compiled is None:
+            compiled = self.compiled[sizes] = self._specialise(list(args), sizes)
+        return compiled(*args)
+
+    @torch._dynamo.disable
+    def _specialise(self, args: list[Any], sizes: tuple[int, ...]) -> Callable:
+        shape_env = self.context.fake_mode.shape_env
+        try:
+            with contextlib.ExitStack() as stack:
+                for source, size in zip(_sources(shape_env, self.symbols.values()), sizes):
+                    stack.enter_context(shape_env.patch_source_specialization(source, lambda s, size=size: s == size))
+                _forget_simplified_sizes(shape_env)
+                stack.enter_context(torch._guards.tracing(self.context))
+                # the compile caches key on the graph, not on the pinned sizes
+                stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+                stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+                return self.static(args)
+        finally:
+            _forget_simplified_sizes(shape_env)
+
+
+def _forget_simplified_sizes(shape_env: Any) -> None:
+    """Drop the ShapeEnv's caches of sizes simplified by its replacements, which pinning a symbol
+    changes without telling them (torch 2.13 also caches each symbolic size's simplified form)."""
+    shape_env._update_version_counter()
+    if hasattr(shape_env, "_replacements_version_counter"):
+        shape_env._replacements_version_counter += 1
+
+
+def _sources(shape_env: Any, symbols: Any) -> list[Any]:
+    """The source Dynamo made each symbol from (an input's size), named as patch_source_specialization
+    looks it up."""
+    found = []
+    for symbol in symbols:
+        sources = shape_env.var_to_sources.get(symbol)
+        if not sources:
+            raise RuntimeError(f"no source for the size symbol {symbol} in Dynamo's shape environment")
+        found.append(sources[0])
+    return found
 
 
 # Reuse by parameters (id, version, data pointer), config and calibration. Held weakly: the compiled
 # graphs hold their Reuse, so it lives while one of them does, and no longer.
 _REUSE: weakref.WeakValueDictionary[tuple, Reuse] = weakref.WeakValueDictionary()
 # How a graph is lowered or checked, not what it computes.
-_NOT_IN_SOLUTION = ("mode", "inductor", "verify")
+_NOT_IN_SOLUTION = ("mode", "inductor", "verify", "static_tokens")
 
 
 def _reuse_for(found: dict[str, tuple[str, torch.Tensor]], config: VNMConfig,

@@ -90,7 +90,10 @@ class VNMConfig:
       (None: where the kernels run, CUDA); keep_dense: keep the masked weight dense too, so the
       dispatcher may run cuBLAS where it measured faster (the dense bytes); keep_cusparselt: keep a
       cuSPARSELt copy (M a multiple of 4, about 0.56 of the dense bytes), which the dispatcher runs
-      on many tokens where it wins.
+      on many tokens where it wins; static_tokens: a dynamic-shape graph (Dynamo's, after a second input
+      shape) runs each token count up to this many in a static graph of its own, compiled when the
+      count is first seen, where Inductor launches the kernels directly; larger counts run the
+      dynamic graph, which picks kernels per call (0: the dynamic graph only).
     allow_small_v: accept v < 16 (tests).
     """
 
@@ -120,6 +123,7 @@ class VNMConfig:
     prefill_layout: bool | None = None
     keep_dense: bool = False
     keep_cusparselt: bool = False
+    static_tokens: int = 16
     allow_small_v: bool = False
 
     def __post_init__(self) -> None:
@@ -167,6 +171,9 @@ class VNMConfig:
             raise ValueError(f"permute_budget_s must be a positive number of seconds, got {self.permute_budget_s!r}")
         if self.max_layer_error is not None and not _is_positive_number(self.max_layer_error):
             raise ValueError(f"max_layer_error must be None or a positive number, got {self.max_layer_error!r}")
+        if isinstance(self.static_tokens, bool) or not isinstance(self.static_tokens, int) or self.static_tokens < 0:
+            raise ValueError(f"static_tokens must be an integer >= 0 (0: no static graphs per token count), "
+                             f"got {self.static_tokens!r}")
         if self.mode not in INDUCTOR_MODES:
             raise ValueError(f"mode must be one of {INDUCTOR_MODES} (Inductor's torch.compile modes), "
                              f"got {self.mode!r}")

@@ -24,6 +24,20 @@ from .operands import Operands, channel_major
 from .reference import reference_linear
 
 
+def static_count(sizes: tuple[int | torch.SymInt, ...]) -> int | None:
+    """The product of `sizes` where each is known while tracing: a plain int, or a symbol that a
+    compile pinned to one value (the backend's static graphs per token count); None where one varies.
+    Each size is read on its own, without symbolic arithmetic, which would specialise or cache."""
+    count = 1
+    for size in sizes:
+        if not isinstance(size, int):
+            size = size.node.shape_env.replace(size.node.expr)
+            if not size.is_Integer:
+                return None
+        count *= int(size)
+    return count
+
+
 @triton_op("vnm::linear", mutates_args=())
 def linear(
     x: torch.Tensor,
@@ -45,13 +59,14 @@ def linear(
     `Operands`). channel_major_out: y laid out channel-major (see `channel_major`), for a consumer
     that reads it so (passes/layout.py); the values are the same."""
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
-    if x.device.type != "cuda" or not all(isinstance(size, int) for size in x.shape):
+    tokens = static_count(tuple(x.shape[:-1]))
+    if x.device.type != "cuda" or tokens is None:
         return torch.ops.vnm.linear_dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded,
                                                channels, cslt, channel_major_out)
     from .dispatch import kernel_linear  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
 
     operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt)
-    y = kernel_linear(x.reshape(-1, in_features), operands, wrap=wrap_triton, channel_major_out=channel_major_out)
+    y = kernel_linear(x.reshape(tokens, in_features), operands, wrap=wrap_triton, channel_major_out=channel_major_out)
     return y.reshape(*x.shape[:-1], values.shape[0])  # a view of either layout: the token dims stay contiguous
 
 
