@@ -7,6 +7,7 @@ import concurrent.futures as futures
 import datetime
 import json
 import multiprocessing
+import os
 import platform
 import subprocess
 import time
@@ -101,9 +102,11 @@ def device_record(device: str) -> dict:
     from vnm_compile.kernels.tuning import gpu_slug
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'cpu'})"
+    # BENCH_COMMIT: the commit of a copied tree whose .git does not follow it (a lent GPU machine's copy)
+    commit = os.environ.get("BENCH_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {"device": name, "slug": gpu_slug(name) if device == "cuda" else "cpu",
