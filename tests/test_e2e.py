@@ -15,10 +15,10 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     data = json.loads((tmp_path / "e2e-cpu.json").read_text())
     assert data == json.loads(json.dumps(result)) and data["commit"] and data["torch"]
     assert [(row["variant"], row["shape"]) for row in data["flow"]] == [
-        (variant, shape) for variant in ("inductor", "vnm-64:2:8") for shape in ("1x64", "4x1", "1x1")]
+        (variant, shape) for variant in ("inductor", "vnm-64:2:8") for shape in ("1x64", "4x1", "1x1", "1x32")]
     assert all("error" not in row and row["first_call_s"] > 0 for row in data["flow"])
-    # one compile: the first shape, the dynamic-shape graph, one token
-    assert [row["graphs"] for row in data["flow"] if row["variant"] == "vnm-64:2:8"] == [1, 2, 3]
+    # one compile: the first shape, the graph with a dynamic batch, one token, the one with a dynamic length too
+    assert [row["graphs"] for row in data["flow"] if row["variant"] == "vnm-64:2:8"] == [1, 2, 3, 4]
     (generated,) = data["generate"]
     assert generated["variant"] == "vnm-64:2:8" and generated["batch"] == 2 and generated["tokens_per_s"] > 0
     markdown = (tmp_path / "e2e-cpu.md").read_text()
