@@ -1,6 +1,7 @@
 """The ordinary torch.compile flow: one compile, then whatever token counts come; bad weights and
 silent inputs are named; on a GPU, CUDA graphs replay and generate() matches eager."""
 
+import contextlib
 import logging
 
 import pytest
@@ -83,6 +84,41 @@ def test_small_token_counts_run_static_graphs_of_their_own(monkeypatch):
             assert error < 1e-5, tokens
             assert lowered == compiles, tokens
     assert counters["stats"]["unique_graphs"] == 2  # the first static graph and the dynamic one
+
+
+def test_pinned_token_count_takes_the_static_kernel_path(monkeypatch):
+    """Traced for CUDA (fake tensors: no GPU needed), vnm.linear with a symbolic token count defers to
+    the per-call op; with the symbol pinned, as the backend's static graphs are compiled, it takes the
+    kernel path with the pinned count, pin after pin (no cache serves one pin's shapes to another)."""
+    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+    from torch._guards import TracingContext
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from vnm_compile import backend
+    from vnm_compile.kernels import dispatch, tuning
+
+    monkeypatch.setattr(tuning, "gpu_slug", lambda device: "no-table")  # no CUDA device to name here
+    monkeypatch.setattr(dispatch, "gpu_slug", lambda device: "no-table")
+    paths = []
+    kernel_linear = dispatch.kernel_linear
+    monkeypatch.setattr(dispatch, "kernel_linear", lambda x, *a, **k: paths.append(x.shape[0]) or kernel_linear(x, *a, **k))
+    weight = vnm.VNMWeight.from_dense(torch.randn(256, 512).half(), 64, 8)
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    source = TensorPropertySource(LocalSource("x"), TensorProperty.SIZE, 0)
+    symbol = shape_env.create_symbol(5, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    tokens = shape_env.create_symintnode(symbol, hint=5, source=source)
+    with mode:
+        stored = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (weight.values, weight.columns,
+                                                                               weight.metadata)]
+    for pin in (None, 4, 3, 4):
+        paths.clear()
+        with backend.pinned(TracingContext(mode), {symbol: pin}) if pin else contextlib.nullcontext(), mode:
+            x = torch.empty(tokens, 1, 512, device="cuda", dtype=torch.float16)  # fresh, as AOT fakes its inputs
+            y = torch.ops.vnm.linear(x, *stored, None, 64, 8, 512)
+            assert y.shape[1:] == (1, 256) and y.shape[0] == (pin or tokens)
+        assert paths == ([pin] if pin else []), pin
 
 
 def test_non_finite_weight_names_the_layer():

@@ -24,11 +24,12 @@ import dataclasses
 import gc
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import disable_fake_tensor_cache
 
 from .calibration import Calibration
 from .config import VNMConfig
@@ -143,19 +144,28 @@ class _StaticPerTokenCount:
 
     @torch._dynamo.disable
     def _specialise(self, args: list[Any], sizes: tuple[int, ...]) -> Callable:
-        shape_env = self.context.fake_mode.shape_env
-        try:
-            with contextlib.ExitStack() as stack:
-                for source, size in zip(_sources(shape_env, self.symbols.values()), sizes):
-                    stack.enter_context(shape_env.patch_source_specialization(source, lambda s, size=size: s == size))
-                _forget_simplified_sizes(shape_env)
-                stack.enter_context(torch._guards.tracing(self.context))
-                # the compile caches key on the graph, not on the pinned sizes
-                stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-                stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
-                return self.static(args)
-        finally:
+        with pinned(self.context, dict(zip(self.symbols.values(), sizes))):
+            return self.static(args)
+
+
+@contextlib.contextmanager
+def pinned(context: Any, sizes: dict[Any, int]) -> Iterator[None]:
+    """Dynamo's tracing context with each size symbol pinned to a value, to compile its graph again
+    for those sizes (as Dynamo compiles a `specialize_on` case). The caches that key on symbols, not
+    on their values, are bypassed: compile caches, fake tensors' dispatch cache, simplified sizes."""
+    shape_env = context.fake_mode.shape_env
+    try:
+        with contextlib.ExitStack() as stack:
+            for source, size in zip(_sources(shape_env, sizes), sizes.values()):
+                stack.enter_context(shape_env.patch_source_specialization(source, lambda s, size=size: s == size))
             _forget_simplified_sizes(shape_env)
+            stack.enter_context(torch._guards.tracing(context))
+            stack.enter_context(disable_fake_tensor_cache(context.fake_mode))
+            stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+            stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+            yield
+    finally:
+        _forget_simplified_sizes(shape_env)
 
 
 def _forget_simplified_sizes(shape_env: Any) -> None:
