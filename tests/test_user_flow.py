@@ -102,7 +102,8 @@ def test_pinned_token_count_takes_the_static_kernel_path(monkeypatch):
     monkeypatch.setattr(dispatch, "gpu_slug", lambda device: "no-table")
     paths = []
     kernel_linear = dispatch.kernel_linear
-    monkeypatch.setattr(dispatch, "kernel_linear", lambda x, *a, **k: paths.append(x.shape[0]) or kernel_linear(x, *a, **k))
+    monkeypatch.setattr(dispatch, "kernel_linear",
+                        lambda x, *args, **kwargs: paths.append(x.shape[0]) or kernel_linear(x, *args, **kwargs))
     weight = vnm.VNMWeight.from_dense(torch.randn(256, 512).half(), 64, 8)
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env)
