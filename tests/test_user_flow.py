@@ -86,6 +86,28 @@ def test_small_token_counts_run_static_graphs_of_their_own(monkeypatch):
     assert counters["stats"]["unique_graphs"] == 2  # the first static graph and the dynamic one
 
 
+def test_a_static_graph_that_fails_to_compile_leaves_the_dynamic_graph(monkeypatch, caplog):
+    from vnm_compile import backend
+
+    monkeypatch.setattr(backend, "STATIC_GRAPH_DEVICES", ("cuda", "cpu"))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no static graph today")
+
+    monkeypatch.setattr(backend, "pinned", refuse)
+    torch.manual_seed(0)
+    model = _Block().eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "static_tokens": 4})
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="vnm_compile"):
+        for tokens in (129, 3, 3):
+            x = torch.randn(2, tokens, 48)
+            error = (compiled(x).double() - _reference(model, x)).norm() / _reference(model, x).norm()
+            assert error < 1e-5, tokens
+    failures = [r for r in caplog.records if "no static graph for token sizes (3,)" in r.getMessage()]
+    assert len(failures) == 1 and "no static graph today" in failures[0].getMessage()
+
+
 def test_pinned_token_count_takes_the_static_kernel_path(monkeypatch):
     """Traced for CUDA (fake tensors: no GPU needed), vnm.linear with a symbolic token count defers to
     the per-call op; with the symbol pinned, as the backend's static graphs are compiled, it takes the

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import logging
 import os
 import weakref
 from collections.abc import Callable, Iterator
@@ -38,6 +39,8 @@ from .lowering import lower
 from .passes.common import Reuse, graph_parameters
 from .pipeline import PassState, run_passes
 from .report import record
+
+log = logging.getLogger("vnm_compile")
 
 # Devices whose sparse linears a static graph runs faster than the dynamic graph (CUDA: the kernels
 # launched by Inductor, not chosen per call; on the CPU both run the reference).
@@ -144,8 +147,15 @@ class _StaticPerTokenCount:
 
     @torch._dynamo.disable
     def _specialise(self, args: list[Any], sizes: tuple[int, ...]) -> Callable:
-        with pinned(self.context, dict(zip(self.symbols.values(), sizes))):
-            return self.static(args)
+        """The static graph for these sizes; the dynamic graph, with a logged reason, where it fails to
+        compile (the static graph is an optimisation: the dynamic one computes the same)."""
+        try:
+            with pinned(self.context, dict(zip(self.symbols.values(), sizes))):
+                return self.static(args)
+        except Exception as error:  # any compile failure: the dynamic graph serves
+            log.warning("vnm: no static graph for token sizes %s (%s: %s); these calls run the dynamic-shape "
+                        "graph", sizes, type(error).__name__, error)
+            return self.dynamic
 
 
 @contextlib.contextmanager
