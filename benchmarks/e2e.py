@@ -81,11 +81,12 @@ def semi_structured(model: nn.Module) -> nn.Module:
     return sparse
 
 
-def compiled(variant: str, model: nn.Module, smoke: bool, mode: str) -> Callable:
-    """The model compiled as the variant compiles it."""
+def compiled(variant: str, model: nn.Module, smoke: bool, mode: str, dynamic: bool | None = None) -> Callable:
+    """The model compiled as the variant compiles it (dynamic=False: a static graph per shape)."""
     if variant.startswith("vnm-"):
-        return torch.compile(model, backend="vnm", options=vnm_options(int(variant.rsplit(":", 1)[1]), smoke, mode))
-    return torch.compile(model, mode=mode)
+        options = vnm_options(int(variant.rsplit(":", 1)[1]), smoke, mode)
+        return torch.compile(model, backend="vnm", options=options, dynamic=dynamic)
+    return torch.compile(model, mode=mode, dynamic=dynamic)
 
 
 def sparse_linear_cpu_us(step: Callable) -> float | None:
@@ -101,8 +102,9 @@ def sparse_linear_cpu_us(step: Callable) -> float | None:
     return events[0].cpu_time_total / events[0].count if events else None
 
 
-def flow(variant: str, model: nn.Module, shapes, smoke: bool, device: str) -> list[dict]:
-    """One compile, then the shapes in order: wall ms as called, CUDA-graph ms, first call s."""
+def flow(variant: str, model: nn.Module, shapes, smoke: bool, device: str, static_reference: bool) -> list[dict]:
+    """One compile, then the shapes in order: wall ms as called, CUDA-graph ms, first call s; with
+    `static_reference`, the CUDA-graph ms of each shape compiled on its own (dynamic=False)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -121,6 +123,16 @@ def flow(variant: str, model: nn.Module, shapes, smoke: bool, device: str) -> li
         row["graphs"] = counters["stats"]["unique_graphs"]
         rows.append(row)
         log(f"  {variant} {row['shape']}: {row}")
+    if static_reference and device == "cuda":  # the same shapes, each in a fresh static compile
+        for row, (batch, tokens) in zip(rows, shapes):
+            torch._dynamo.reset()
+            static = compiled(variant, model, smoke, "default", dynamic=False)
+            ids = torch.randint(1, model.config.vocab_size, (batch, tokens), device=device, generator=generator)
+            with torch.no_grad():
+                step = lambda ids=ids, static=static: static(input_ids=ids, use_cache=False, logits_to_keep=1)
+                step()
+                row["static_graph_ms"] = graph_us([step], replays=15) / 1e3
+            log(f"  {variant} {row['shape']} static compile: {row['static_graph_ms']:.3f} ms")
     return rows
 
 
@@ -187,14 +199,15 @@ def markdown(result: dict) -> str:
     lines = [f"# End to end: {result['model']}", "", result["header"], "",
              "## One compile, the shapes a server sees (default mode)", "",
              "| variant | shape | wall ms | x inductor | x 2:4 | CUDA-graph ms | x inductor | x 2:4 | "
-             "CPU us / sparse linear | graphs | first call s |", "|" + "---|" * 11]
+             "static compile, CUDA-graph ms | CPU us / sparse linear | graphs | first call s |", "|" + "---|" * 12]
     for r in result["flow"]:
         if "wall_ms" not in r:
-            lines.append(f"| {r['variant']} | {r['shape']} | {r.get('error', 'not timed (CPU)')} |" + " |" * 8)
+            lines.append(f"| {r['variant']} | {r['shape']} | {r.get('error', 'not timed (CPU)')} |" + " |" * 9)
             continue
         lines.append(f"| {r['variant']} | {r['shape']} | {r['wall_ms']:.3f} | {_x(r, 'wall_ms_x_inductor')} | "
                      f"{_x(r, 'wall_ms_x_semi-2:4')} | {r['graph_ms']:.3f} | {_x(r, 'graph_ms_x_inductor')} | "
-                     f"{_x(r, 'graph_ms_x_semi-2:4')} | {_f(r.get('sparse_linear_cpu_us'), '.1f')} | {r['graphs']} | "
+                     f"{_x(r, 'graph_ms_x_semi-2:4')} | {_f(r.get('static_graph_ms'), '.3f')} | "
+                     f"{_f(r.get('sparse_linear_cpu_us'), '.1f')} | {r['graphs']} | "
                      f"{r['first_call_s']:.1f} |")
     lines += ["", f"## generate(): prompt {PROMPT} -> {NEW_TOKENS} new tokens, static cache, "
               "mode=\"reduce-overhead\"", "", "| variant | batch | tokens/s | x inductor | x 2:4 | first generate s |",
@@ -225,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="variants that also run generate()")
     parser.add_argument("--batches", default="1,16", help="generate() batch sizes")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU")
+    parser.add_argument("--static-reference", action="store_true",
+                        help="also time each shape in a fresh static compile (CUDA-graph ms)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -246,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     stem = args.out / f"e2e-{result['slug']}"
     for variant in variants:
         target = semi_structured(model) if variant == "semi-2:4" else model
-        result["flow"] += flow(variant, target, SMOKE_FLOW if args.smoke else FLOW, args.smoke, device)
+        result["flow"] += flow(variant, target, SMOKE_FLOW if args.smoke else FLOW, args.smoke, device,
+                               args.static_reference)
         if variant in args.generate.split(","):
             try:
                 batches = tuple(int(b) for b in args.batches.split(",") if b)
