@@ -63,7 +63,7 @@ from vnm_compile.sequential import compress_sequential  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW = 512
-PATTERNS = {"2:4": (64, 4), "64:2:5": (64, 5), "64:2:6": (64, 6), "64:2:8": (64, 8)}
+PATTERNS = {"2:4": (64, 4), "64:2:5": (64, 5), "64:2:6": (64, 6), "64:2:8": (64, 8), "128:2:8": (128, 8)}
 # N:M patterns, plain ("nm-") or transposable ("t-"): (config pattern, n, m); masked dense weights
 NM_PATTERNS = {"nm-2:4": ("nm", 2, 4), "t-2:4": ("transposable", 2, 4), "nm-16:32": ("nm", 16, 32),
                "t-16:32": ("transposable", 16, 32)}

@@ -84,6 +84,13 @@ def test_small_token_counts_run_static_graphs_of_their_own(monkeypatch):
             assert error < 1e-5, tokens
             assert lowered == compiles, tokens
     assert counters["stats"]["unique_graphs"] == 2  # the first static graph and the dynamic one
+    lowered.clear()
+    torch._dynamo.reset()
+    replayed = torch.compile(model, backend="vnm", options={**OPTIONS, "static_tokens": 4, "mode": "reduce-overhead"})
+    with torch.no_grad():
+        for tokens in (129, 3, 2):
+            replayed(torch.randn(2, tokens, 48))
+    assert lowered == [{258}, {None}]  # CUDA graph replays skip the dispatch: no static graphs
 
 
 def test_a_static_graph_that_fails_to_compile_leaves_the_dynamic_graph(monkeypatch, caplog):

@@ -73,7 +73,9 @@ def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
     compiled, token_symbols = _compile(gm, example_inputs, found, config, calibration, reuse, explain_path)
     runs_kernels = any(isinstance(value, torch.Tensor) and value.device.type in STATIC_GRAPH_DEVICES
                        for value in example_inputs)
-    if config.static_tokens and token_symbols and runs_kernels:
+    # CUDA graph replays hide the per-call dispatch already: there a static graph would only cost a compile
+    replays = torch._inductor.list_mode_options(config.mode).get("triton.cudagraphs", False)
+    if config.static_tokens and token_symbols and runs_kernels and not replays:
         context = torch._guards.TracingContext.try_get()
         if context is not None and context.fake_mode is not None and context.fake_mode.shape_env is not None:
             static = lambda args: _compile(gm, args, found, config, calibration, reuse, None)[0]

@@ -93,7 +93,8 @@ class VNMConfig:
       on many tokens where it wins; static_tokens: a dynamic-shape graph (Dynamo's, after a second input
       shape) runs each token count up to this many in a static graph of its own, compiled when the
       count is first seen, where Inductor launches the kernels directly; larger counts run the
-      dynamic graph, which picks kernels per call (0: the dynamic graph only).
+      dynamic graph, which picks kernels per call (0: the dynamic graph only; modes that replay CUDA
+      graphs need none: a replay skips the per-call work).
     allow_small_v: accept v < 16 (tests).
     """
 
