@@ -15,6 +15,8 @@ Dynamo compiles one model into several graphs (another input shape, the dynamic-
 decode graph). A graph that reads the same parameter tensors, unchanged, under the same config as
 an earlier one takes that compile's work (`Reuse`): one permutation search, one compressed copy of
 each weight, and the same buffers in every graph. The compiled graphs hold it; it is freed with them.
+A dynamic-shape graph on CUDA runs each small token count (up to `static_tokens`) in a static graph
+compiled for it on first sight, where Inductor launches the kernels without a per-call dispatch.
 """
 
 from __future__ import annotations
