@@ -211,6 +211,35 @@ def test_gpu_reduce_overhead_replays_without_copying_weights():
         assert len(node.non_static_input_idx) <= 2, (len(node.non_static_input_idx), len(node.static_input_idxs))
 
 
+@pytest.mark.gpu
+def test_gpu_small_token_counts_skip_the_per_call_dispatch(monkeypatch):
+    """On CUDA, token counts up to static_tokens run in static graphs, with no call of the per-call op;
+    larger counts run the dynamic graph, which calls it; both give what the dynamic graph alone gives."""
+    from vnm_compile.kernels import dispatch
+
+    calls = []
+    planned = dispatch.planned_linear
+    monkeypatch.setattr(dispatch, "planned_linear",
+                        lambda x, *args: calls.append(tuple(x.shape)) or planned(x, *args))
+    model = _tiny_llama_cuda()
+    logits = {}
+    for static_tokens in (16, 0):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="vnm", options={**GPU_OPTIONS, "static_tokens": static_tokens})
+        with torch.no_grad():
+            for batch, tokens in ((1, 40), (4, 1), (3, 1), (4, 1), (2, 24)):
+                calls.clear()
+                generator = torch.Generator("cuda").manual_seed(batch * 100 + tokens)
+                ids = torch.randint(0, 256, (batch, tokens), device="cuda", generator=generator)
+                logits[static_tokens, batch, tokens] = compiled(input_ids=ids, use_cache=False).logits.float()
+                # a batch above 1 runs Dynamo's dynamic-shape graph, which dispatches per call unless
+                # the count is a small one with a static graph of its own
+                dispatched = batch > 1 and not (static_tokens and tokens == 1)
+                assert bool(calls) == dispatched, (static_tokens, batch, tokens)
+    for (static_tokens, batch, tokens), value in logits.items():
+        torch.testing.assert_close(value, logits[0, batch, tokens], rtol=2e-2, atol=2e-2)
+
+
 GENERATE = dict(max_new_tokens=16, do_sample=False, cache_implementation="static", pad_token_id=0)
 
 
