@@ -96,9 +96,10 @@ def sparse_linear_cpu_us(step: Callable) -> float | None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             step()
-    events = [e for e in prof.key_averages() if e.key == "vnm::linear_dispatched"]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.key == "vnm::linear_dispatched"]
     if events:  # where the CPU time goes, for the log
-        log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        log(averages.table(sort_by="self_cpu_time_total", row_limit=12))
     return events[0].cpu_time_total / events[0].count if events else None
 
 
