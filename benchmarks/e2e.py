@@ -3,6 +3,7 @@
     python3 -m benchmarks.e2e                          # GPU: 32 layers, every variant
     python3 -m benchmarks.e2e --layers 8 --out $OUT    # fewer layers: a shorter run
     python3 -m benchmarks.e2e --smoke --out /tmp/e2e   # CPU dry run on a tiny model
+    python3 -m benchmarks.e2e --variants vnm-64:2:8 --append results/e2e-<gpu>.json   # add to an earlier run
 
 Model: transformers' LlamaForCausalLM with the Llama-2-7B config (random fp16 weights: speed does
 not need trained ones), lm_head dense everywhere. Variants, in one run: Inductor dense
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -231,6 +233,19 @@ def _f(value: Any, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def appended(result: dict, earlier: dict, variants: list[str]) -> dict:
+    """`result` holding `earlier`'s rows of variants other than `variants`; refused across devices or models."""
+    for key in ("model", "device", "torch", "triton"):
+        if earlier[key] != result[key]:
+            raise SystemExit(f"--append: the earlier result's {key} is {earlier[key]!r}, this run's {result[key]!r}")
+    kept = [v for v in dict.fromkeys(r["variant"] for r in earlier["flow"] + earlier["generate"]) if v not in variants]
+    for table in ("flow", "generate"):
+        result[table] = [r for r in earlier[table] if r["variant"] in kept]
+    result["header"] += (f" Rows of {', '.join(kept)} from the run of {earlier['date']} (commit {earlier['commit']}) "
+                         "on the same kind of device.") if kept else ""
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=32)
@@ -242,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--static-reference", action="store_true",
                         help="also time each shape in a fresh static compile (CUDA-graph ms)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--append", type=Path, metavar="JSON",
+                        help="keep the other variants' rows of this earlier result of the same device and model "
+                             "(a run split over several commands)")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     variants = [v for v in args.variants.split(",") if v]
@@ -259,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"model": description, **device_record(device), "flow": [], "generate": []}
     result["header"] = (f"{result['device']}, {result['date']}, torch {result['torch']}, triton {result['triton']}, "
                         f"transformers {transformers.__version__}, commit {result['commit']}.")
+    if args.append:
+        result = appended(result, json.loads(args.append.read_text()), variants)
     stem = args.out / f"e2e-{result['slug']}"
     for variant in variants:
         target = semi_structured(model) if variant == "semi-2:4" else model

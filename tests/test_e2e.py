@@ -28,3 +28,19 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
 def test_unknown_variant_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown variants"):
         e2e.main(["--smoke", "--variants", "vnm-64:2:7", "--out", str(tmp_path)])
+
+
+def _earlier(device: str) -> dict:
+    rows = [dict(variant=v, shape="1x1", wall_ms=1.0) for v in ("inductor", "vnm-64:2:8")]
+    return dict(model="m", device=device, torch="t", triton="tr", date="d", commit="c", flow=rows,
+                generate=[dict(variant="inductor", batch=1, tokens_per_s=1.0)])
+
+
+def test_append_keeps_the_other_variants_rows_of_the_same_device():
+    now = dict(model="m", device="gpu", torch="t", triton="tr", header="h.", flow=[], generate=[])
+    result = e2e.appended(now, _earlier("gpu"), ["vnm-64:2:8"])
+    assert [row["variant"] for row in result["flow"]] == ["inductor"]
+    assert [row["variant"] for row in result["generate"]] == ["inductor"]
+    assert "Rows of inductor" in result["header"]
+    with pytest.raises(SystemExit, match="device"):
+        e2e.appended(dict(now, flow=[]), _earlier("other gpu"), ["vnm-64:2:8"])
