@@ -53,44 +53,54 @@ def test_one_dynamic_graph_serves_every_token_count():
 
 
 def test_small_token_counts_run_static_graphs_of_their_own(monkeypatch):
-    """Token counts up to static_tokens run in a graph compiled for that count (its sparse linears'
-    token count is static while Inductor traces it, so on CUDA the kernels are launched directly),
-    larger ones in the dynamic graph (a symbolic count); all match float64, and Dynamo makes no extra
-    graph. The CPU stands in for CUDA here: there both kinds of graph run the reference."""
+    """Token counts up to static_tokens run in a graph compiled for that count: as Inductor traces it,
+    its sparse linears see the count as a number (so on CUDA the kernels are launched directly), where
+    the dynamic graph's see a symbol; all match float64, and Dynamo makes no extra graph. The CPU
+    stands in for CUDA here: there both kinds of graph run the reference."""
     from vnm_compile import backend
     from vnm_compile.kernels import op
 
     monkeypatch.setattr(backend, "STATIC_GRAPH_DEVICES", ("cuda", "cpu"))
-    lowered = []  # per compile: the token count of each sparse linear as its graph is lowered
+    traced = []  # per compile: the token counts vnm.linear saw while Inductor traced it (None: a symbol)
+    lowering = []
+
+    def static_count(sizes):
+        count = real_static_count(sizes)
+        if lowering:
+            traced[-1].add(count)
+        return count
 
     def lower(state, example_inputs, record=False):
-        inputs = [node.args[0].meta["example_value"] for node in state.graph.graph.nodes
-                  if node.target is torch.ops.vnm.linear.default]
-        lowered.append({op.static_count(tuple(x.shape[:-1])) for x in inputs})
-        return real_lower(state, example_inputs, record)
+        traced.append(set())
+        lowering.append(True)
+        try:
+            return real_lower(state, example_inputs, record)
+        finally:
+            lowering.pop()
 
-    real_lower = backend.lower
+    real_static_count, real_lower = op.static_count, backend.lower
+    monkeypatch.setattr(op, "static_count", static_count)
     monkeypatch.setattr(backend, "lower", lower)
     torch.manual_seed(0)
     model = _Block().eval()
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "static_tokens": 4})
-    with torch.no_grad():
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         for tokens, compiles in ((129, [{258}]), (3, [{None}, {6}]), (17, []), (2, [{4}]), (3, []), (9, [])):
-            lowered.clear()
+            traced.clear()
             x = torch.randn(2, tokens, 48)
             error = (compiled(x).double() - _reference(model, x)).norm() / _reference(model, x).norm()
             assert error < 1e-5, tokens
-            assert lowered == compiles, tokens
+            assert traced == compiles, tokens
     assert counters["stats"]["unique_graphs"] == 2  # the first static graph and the dynamic one
-    lowered.clear()
+    traced.clear()
     torch._dynamo.reset()
     replayed = torch.compile(model, backend="vnm", options={**OPTIONS, "static_tokens": 4, "mode": "reduce-overhead"})
-    with torch.no_grad():
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         for tokens in (129, 3, 2):
             replayed(torch.randn(2, tokens, 48))
-    assert lowered == [{258}, {None}]  # CUDA graph replays skip the dispatch: no static graphs
+    assert traced == [{258}, {None}]  # CUDA graph replays skip the dispatch: no static graphs
 
 
 def test_a_static_graph_that_fails_to_compile_leaves_the_dynamic_graph(monkeypatch, caplog):

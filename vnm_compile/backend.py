@@ -80,19 +80,24 @@ def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
     if config.static_tokens and token_symbols and runs_kernels and not replays:
         context = torch._guards.TracingContext.try_get()
         if context is not None and context.fake_mode is not None and context.fake_mode.shape_env is not None:
-            static = lambda args: _compile(gm, args, found, config, calibration, reuse, None)[0]
+            # Inductor traces a static graph with Dynamo's own fake inputs, whose pinned sizes read as
+            # values: the call's real tensors would be given fresh size symbols.
+            traced = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")]
+            static = lambda args: _compile(gm, args, found, config, calibration, reuse, None, traced)[0]
             return _StaticPerTokenCount(compiled, static, token_symbols, config.static_tokens, context)
     return compiled
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list[Any], found: dict[str, tuple[str, torch.Tensor]],
              config: VNMConfig, calibration: Calibration | None, reuse: Reuse | None,
-             explain_path: str | os.PathLike | None) -> tuple[_FrozenGraph, dict[int, Any]]:
+             explain_path: str | os.PathLike | None,
+             traced_inputs: list[Any] | None = None) -> tuple[_FrozenGraph, dict[int, Any]]:
     """The passes and Inductor on Dynamo's graph; with the symbols of the token dimensions the sparse
     linears read (by the placeholder that passes each, empty in a static graph)."""
     state = run_passes(gm, example_inputs, found, config, calibration, reuse=reuse)
     record(state.report)
-    compiled = lower(state, example_inputs, record=explain_path is not None) if config.inductor else state.graph
+    compiled = (lower(state, traced_inputs or example_inputs, record=explain_path is not None) if config.inductor
+                else state.graph)
     if explain_path is not None:
         write_explanation(state, explain_path)
     token_symbols = _token_symbols(state)
