@@ -50,6 +50,14 @@ def specialization(values: Sequence[Any]) -> tuple:
     return tuple(key)
 
 
+def launch_hooks_installed() -> bool:
+    """Whether a launch hook (a profiler's) is installed. Recent Triton keeps each hook as a chain of
+    calls, empty unless one is added: an empty chain is no hook."""
+    runtime = triton.knobs.runtime
+    return any(hook is not None and bool(getattr(hook, "calls", True))
+               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+
+
 class BinaryLaunch:
     """Relaunches the binary of one ordinary launch of `kernel` (`compiled`, what `kernel[grid](...)`
     returned) whose arguments were `arguments` (by name, config included), varying only `varying`.
@@ -75,8 +83,7 @@ class BinaryLaunch:
         arguments = list(self._template)
         for position, value in zip(self._positions, varying):
             arguments[position] = value
-        knobs = triton.knobs.runtime
-        if knobs.launch_enter_hook is not None or knobs.launch_exit_hook is not None:
+        if launch_hooks_installed():
             self._compiled[grid](*arguments)  # a profiler's hooks: let Triton build their launch metadata
             return
         stream = torch._C._cuda_getCurrentRawStream(self._device)
