@@ -95,6 +95,17 @@ def precompile(compile_job: Callable, jobs: list, workers: int = 14) -> None:
         log("  ", error)
 
 
+def git_commit() -> str:
+    """The short commit of this tree; BENCH_COMMIT where set: the commit of a copied tree whose .git does
+    not follow it (a lent GPU machine's copy)."""
+    try:
+        return os.environ.get("BENCH_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
+            check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def device_record(device: str) -> dict:
     """Where and with what a result was measured."""
     import triton
@@ -102,16 +113,9 @@ def device_record(device: str) -> dict:
     from vnm_compile.kernels.tuning import gpu_slug
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'cpu'})"
-    # BENCH_COMMIT: the commit of a copied tree whose .git does not follow it (a lent GPU machine's copy)
-    commit = os.environ.get("BENCH_COMMIT")
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     return {"device": name, "slug": gpu_slug(name) if device == "cuda" else "cpu",
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "triton": triton.__version__, "commit": commit}
+            "triton": triton.__version__, "commit": git_commit()}
 
 
 def write_results(stem: Path, result: dict, markdown: str) -> None:

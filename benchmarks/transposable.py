@@ -25,12 +25,12 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.timing import git_commit
 from vnm_compile import transposable
 from vnm_compile.kernels.tuning import gpu_slug
 from vnm_compile.transposable import exact_transposable_mask, greedy_transposable_mask, nm_mask, transposable_mask
@@ -113,14 +113,6 @@ def run_case(rows: int, cols: int, n: int, m: int, device: str, sample_blocks: i
         "feasible": feasible,
     }
     return case
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def markdown(results: dict) -> str:
