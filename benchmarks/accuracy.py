@@ -25,8 +25,8 @@ copy of the model, from the dense model's activation norms) and that copy is the
     python benchmarks/accuracy.py --models minilm --patterns 64:2:6 --reconstruct on --permute off \
         --criteria ria --calibration-paragraphs 932 --refine-steps 512 --refine-batch 16 --refine-lr 3e-3 \
         --distill-steps 9600 --distill-target embedding --distill-text windows --device cuda   # MiniLM >= 0.95
-    python benchmarks/accuracy.py recovery --corpus benchmarks/corpus.json --device cuda   # the training
-        rows: reconstruction, fixed-mask LoRA, three-staged LoRA (benchmarks/recovery.py says more)
+    python3 -m benchmarks.recovery --corpus benchmarks/corpus.json --device cuda   # the training rows:
+        reconstruction, fixed-mask LoRA, three-staged LoRA (benchmarks/recovery.py says more)
 Runs merge into the existing results (same configuration = replaced). Reconstruction rows measured
 before the exact refit of the kept weights (`reconstruct`) carry solver "pass" in the table.
 """
@@ -606,9 +606,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["recovery"]:
-        from recovery import main as recovery_main
-
-        recovery_main(sys.argv[2:])
-    else:
-        main()
+    main()

