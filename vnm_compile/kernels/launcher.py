@@ -53,9 +53,12 @@ def specialization(values: Sequence[Any]) -> tuple:
 def launch_hooks_installed() -> bool:
     """Whether a launch hook (a profiler's) is installed. Recent Triton keeps each hook as a chain of
     calls, empty unless one is added: an empty chain is no hook."""
-    runtime = triton.knobs.runtime
-    return any(hook is not None and bool(getattr(hook, "calls", True))
-               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+    runtime = triton.knobs.runtime  # read on every relaunch: no generator, no tuple
+    return _installed(runtime.launch_enter_hook) or _installed(runtime.launch_exit_hook)
+
+
+def _installed(hook: Any) -> bool:
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 class BinaryLaunch:
