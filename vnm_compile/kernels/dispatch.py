@@ -233,6 +233,9 @@ class _Plan:
         y = prefill_output(xt, rows, channel_major_out)
         self._launch(AUTOTUNED["prefill"], lambda meta: prefill_grid(rows, tokens, meta["BLOCK_N"], meta["BLOCK_T"]),
                      lambda: prefill_arguments(xt, expanded, channels, operands, y),
-                     {"x_ptr": xt, "y_ptr": y, "T": tokens, "stride_xc": xt.stride(0), "stride_xt": xt.stride(1)},
+                     # the layout may be built for this call alone: its addresses vary too
+                     {"x_ptr": xt, "w_ptr": expanded, "channel_ptr": channels,
+                      "bias_ptr": operands.bias if operands.bias is not None else expanded, "y_ptr": y, "T": tokens,
+                      "stride_xc": xt.stride(0), "stride_xt": xt.stride(1)},
                      x.device)
         return y
