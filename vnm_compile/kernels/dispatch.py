@@ -212,13 +212,14 @@ class _Plan:
         remember_tuned()
 
     def _decode(self, x: torch.Tensor, flat: tuple) -> torch.Tensor:
-        rows, tokens = flat[0].shape[0], x.shape[0]
+        rows, tokens, bias = flat[0].shape[0], x.shape[0], flat[6]
         split_k = DECODE_SPLIT_K if self.path == "decode_split" else 1
         y = decode_output(x, rows, split_k)
         self._launch(AUTOTUNED[self.path],
                      lambda meta: decode_grid(rows, tokens, split_k, meta["BLOCK_N"], meta["BLOCK_T"]),
                      lambda: decode_arguments(x, Operands(*flat), split_k, y),
-                     {"x_ptr": x, "y_ptr": y, "T": tokens}, x.device)
+                     {"x_ptr": x, "bias_ptr": bias if bias is not None else flat[0], "y_ptr": y, "T": tokens},
+                     x.device)
         return y.to(x.dtype) if split_k > 1 else y
 
     def _prefill(self, x: torch.Tensor, flat: tuple, channel_major_out: bool) -> torch.Tensor:
@@ -233,7 +234,8 @@ class _Plan:
         y = prefill_output(xt, rows, channel_major_out)
         self._launch(AUTOTUNED["prefill"], lambda meta: prefill_grid(rows, tokens, meta["BLOCK_N"], meta["BLOCK_T"]),
                      lambda: prefill_arguments(xt, expanded, channels, operands, y),
-                     # the layout may be built for this call alone: its addresses vary too
+                     # the layout may be built for this call alone, the bias be another tensor than the
+                     # first call's: their addresses are passed on every call
                      {"x_ptr": xt, "w_ptr": expanded, "channel_ptr": channels,
                       "bias_ptr": operands.bias if operands.bias is not None else expanded, "y_ptr": y, "T": tokens,
                       "stride_xc": xt.stride(0), "stride_xt": xt.stride(1)},
