@@ -241,6 +241,47 @@ def test_plans_live_as_long_as_their_weight(kernels):
     assert key not in dispatch._PLANS
 
 
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_relaunches_pass_each_calls_operands(kernels, monkeypatch, path):
+    """A plan relaunches its first call's binary with this call's addresses for what a call may bring
+    anew: the bias, and the prefill layout (built for the call where the operands lack one). The
+    kernel is replaced by a recorder: the relaunch path runs on the CPU without a GPU binary."""
+    from vnm_compile.kernels.launcher import jit_function
+
+    dispatch, tuning = kernels["dispatch"], kernels["tuning"]
+    launches = []
+
+    class Binary:
+        function = packed_metadata = None
+
+        def run(self, *arguments):  # grid, stream, function, metadata, launch metadata, hooks, then the arguments
+            launches.append(arguments[9:])
+
+    def first_launch(*arguments, grid, warmup, **constexprs):
+        launches.append(arguments)
+        return Binary()
+
+    kernel = tuning.AUTOTUNED[path]
+    monkeypatch.setattr(kernel, "run", first_launch)
+    monkeypatch.setattr(kernel, "best_config", tuning.INTERPRETER_CONFIGS[path], raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    names = jit_function(kernel).arg_names
+    address = lambda value: value.data_ptr() if isinstance(value, torch.Tensor) else value
+    weight = vnm.VNMWeight.from_dense(torch.randn(64, 96), 16, 8)
+    plan, kept = dispatch._Plan(path), []
+    for _ in range(2):  # the first call launches through the kernel, the second relaunches its binary
+        layout, bias = vnm.kernels.prefill_layout(weight), torch.randn(64)
+        kept.append((layout, bias))  # alive, so that no address is reused
+        flat = (weight.values, weight.columns, weight.metadata, weight.v, weight.m, weight.in_features, bias, None,
+                layout.expanded, layout.channels, None)
+        plan(torch.randn(24, 96), flat, False)
+        passed = {name: address(value) for name, value in zip(names, launches[-1])}
+        assert passed["bias_ptr"] == bias.data_ptr()
+        if path == "prefill":
+            assert (passed["w_ptr"], passed["channel_ptr"]) == (layout.expanded.data_ptr(), layout.channels.data_ptr())
+    assert len(launches) == 2 and len(plan.binaries) == 1
+
+
 def test_shipped_tables_are_consistent(kernels):
     """Every shipped table entry names a known path and a config among the candidates."""
     tuning = kernels["tuning"]

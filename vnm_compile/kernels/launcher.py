@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 import triton
-from triton.runtime.autotuner import Heuristics
-from triton.runtime.jit import JITFunction
+from triton.runtime.autotuner import Autotuner, Heuristics
 
 
-def jit_function(kernel: Any) -> JITFunction:
-    """The JITFunction under autotuning and heuristics wrappers."""
-    while not isinstance(kernel, JITFunction):
+def jit_function(kernel: Any) -> Any:
+    """The kernel under its autotuning and heuristics wrappers (a JITFunction, or the interpreter's
+    function): what names the arguments."""
+    while isinstance(kernel, (Autotuner, Heuristics)):
         kernel = kernel.fn
     return kernel
 
@@ -30,7 +30,7 @@ def jit_function(kernel: Any) -> JITFunction:
 def _heuristics(kernel: Any) -> list[dict[str, Callable]]:
     """The heuristics wrappers' rules, outermost first."""
     rules = []
-    while not isinstance(kernel, JITFunction):
+    while isinstance(kernel, (Autotuner, Heuristics)):
         if isinstance(kernel, Heuristics):
             rules.append(kernel.values)
         kernel = kernel.fn
