@@ -199,7 +199,7 @@ def run_smollm2(path: Path, v: int, m: int, device: str) -> None:
     print("\nThis is the few-minute recipe, and one-shot pruning costs a model this small a lot. Recovery keeps "
           "more: block-wise refinement brought every linear at 64:2:6 to 1.8x dense perplexity (28.6 against "
           "15.7; benchmarks/results/accuracy.md), and vnm.finetune trains LoRA adapters with the paper's three "
-          "stages (benchmarks/results/recovery.md).")
+          "stages (docs/measurements.md).")
 
 
 def speed(dense: nn.Module, sparse: nn.Module, v: int, m: int) -> None:
