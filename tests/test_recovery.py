@@ -1,6 +1,8 @@
-"""Recovery training: the three-staged LoRA (`vnm.finetune`) on a tiny Llama, and `distill`."""
+"""Recovery training: the three-staged LoRA or weight training (`vnm.finetune`) on a tiny Llama, and
+`distill`."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -40,8 +42,8 @@ PROBE = {"input_ids": torch.arange(17)[None] * 5 % VOCABULARY}
 
 
 class _Record:
-    """on_step: the losses, the masks after every update and at every step, the LoRA model's logits
-    on PROBE after the last step."""
+    """on_step: the losses, the masks after every update and at every step, the trained model's
+    logits on PROBE after the last step."""
 
     def __init__(self):
         self.steps, self.updates, self.logits = [], [], None
@@ -56,27 +58,32 @@ class _Record:
                 self.logits = step.model(**PROBE).logits
 
 
-@pytest.fixture(scope="module")
-def trained():
+@pytest.fixture(scope="module", params=[("lora", 3e-2), ("weights", 1e-2)], ids=["lora", "weights"])
+def trained(request):
+    """(model, its state before, record, result, schedule) of a three-staged run of each kind."""
+    kind, lr = request.param
+    schedule = dataclasses.replace(SCHEDULE, trained=kind, lr=lr)
     model = _llama()
     before = copy.deepcopy(model.state_dict())
     record = _Record()
-    result = vnm.finetune(model, _batches(), CONFIG, SCHEDULE, on_step=record, progress=False)
-    return model, before, record, result
+    result = vnm.finetune(model, _batches(), CONFIG, schedule, on_step=record, progress=False)
+    return model, before, record, result, schedule
 
 
 def test_three_stages_train_and_compress(trained):
-    model, before, record, result = trained
+    model, before, record, result, _ = trained
     losses = [loss for _, loss, _ in record.steps]
     assert [stage for stage, _, _ in record.steps] == ["dense"] * 4 + ["dynamic"] * 8 + ["fixed"] * 6
     assert sum(losses[-3:]) / 3 < losses[0] - 0.25  # from ln(96) towards ln(8)
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
     linears = {name: module for name, module in result.named_modules() if isinstance(module, vnm.VNMLinear)}
     assert len(linears) == 14 and isinstance(result.lm_head, nn.Linear)  # the blocks' linears, not the head
+    untrained = {name: p for name, p in result.state_dict().items() if name.rpartition(".")[0] not in linears}
+    assert untrained and all(torch.equal(p, before[name]) for name, p in untrained.items())  # norms, embeddings
 
 
 def test_masks_are_vnm_change_in_stage_two_and_stay_in_stage_three(trained):
-    _, _, record, _ = trained
+    _, _, record, _, _ = trained
     assert len(record.updates) == 4  # every 2 of the 8 dynamic steps
     for masks in record.updates:
         assert all(vnm.is_vnm(mask, V, M) for mask in masks.values())
@@ -89,8 +96,8 @@ def test_masks_are_vnm_change_in_stage_two_and_stay_in_stage_three(trained):
             assert all(torch.equal(masks[name], last_dynamic[name]) for name in masks)
 
 
-def test_compressed_model_computes_the_lora_model_under_its_final_mask(trained):
-    _, _, record, result = trained
+def test_compressed_model_computes_the_trained_model_under_its_final_mask(trained):
+    _, _, record, result, _ = trained
     final = record.steps[-1][2]
     for name, mask in final.items():
         assert torch.equal(result.get_submodule(name).weight.mask(), mask)
@@ -117,12 +124,12 @@ class _FailingOnce(list):
 
 
 def test_resume_gives_the_uninterrupted_result(trained, tmp_path):
-    model, _, _, uninterrupted = trained
+    model, _, _, uninterrupted, schedule = trained
     batches = _FailingOnce(_batches(), fail_at=11)  # in step 11 (dynamic): the last state saved is step 9
     with pytest.raises(_Interrupted):
-        vnm.finetune(model, batches, CONFIG, SCHEDULE, checkpoint_dir=tmp_path, progress=False)
+        vnm.finetune(model, batches, CONFIG, schedule, checkpoint_dir=tmp_path, progress=False)
     resumed_steps = []
-    resumed = vnm.finetune(model, batches, CONFIG, SCHEDULE, checkpoint_dir=tmp_path, progress=False,
+    resumed = vnm.finetune(model, batches, CONFIG, schedule, checkpoint_dir=tmp_path, progress=False,
                            on_step=lambda step: resumed_steps.append(step.step))
     assert resumed_steps[0] == 10
     expected = uninterrupted.state_dict()
@@ -156,6 +163,8 @@ def test_bad_arguments_raise_clearly():
         FinetuneSchedule(mask_interval=0)
     with pytest.raises(ValueError, match="loss"):
         FinetuneSchedule(loss="mse")
+    with pytest.raises(ValueError, match="trained"):
+        FinetuneSchedule(trained="all")
     with pytest.raises(ValueError, match="target_modules"):
         vnm.finetune(model, _batches(), CONFIG, FinetuneSchedule(fixed_steps=1, target_modules=("*.nothing",)))
     with pytest.raises(ValueError, match="batches"):

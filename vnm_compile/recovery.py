@@ -1,6 +1,7 @@
 """Recovery training of V:N:M models: the three-staged LoRA of the V:N:M paper, and end-to-end distillation.
 
-`finetune` trains LoRA adapters (PEFT) on the model's block linears in three stages:
+`finetune` trains LoRA adapters (PEFT) on the model's block linears, or their own weights, in three
+stages:
   1. dense:   LoRA on the dense model (no mask);
   2. dynamic: LoRA under V:N:M masks recomputed every `mask_interval` steps from the importance
               (config.criterion) of the merged weight W + s B A, with the activation norms of the
@@ -8,8 +9,9 @@
   3. fixed:   LoRA under the last mask of stage 2 (or, without stage 2, a mask chosen once at its
               start, or the starting mask of a reconstructed model);
 then merges the adapters and compresses each trained linear under its final mask into a VNMLinear.
-In stages 2 and 3 the mask applies to the merged weight (`lora.MaskedLoraLinear`), so the compressed
-model computes exactly what was trained. Training state (adapters, optimizer, step, masks, random
+In stages 2 and 3 the mask applies to the merged weight (`lora.MaskedLoraLinear`, or
+`lora.MaskedLinear` when the weights train themselves), so the compressed model computes exactly what
+was trained. Training state (adapters, optimizer, step, masks, random
 state) is saved to a directory as it goes, and a call given that directory resumes where it stopped.
 
 `distill` is the post-training alternative: with the masks fixed, the kept weights of an already
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("dense", "dynamic", "fixed")
 LOSSES = ("lm", "distill")
+TRAINED = ("lora", "weights")
 AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 CHECKPOINT = "finetune.pt"
 
@@ -65,7 +68,9 @@ class FinetuneSchedule:
     mask_interval: steps between mask updates in the dynamic stage (the paper: 20).
     lr: the peak learning rate, one for all stages or one per stage; it warms up linearly over the
     first `warmup_steps` steps of the run and decays to zero along a cosine over the whole run.
-    rank, alpha: LoRA's rank and alpha (the adapter's scale is alpha / rank).
+    trained: "lora", adapters of `rank` and `alpha` (the adapter's scale is alpha / rank) merged at the
+    end; "weights", the linears' own weights (their kept entries under a mask: every parameter of
+    the linear, at the memory of a full fine-tune of those layers).
     target_modules: glob patterns of the module names that get adapters (and masks), among the
     linears inside the model's repeated blocks that `config` keeps eligible; empty: all of them.
     loss: "lm", the next-token cross-entropy of the batch's input_ids (or its labels); "distill",
@@ -82,6 +87,7 @@ class FinetuneSchedule:
     mask_interval: int = 20
     lr: float | tuple[float, float, float] = 2e-4
     warmup_steps: int = 0
+    trained: str = "lora"
     rank: int = 16
     alpha: float = 32.0
     target_modules: tuple[str, ...] = ()
@@ -111,6 +117,8 @@ class FinetuneSchedule:
         if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) and p for p in patterns):
             raise ValueError(f"target_modules must be a list of glob patterns, got {self.target_modules!r}")
         object.__setattr__(self, "target_modules", tuple(patterns))
+        if self.trained not in TRAINED:
+            raise ValueError(f"trained must be one of {TRAINED}, got {self.trained!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.autocast not in AUTOCAST_DTYPES:
@@ -141,7 +149,7 @@ class FinetuneSchedule:
 @dataclass
 class Step:
     """What `finetune` reports to `on_step` after each optimizer step. masks and model are the live
-    objects (copy a mask to keep it); model is the PEFT model under training."""
+    objects (copy a mask to keep it); model is the model under training (the PEFT model for LoRA)."""
 
     step: int  # steps done, 1-based
     stage: str
@@ -164,8 +172,9 @@ def finetune(
     on_step: Callable[[Step], None] | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """A copy of `model` recovered by the three-staged LoRA of `schedule`, its trained linears
-    replaced by VNMLinear modules (V:N:M at config.v, config.m) that hold the merged weights.
+    """A copy of `model` recovered by the three-staged training of `schedule` (LoRA, or the weights
+    themselves), its trained linears replaced by VNMLinear modules (V:N:M at config.v, config.m) that
+    hold the merged weights.
 
     model: a transformers causal LM (or any model whose output has .logits, and .loss given labels).
     batches: a sequence of batches, each a dict of the model's keyword arguments with input_ids
@@ -179,10 +188,6 @@ def finetune(
     channel permutations are not searched here (fold them into the model first, as
     `sparsify(..., config with sparsify=False)` does).
     """
-    from peft import get_peft_model
-
-    from .lora import MaskedLoraLinear, masked_lora_config
-
     schedule = FinetuneSchedule() if schedule is None else schedule
     if not isinstance(config, VNMConfig):
         raise TypeError(f"config must be a VNMConfig, got {type(config).__name__}")
@@ -213,18 +218,16 @@ def finetune(
     _without_cache(student)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(schedule.seed)
-        peft_model = get_peft_model(student, masked_lora_config(
-            r=schedule.rank, lora_alpha=schedule.alpha, lora_dropout=0.0, target_modules=targets))
-        inner = peft_model.base_model.model
+        trainee, inner = _trainable(student, targets, schedule)
         layers = {name: inner.get_submodule(name) for name in targets}
-        trained = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+        trained = {name: p for name, p in trainee.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(trained.values(), lr=schedule.lr[0], weight_decay=schedule.weight_decay)
         fingerprint = _fingerprint(config, schedule, targets)
         step = 0
         if checkpoint_dir is not None:
             step, masks = _restore(Path(checkpoint_dir), fingerprint, trained, optimizer, masks, device)
         order = _BatchOrder(batches, schedule)
-        peft_model.train()
+        trainee.train()
         bar = tqdm(total=schedule.steps, initial=step, desc="finetune", disable=not progress)
         while step < schedule.steps:
             stage = schedule.stage(step)
@@ -232,7 +235,7 @@ def finetune(
                              for i in range(schedule.grad_accumulation)]
             updated = schedule.updates_masks(step) or (stage == "fixed" and not masks)
             if updated:
-                masks = _choose_masks(inner, layers, micro_batches, config, schedule, MaskedLoraLinear)
+                masks = _choose_masks(inner, layers, micro_batches, config, schedule)
             for name, layer in layers.items():
                 layer.vnm_mask = None if stage == "dense" else masks[name]
             lr = schedule.learning_rate(step)
@@ -241,7 +244,7 @@ def finetune(
             loss = 0.0
             for batch in micro_batches:
                 with _autocast(device, schedule):
-                    value = _loss(peft_model, batch, schedule.loss, teacher) / len(micro_batches)
+                    value = _loss(trainee, batch, schedule.loss, teacher) / len(micro_batches)
                 value.backward()
                 loss += value.item()
             optimizer.step()
@@ -250,13 +253,13 @@ def finetune(
             bar.update()
             bar.set_postfix(stage=stage, loss=f"{loss:.4f}")
             if on_step is not None:
-                on_step(Step(step, stage, loss, lr, updated, masks, peft_model))
+                on_step(Step(step, stage, loss, lr, updated, masks, trainee))
             if checkpoint_dir is not None and (step % schedule.save_every == 0 or step == schedule.steps):
                 _save(Path(checkpoint_dir), fingerprint, step, trained, optimizer, masks, device)
         bar.close()
     if not masks:  # no stage ran under a mask: choose it once, from the trained merged weights
-        masks = _choose_masks(inner, layers, [_on(order[0], device)], config, schedule, MaskedLoraLinear)
-    merged = peft_model.merge_and_unload()
+        masks = _choose_masks(inner, layers, [_on(order[0], device)], config, schedule)
+    merged = trainee.merge_and_unload() if schedule.trained == "lora" else inner
     weights = {name: pruned(merged.get_submodule(name).weight.detach(), masks[name], config) for name in targets}
     replace_linears(merged, weights)
     _without_cache(merged, restore=model)
@@ -288,13 +291,34 @@ def _targets(model: nn.Module, config: VNMConfig, schedule: FinetuneSchedule,
     return names
 
 
+def _trainable(student: nn.Module, targets: list[str], schedule: FinetuneSchedule) -> tuple[nn.Module, nn.Module]:
+    """(the model to train, the model whose `targets` are the masked trainable linears): PEFT's
+    model around `student` and `student` inside it for LoRA; `student` twice, its targets'
+    weights the only parameters that train, for "weights"."""
+    from peft import get_peft_model
+
+    from .lora import MaskedLinear, masked_lora_config
+
+    if schedule.trained == "lora":
+        peft_model = get_peft_model(student, masked_lora_config(
+            r=schedule.rank, lora_alpha=schedule.alpha, lora_dropout=0.0, target_modules=targets))
+        return peft_model, peft_model.base_model.model
+    student.requires_grad_(False)
+    for name in targets:
+        parent, _, leaf = name.rpartition(".")
+        layer = MaskedLinear.sharing(student.get_submodule(name))
+        layer.weight.requires_grad_(True)
+        setattr(student.get_submodule(parent), leaf, layer)
+    return student, student
+
+
 def _choose_masks(model: nn.Module, layers: dict[str, nn.Module], batches: list[dict], config: VNMConfig,
-                  schedule: FinetuneSchedule, layer_type: type) -> dict[str, torch.Tensor]:
-    """V:N:M masks from the importance of each layer's merged weight W + s B A; the activation norms
-    (for criteria that read them) are those of `batches`' inputs to each layer."""
+                  schedule: FinetuneSchedule) -> dict[str, torch.Tensor]:
+    """V:N:M masks from the importance of each layer's merged weight (W + s B A, or W); the activation
+    norms (for criteria that read them) are those of `batches`' inputs to each layer."""
     norms = {}
     if config.criterion != "abs":
-        with torch.no_grad(), ActivationNorms(model, (layer_type,)) as statistics:
+        with torch.no_grad(), ActivationNorms(model, tuple({type(layer) for layer in layers.values()})) as statistics:
             for batch in batches:
                 with _autocast(next(model.parameters()).device, schedule):
                     model(**batch)
@@ -302,7 +326,7 @@ def _choose_masks(model: nn.Module, layers: dict[str, nn.Module], batches: list[
     masks = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            weight = layer.get_base_layer().weight + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+            weight = layer.merged_weight()
             scores = importance(weight, config.criterion, norms.get(name), config.ria_exponent)
             masks[name] = choose_mask(scores, config)
     return masks
@@ -367,7 +391,7 @@ def _save(directory: Path, fingerprint: str, step: int, trained: dict[str, nn.Pa
           optimizer: torch.optim.Optimizer, masks: dict[str, torch.Tensor], device: torch.device) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {"fingerprint": fingerprint, "step": step, "masks": masks, "optimizer": optimizer.state_dict(),
-             "adapters": {name: p.detach() for name, p in trained.items()}, "rng": torch.get_rng_state()}
+             "trained": {name: p.detach() for name, p in trained.items()}, "rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     temporary = directory / (CHECKPOINT + ".tmp")
@@ -389,7 +413,7 @@ def _restore(directory: Path, fingerprint: str, trained: dict[str, nn.Parameter]
                          "schedule); pass an empty checkpoint_dir to start afresh")
     with torch.no_grad():
         for name, parameter in trained.items():
-            parameter.copy_(state["adapters"][name])
+            parameter.copy_(state["trained"][name])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"].cpu())
     if "cuda_rng" in state:
