@@ -1,31 +1,34 @@
-"""Recovery training rows of the accuracy benchmark: SmolLM2-135M at V:N:M patterns, three recipes.
+"""Recovery training rows of the accuracy benchmark: SmolLM2-135M at V:N:M patterns, four recipes.
 
   reconstruction  one-shot SparseGPT-style reconstruction, block by block (`compress_sequential`,
                   mask by the OBS saliency), calibrated on windows of the training text;
   fixed           then LoRA with that mask fixed (`vnm.finetune`, stage 3 only);
+  fixed-weights   then the kept weights themselves trained with that mask fixed (trained="weights",
+                  at --weights-lr);
   three-staged    the V:N:M paper's recipe from the dense model (`vnm.finetune`): LoRA dense (not
                   under --loss distill, where it has nothing to learn), LoRA under RIA masks of
                   W + BA recomputed every --mask-interval steps, LoRA with the last mask fixed;
                   then merged and compressed;
   reconstruction+three-staged (not run unless asked) the same from the reconstruction's weights.
-Every recipe trains on the same number of tokens. Text: the corpus file of benchmarks/corpus.py
-(man pages, package docs and the pydoc calibration half); perplexity over --eval-windows windows of
-512 tokens of its two held-out texts, which no recipe trains or calibrates on: the pydoc topics at
-odd positions and Vim's user manual (English prose, not Python documentation). The trained models
+Every recipe of a pattern trains on the same number of tokens (the time limit may give later
+patterns fewer; a 3-step probe measures the training speed before the first). Text: the corpus file
+of benchmarks/corpus.py (man pages, package docs and the pydoc calibration half); perplexity over
+--eval-windows windows of 512 tokens of its two held-out texts, which no recipe trains or
+calibrates on: the pydoc topics at odd positions and Vim's user manual (English prose, not Python
+documentation). The trained models
 are the VNMLinear models `vnm.finetune` returns, evaluated on the kernels.
 
     python3 -m benchmarks.corpus benchmarks/corpus.json          # here: the text, carried to the GPU
     python3 -m benchmarks.recovery --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --corpus benchmarks/corpus.json --device cuda              # all rows, < 8 minutes on an H100
+        --corpus benchmarks/corpus.json --device cuda              # all rows within --time-limit
     python3 -m benchmarks.recovery --gguf ... --corpus ... --quick   # CPU smoke test
-Results: recovery.{json,md,png} (recovery-quick.* with --quick) in benchmarks/results, and in $OUT
-when it is set.
+Results: recovery-<device>.{json,md,png} (recovery-quick.* with --quick) in benchmarks/results, and
+in $OUT when it is set.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -36,11 +39,12 @@ import torch
 
 import vnm_compile as vnm
 from benchmarks import corpus as corpus_file
-from benchmarks.accuracy import PATTERNS, RESULTS, WINDOW, _device, load_smollm, perplexity, sparsity, token_windows
+from benchmarks.accuracy import PATTERNS, RESULTS, WINDOW, load_smollm, perplexity, sparsity, token_windows
+from benchmarks.timing import device_record
 from vnm_compile.recovery import FinetuneSchedule, masked_copy
 from vnm_compile.sequential import compress_sequential
 
-RECIPES = ("reconstruction", "fixed", "three-staged", "reconstruction+three-staged")
+RECIPES = ("reconstruction", "fixed", "fixed-weights", "three-staged", "reconstruction+three-staged")
 HELD_OUT = ("pydoc", "english")
 # The issue's targets: perplexity at most this many times dense, on both held-out texts.
 TARGETS = {"64:2:8": 2.0, "64:2:6": 1.5, "64:2:5": 1.3}
@@ -62,18 +66,20 @@ def calibration_batches(batches: list[dict], count: int, device: torch.device, s
 
 
 def schedule(recipe: str, steps: int, args: argparse.Namespace) -> FinetuneSchedule:
-    """The LoRA schedule of a recipe: all `steps` under the fixed mask, or split 20/40/40 over the
+    """The schedule of a training recipe: all `steps` under the fixed mask, or split 20/40/40 over the
     three stages. Distilling the dense model into itself has nothing to learn (the loss starts at
     zero, and so do its gradients), so under the distillation loss the dense model's three-staged
     recipe skips stage 1: 0/50/50."""
-    if recipe == "fixed":
+    if recipe in ("fixed", "fixed-weights"):
         stages = {"fixed_steps": steps}
     else:
         dense = 0 if recipe == "three-staged" and args.loss == "distill" else round(0.2 * steps)
         dynamic = (steps - dense) // 2
         stages = {"dense_steps": dense, "dynamic_steps": dynamic, "fixed_steps": steps - dense - dynamic}
     device = torch.device(args.device)
-    return FinetuneSchedule(**stages, mask_interval=args.mask_interval, lr=args.lr, warmup_steps=min(steps // 10, 20),
+    weights = recipe == "fixed-weights"
+    return FinetuneSchedule(**stages, mask_interval=args.mask_interval, lr=args.weights_lr if weights else args.lr,
+                            warmup_steps=min(steps // 10, 20), trained="weights" if weights else "lora",
                             rank=args.rank, alpha=args.alpha, loss=args.loss, device=args.device,
                             autocast="bfloat16" if device.type == "cuda" else None)
 
@@ -87,14 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--patterns", nargs="+", default=["64:2:8", "64:2:6", "64:2:5", "2:4"], choices=list(PATTERNS),
                         help="in this order; the time limit may shorten the later ones' training")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES[:3]), choices=RECIPES)
-    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per LoRA recipe")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES[:4]), choices=RECIPES)
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per training recipe")
     parser.add_argument("--time-limit", type=float, default=420.0,
                         help="seconds for the whole run: a pattern whose recipes would not fit at --tokens (at the "
-                             "speed measured so far) trains all of its LoRA recipes on fewer tokens")
+                             "speed measured so far) trains all of its training recipes on fewer tokens")
     parser.add_argument("--seq", type=int, default=512, help="tokens per training window")
     parser.add_argument("--batch", type=int, default=8, help="windows per step")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="LoRA's learning rate")
+    parser.add_argument("--weights-lr", type=float, default=1e-4, help="fixed-weights' learning rate")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=64.0)
     parser.add_argument("--mask-interval", type=int, default=20)
@@ -125,30 +132,33 @@ def main(argv: list[str] | None = None) -> None:
     calibration = calibration_batches(batches, args.calibration_windows, device)
     step_tokens = args.seq * args.batch
     print(f"{len(batches) * step_tokens} training tokens in {len(batches)} batches of {args.batch} x {args.seq}; "
-          f"up to {args.tokens // step_tokens} steps a LoRA recipe; loaded in {time.perf_counter() - started:.0f} s",
-          flush=True)
+          f"up to {args.tokens // step_tokens} steps a training recipe; "
+          f"loaded in {time.perf_counter() - started:.0f} s", flush=True)
 
     def evaluate(recovered) -> dict:
         return {name: perplexity(recovered, windows) for name, windows in evaluation.items()}
 
+    start = time.perf_counter()
     dense = evaluate(model)
-    settings = {"date": datetime.date.today().isoformat(), "device": _device(device), "torch": torch.__version__,
-                "python": platform.python_version(), "corpus": args.corpus.name, "documents": text.get("documents"),
-                "eval_windows": args.eval_windows, "window": WINDOW,
-                **{k: getattr(args, k) for k in ("seq", "batch", "lr", "rank", "alpha", "mask_interval", "loss",
-                                                 "calibration_windows")}}
+    evaluation_seconds = time.perf_counter() - start
+    settings = {**device_record(device.type), "python": platform.python_version(), "corpus": args.corpus.name,
+                "documents": text.get("documents"), "eval_windows": args.eval_windows, "window": WINDOW,
+                **{k: getattr(args, k) for k in ("seq", "batch", "lr", "weights_lr", "rank", "alpha", "mask_interval",
+                                                 "loss", "calibration_windows")}}
     rows = [{"pattern": "dense", "recipe": "-", **dense, "tokens": 0, "seconds": 0.0}]
     print(f"dense {_perplexities(dense)}", flush=True)
-    pace = _Pace(args.time_limit, time.perf_counter() - started, sum(r != "reconstruction" for r in args.recipes))
+    training_recipes = sum(r != "reconstruction" for r in args.recipes)
+    pace = _Pace(started + args.time_limit, training_recipes, evaluation_seconds * len(args.recipes))
     for index, pattern in enumerate(args.patterns):
         v, m = PATTERNS[pattern]
-        pattern_start = time.perf_counter()
-        steps = max(1, pace.tokens(args.tokens, len(args.patterns) - index) // step_tokens)
         config = vnm.VNMConfig(v=v, m=m, criterion="ria", method="mask" if args.quick else "sparsegpt")
         start = time.perf_counter()
         weights = compress_sequential(model, calibration, config, progress=False)
         reconstruction_seconds = time.perf_counter() - start
         calibration_tokens = len(calibration) * calibration[0]["input_ids"].numel()
+        if training_recipes and not pace.seconds_per_token:
+            pace.seconds_per_token = _probe(model, batches, weights, args) / step_tokens
+        steps = max(1, pace.tokens(args.tokens, len(args.patterns) - index, reconstruction_seconds) // step_tokens)
         for recipe in args.recipes:
             start = time.perf_counter()
             if recipe == "reconstruction":
@@ -171,38 +181,46 @@ def main(argv: list[str] | None = None) -> None:
                   f"{time.perf_counter() - started:.0f} s so far)", flush=True)
             _write(rows, settings, args.quick)
             del recovered
-        pace.pattern_done(time.perf_counter() - pattern_start)
     print(_table(rows))
     print(f"{time.perf_counter() - started:.0f} s in all")
 
 
+def _probe(model, batches: list[dict], weights: dict, args: argparse.Namespace) -> float:
+    """Seconds a training step takes: the last two of three fixed-mask LoRA steps (the first warms up)."""
+    times = []
+    v, m = weights[next(iter(weights))].v, weights[next(iter(weights))].m
+    vnm.finetune(model, batches, vnm.VNMConfig(v=v, m=m, criterion="ria"), schedule("fixed", 3, args), start=weights,
+                 progress=False, on_step=lambda step: times.append(time.perf_counter()))
+    return (times[-1] - times[0]) / 2
+
+
 class _Pace:
-    """Training tokens a pattern's LoRA recipes can have for the run to end within `limit` seconds,
-    from the seconds a token and the other seconds of a pattern measured so far."""
+    """Training tokens each training recipe of a pattern can have for the run to end by `deadline`
+    (a perf_counter time): what is left, less the reconstructions and evaluations still to come
+    (each pattern's as long as this one's), shared among the training runs still to come at the
+    seconds a token measured so far (or the probe's, before any)."""
 
-    def __init__(self, limit: float, spent: float, lora_recipes: int):
-        self.limit, self.spent, self.before, self.lora_recipes = limit, spent, spent, lora_recipes
+    def __init__(self, deadline: float, training_recipes: int, evaluation_seconds: float):
+        """evaluation_seconds: a pattern's evaluations."""
+        self.deadline, self.training_recipes, self.evaluation_seconds = deadline, training_recipes, evaluation_seconds
+        self.seconds_per_token = 0.0
         self.train_tokens = self.train_seconds = 0.0
-        self.patterns = 0
 
-    def tokens(self, wanted: int, patterns_left: int) -> int:
-        if not self.patterns or not self.lora_recipes or not self.train_tokens:
+    def tokens(self, wanted: int, patterns_left: int, reconstruction_seconds: float) -> int:
+        if not self.training_recipes:
             return wanted
-        per_token = self.train_seconds / self.train_tokens
-        other = (self.spent - self.before - self.train_seconds) / self.patterns  # reconstruction, evaluation
-        available = self.limit - self.spent - patterns_left * other
-        fitting = int(available / (patterns_left * self.lora_recipes * per_token))
+        available = (self.deadline - time.perf_counter() - self.evaluation_seconds
+                     - (patterns_left - 1) * (reconstruction_seconds + self.evaluation_seconds))
+        fitting = int(available / (patterns_left * self.training_recipes * self.seconds_per_token))
         if fitting < wanted:
-            print(f"time limit: {fitting} training tokens a LoRA recipe from here on, not {wanted}", flush=True)
+            print(f"time limit: {max(0, fitting)} training tokens a training recipe, not {wanted}", flush=True)
         return max(0, min(wanted, fitting))
 
     def trained(self, tokens: int, seconds: float) -> None:
+        """A training run's tokens and seconds (its merge and compression included)."""
         self.train_tokens += tokens
         self.train_seconds += seconds
-
-    def pattern_done(self, seconds: float) -> None:
-        self.spent += seconds
-        self.patterns += 1
+        self.seconds_per_token = self.train_seconds / self.train_tokens
 
 
 def _perplexities(values: dict) -> str:
@@ -210,8 +228,8 @@ def _perplexities(values: dict) -> str:
 
 
 def _write(rows: list[dict], settings: dict, quick: bool) -> None:
-    """recovery.{json,md,png} (recovery-quick.* for --quick) into benchmarks/results and $OUT, if set."""
-    stem = "recovery-quick" if quick else "recovery"
+    """recovery-<device>.{json,md,png} (recovery-quick.* for --quick) into benchmarks/results and $OUT, if set."""
+    stem = "recovery-quick" if quick else f"recovery-{settings['slug']}"
     for directory in [RESULTS, *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])]:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"{stem}.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=1) + "\n")
@@ -235,11 +253,13 @@ def _markdown(rows: list[dict], s: dict) -> str:
     return "\n".join([
         "# Recovery training of SmolLM2-135M-Instruct at V:N:M patterns",
         "",
-        f"{s['date']}, {s['device']}, torch {s['torch']}. Perplexity over {s['eval_windows']} windows of "
+        f"{s['date']}, {s['device']}, torch {s['torch']}, triton {s['triton']}, commit {s['commit']}. "
+        f"Perplexity over {s['eval_windows']} windows of "
         f"{s['window']} tokens of two held-out texts: the pydoc topics at odd positions and Vim's user manual. "
         f"Training text: {s['corpus']} ({s['documents']} documents), windows of {s['seq']} tokens, {s['batch']} a "
         f"step. reconstruction: SparseGPT-style, block by block, {s['calibration_windows']} calibration windows "
-        f"(tokens = calibration tokens). fixed: LoRA under the reconstruction's mask; three-staged: from the dense "
+        f"(tokens = calibration tokens). fixed: LoRA under the reconstruction's mask; fixed-weights: the kept "
+        f"weights trained under it (lr {s['weights_lr']}); three-staged: from the dense "
         f"model, LoRA dense 20% (0% under distillation: the dense model distilled into itself has nothing to "
         f"learn), dynamic RIA masks every {s['mask_interval']} steps, then fixed, half the rest each. LoRA rank "
         f"{s['rank']}, alpha {s['alpha']}, lr {s['lr']} (warmup, cosine), loss {s['loss']}. Seconds: the recipe's "
@@ -257,7 +277,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    markers = {"reconstruction": "s", "fixed": "o", "three-staged": "*", "reconstruction+three-staged": "P"}
+    markers = {"reconstruction": "s", "fixed": "o", "fixed-weights": "D", "three-staged": "*",
+               "reconstruction+three-staged": "P"}
     for axis, name in zip(axes, HELD_OUT):
         for recipe, marker in markers.items():
             chosen = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["sparsity"])
