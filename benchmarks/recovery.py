@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=512, help="tokens per training window")
     parser.add_argument("--batch", type=int, default=8, help="windows per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="LoRA's learning rate")
-    parser.add_argument("--weights-lr", type=float, default=1e-4, help="fixed-weights' learning rate")
+    parser.add_argument("--weights-lr", type=float, default=3e-4, help="fixed-weights' learning rate")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=64.0)
     parser.add_argument("--mask-interval", type=int, default=20)
