@@ -1,7 +1,8 @@
 """Recovery training rows of the accuracy benchmark: SmolLM2-135M at V:N:M patterns, four recipes.
 
   reconstruction  one-shot SparseGPT-style reconstruction, block by block (`compress_sequential`,
-                  mask by the OBS saliency), calibrated on windows of the training text;
+                  mask by the OBS saliency), calibrated on windows of the training text, each
+                  block's kept weights then refined towards the dense block (--refine-steps);
   fixed           then LoRA with that mask fixed (`vnm.finetune`, stage 3 only);
   fixed-weights   then the kept weights themselves trained with that mask fixed (trained="weights",
                   at --weights-lr);
@@ -108,15 +109,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss", default="distill", choices=["distill", "lm"],
                         help="distill: KL to the dense model's next-token distribution; lm: cross-entropy")
     parser.add_argument("--calibration-windows", type=int, default=32, help="reconstruction's calibration windows")
+    parser.add_argument("--refine-steps", type=int, default=64,
+                        help="block-wise refinement steps after the reconstruction (0: none)")
+    parser.add_argument("--refine-lr", type=float, default=3e-3)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 2:4, windows of 64 tokens, 4 steps of 2, 1 evaluation window, and RIA masks "
-                             "in place of the reconstruction (its column-by-column pass takes an hour on 2 CPU cores)")
+                        help="smoke test: 2:4, windows of 64 tokens, 4 steps of 2, 1 evaluation window, RIA masks "
+                             "in place of the reconstruction (its column-by-column pass takes an hour on 2 CPU cores) "
+                             "and 2 refinement steps a block")
     args = parser.parse_args(argv)
     if args.quick:
         args.patterns, args.seq, args.batch, args.tokens = ["2:4"], 64, 2, 4 * 2 * 64
-        args.calibration_windows, args.eval_windows, args.mask_interval = 4, 1, 2
+        args.calibration_windows, args.eval_windows, args.mask_interval, args.refine_steps = 4, 1, 2, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     # Evaluation needs the kernels' results, not their best configs: nothing is autotuned.
@@ -144,14 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     settings = {**device_record(device.type), "python": platform.python_version(), "corpus": args.corpus.name,
                 "documents": text.get("documents"), "eval_windows": args.eval_windows, "window": WINDOW,
                 **{k: getattr(args, k) for k in ("seq", "batch", "lr", "weights_lr", "rank", "alpha", "mask_interval",
-                                                 "loss", "calibration_windows")}}
+                                                 "loss", "calibration_windows", "refine_steps", "refine_lr")}}
     rows = [{"pattern": "dense", "recipe": "-", **dense, "tokens": 0, "seconds": 0.0}]
     print(f"dense {_perplexities(dense)}", flush=True)
     training_recipes = sum(r != "reconstruction" for r in args.recipes)
     pace = _Pace(started + args.time_limit, training_recipes, evaluation_seconds * len(args.recipes))
     for index, pattern in enumerate(args.patterns):
         v, m = PATTERNS[pattern]
-        config = vnm.VNMConfig(v=v, m=m, criterion="ria", method="mask" if args.quick else "sparsegpt")
+        refine = vnm.Refinement(args.refine_steps, args.refine_lr) if args.refine_steps else None
+        config = vnm.VNMConfig(v=v, m=m, criterion="ria", method="mask" if args.quick else "sparsegpt", refine=refine)
         start = time.perf_counter()
         weights = compress_sequential(model, calibration, config, progress=False)
         reconstruction_seconds = time.perf_counter() - start
@@ -258,7 +264,8 @@ def _markdown(rows: list[dict], s: dict) -> str:
         f"{s['window']} tokens of two held-out texts: the pydoc topics at odd positions and Vim's user manual. "
         f"Training text: {s['corpus']} ({s['documents']} documents), windows of {s['seq']} tokens, {s['batch']} a "
         f"step. reconstruction: SparseGPT-style, block by block, {s['calibration_windows']} calibration windows "
-        f"(tokens = calibration tokens). fixed: LoRA under the reconstruction's mask; fixed-weights: the kept "
+        f"(tokens = calibration tokens), then {s['refine_steps']} refinement steps a block (lr "
+        f"{s['refine_lr']}). fixed: LoRA under the reconstruction's mask; fixed-weights: the kept "
         f"weights trained under it (lr {s['weights_lr']}); three-staged: from the dense "
         f"model, LoRA dense 20% (0% under distillation: the dense model distilled into itself has nothing to "
         f"learn), dynamic RIA masks every {s['mask_interval']} steps, then fixed, half the rest each. LoRA rank "
