@@ -11,8 +11,8 @@ stages:
 then merges the adapters and compresses each trained linear under its final mask into a VNMLinear.
 In stages 2 and 3 the mask applies to the merged weight (`lora.MaskedLoraLinear`, or
 `lora.MaskedLinear` when the weights train themselves), so the compressed model computes exactly what
-was trained. Training state (adapters, optimizer, step, masks, random
-state) is saved to a directory as it goes, and a call given that directory resumes where it stopped.
+was trained. Training state (trained parameters, optimizer, step, masks, random state) is saved to a
+directory as it goes, and a call given that directory resumes where it stopped.
 
 `distill` is the post-training alternative: with the masks fixed, the kept weights of an already
 compressed model (`compress_sequential`) are trained on the whole model towards the dense model's
