@@ -241,8 +241,9 @@ def test_plans_live_as_long_as_their_weight(kernels):
     assert key not in dispatch._PLANS
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("path", ["prefill", "decode"])
-def test_relaunches_pass_each_calls_operands(kernels, monkeypatch, path):
+def test_relaunches_pass_each_calls_operands(kernels, monkeypatch, path, with_bias):
     """A plan relaunches its first call's binary with this call's addresses for what a call may bring
     anew: the bias, and the prefill layout (built for the call where the operands lack one). The
     kernel is replaced by a recorder: the relaunch path runs on the CPU without a GPU binary."""
@@ -270,13 +271,14 @@ def test_relaunches_pass_each_calls_operands(kernels, monkeypatch, path):
     weight = vnm.VNMWeight.from_dense(torch.randn(64, 96), 16, 8)
     plan, kept = dispatch._Plan(path), []
     for _ in range(2):  # the first call launches through the kernel, the second relaunches its binary
-        layout, bias = vnm.kernels.prefill_layout(weight), torch.randn(64)
+        layout, bias = vnm.kernels.prefill_layout(weight), torch.randn(64) if with_bias else None
         kept.append((layout, bias))  # alive, so that no address is reused
         flat = (weight.values, weight.columns, weight.metadata, weight.v, weight.m, weight.in_features, bias, None,
                 layout.expanded, layout.channels, None)
         plan(torch.randn(24, 96), flat, False)
         passed = {name: address(value) for name, value in zip(names, launches[-1])}
-        assert passed["bias_ptr"] == bias.data_ptr()
+        if with_bias:
+            assert passed["bias_ptr"] == bias.data_ptr()
         if path == "prefill":
             assert (passed["w_ptr"], passed["channel_ptr"]) == (layout.expanded.data_ptr(), layout.channels.data_ptr())
     assert len(launches) == 2 and len(plan.binaries) == 1

@@ -218,8 +218,7 @@ class _Plan:
         self._launch(AUTOTUNED[self.path],
                      lambda meta: decode_grid(rows, tokens, split_k, meta["BLOCK_N"], meta["BLOCK_T"]),
                      lambda: decode_arguments(x, Operands(*flat), split_k, y),
-                     {"x_ptr": x, "bias_ptr": bias if bias is not None else flat[0], "y_ptr": y, "T": tokens},
-                     x.device)
+                     {"x_ptr": x, **_bias_argument(bias), "y_ptr": y, "T": tokens}, x.device)
         return y.to(x.dtype) if split_k > 1 else y
 
     def _prefill(self, x: torch.Tensor, flat: tuple, channel_major_out: bool) -> torch.Tensor:
@@ -236,8 +235,12 @@ class _Plan:
                      lambda: prefill_arguments(xt, expanded, channels, operands, y),
                      # the layout may be built for this call alone, the bias be another tensor than the
                      # first call's: their addresses are passed on every call
-                     {"x_ptr": xt, "w_ptr": expanded, "channel_ptr": channels,
-                      "bias_ptr": operands.bias if operands.bias is not None else expanded, "y_ptr": y, "T": tokens,
-                      "stride_xc": xt.stride(0), "stride_xt": xt.stride(1)},
-                     x.device)
+                     {"x_ptr": xt, "w_ptr": expanded, "channel_ptr": channels, **_bias_argument(operands.bias),
+                      "y_ptr": y, "T": tokens, "stride_xc": xt.stride(0), "stride_xt": xt.stride(1)}, x.device)
         return y
+
+
+def _bias_argument(bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The bias among a relaunch's varying arguments. Without one there is nothing to pass: the kernel
+    reads no bias (HAS_BIAS is false, and a plan serves calls with a bias or calls without)."""
+    return {"bias_ptr": bias} if bias is not None else {}
