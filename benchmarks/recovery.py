@@ -16,8 +16,8 @@ patterns fewer; a 3-step probe measures the training speed before the first). Te
 of benchmarks/corpus.py (man pages, package docs and the pydoc calibration half); perplexity over
 --eval-windows windows of 512 tokens of its two held-out texts, which no recipe trains or
 calibrates on: the pydoc topics at odd positions and Vim's user manual (English prose, not Python
-documentation). The trained models
-are the VNMLinear models `vnm.finetune` returns, evaluated on the kernels.
+documentation). The trained models are the VNMLinear models `vnm.finetune` returns, evaluated on
+the kernels.
 
     python3 -m benchmarks.corpus benchmarks/corpus.json          # here: the text, carried to the GPU
     python3 -m benchmarks.recovery --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
@@ -158,12 +158,13 @@ def main(argv: list[str] | None = None) -> None:
         v, m = PATTERNS[pattern]
         refine = vnm.Refinement(args.refine_steps, args.refine_lr) if args.refine_steps else None
         config = vnm.VNMConfig(v=v, m=m, criterion="ria", method="mask" if args.quick else "sparsegpt", refine=refine)
+        training_config = vnm.VNMConfig(v=v, m=m, criterion="ria")
         start = time.perf_counter()
         weights = compress_sequential(model, calibration, config, progress=False)
         reconstruction_seconds = time.perf_counter() - start
         calibration_tokens = len(calibration) * calibration[0]["input_ids"].numel()
         if training_recipes and not pace.seconds_per_token:
-            pace.seconds_per_token = _probe(model, batches, weights, args) / step_tokens
+            pace.seconds_per_token = _probe(model, batches, training_config, weights, args) / step_tokens
         steps = max(1, pace.tokens(args.tokens, len(args.patterns) - index, reconstruction_seconds) // step_tokens)
         for recipe in args.recipes:
             start = time.perf_counter()
@@ -171,8 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                 recovered, tokens, seconds = masked_copy(model, weights), calibration_tokens, reconstruction_seconds
             else:
                 losses = []
-                recovered = vnm.finetune(model, batches, vnm.VNMConfig(v=v, m=m, criterion="ria"),
-                                         schedule(recipe, steps, args),
+                recovered = vnm.finetune(model, batches, training_config, schedule(recipe, steps, args),
                                          start=None if recipe == "three-staged" else weights,
                                          on_step=lambda step, losses=losses: losses.append(round(step.loss, 4)))
                 tokens, seconds = steps * step_tokens, time.perf_counter() - start
@@ -191,12 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{time.perf_counter() - started:.0f} s in all")
 
 
-def _probe(model, batches: list[dict], weights: dict, args: argparse.Namespace) -> float:
+def _probe(model, batches: list[dict], config: vnm.VNMConfig, weights: dict, args: argparse.Namespace) -> float:
     """Seconds a training step takes: the last two of three fixed-mask LoRA steps (the first warms up)."""
     times = []
-    v, m = weights[next(iter(weights))].v, weights[next(iter(weights))].m
-    vnm.finetune(model, batches, vnm.VNMConfig(v=v, m=m, criterion="ria"), schedule("fixed", 3, args), start=weights,
-                 progress=False, on_step=lambda step: times.append(time.perf_counter()))
+    vnm.finetune(model, batches, config, schedule("fixed", 3, args), start=weights, progress=False,
+                 on_step=lambda step: times.append(time.perf_counter()))
     return (times[-1] - times[0]) / 2
 
 
