@@ -425,7 +425,7 @@ def test_gpu_dynamic_token_count_dispatches_per_call(kernels):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("v,m,rows,cols", [(64, 8, 1000, 777), (32, 16, 4096, 4100), (64, 5, 384, 4096)])
-def test_gpu_planned_calls_match_float64(kernels, v, m, rows, cols, dtype):
+def test_gpu_planned_calls_match_float64(kernels, untuned, v, m, rows, cols, dtype):
     """vnm.linear_dispatched on CUDA relaunches the binaries of its first call per weight and token
     bucket: token counts inside one bucket that Triton specialises differently (1, divisible by 16 or
     not), x that is misaligned or channel-major, with and without bias and layouts, all stay right."""
