@@ -218,7 +218,7 @@ def finetune(
     _without_cache(student)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(schedule.seed)
-        trainee, inner = _trainable(student, targets, schedule)
+        trainee, inner, merge = _trainable(student, targets, schedule)
         layers = {name: inner.get_submodule(name) for name in targets}
         trained = {name: p for name, p in trainee.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(trained.values(), lr=schedule.lr[0], weight_decay=schedule.weight_decay)
@@ -259,7 +259,7 @@ def finetune(
         bar.close()
     if not masks:  # no stage ran under a mask: choose it once, from the trained merged weights
         masks = _choose_masks(inner, layers, [_on(order[0], device)], config, schedule)
-    merged = trainee.merge_and_unload() if schedule.trained == "lora" else inner
+    merged = merge()
     weights = {name: pruned(merged.get_submodule(name).weight.detach(), masks[name], config) for name in targets}
     replace_linears(merged, weights)
     _without_cache(merged, restore=model)
@@ -291,10 +291,12 @@ def _targets(model: nn.Module, config: VNMConfig, schedule: FinetuneSchedule,
     return names
 
 
-def _trainable(student: nn.Module, targets: list[str], schedule: FinetuneSchedule) -> tuple[nn.Module, nn.Module]:
-    """(the model to train, the model whose `targets` are the masked trainable linears): PEFT's
-    model around `student` and `student` inside it for LoRA; `student` twice, its targets'
-    weights the only parameters that train, for "weights"."""
+def _trainable(student: nn.Module, targets: list[str],
+               schedule: FinetuneSchedule) -> tuple[nn.Module, nn.Module, Callable[[], nn.Module]]:
+    """(the model to train, the model whose `targets` are the masked trainable linears, a function
+    giving the trained model free of adapters, each target's weight its merged weight): PEFT's model
+    around `student`, `student` inside it and PEFT's merge for LoRA; for "weights", `student`, whose
+    targets' weights are the only parameters that train and need no merge."""
     from peft import get_peft_model
 
     from .lora import MaskedLinear, masked_lora_config
@@ -302,14 +304,14 @@ def _trainable(student: nn.Module, targets: list[str], schedule: FinetuneSchedul
     if schedule.trained == "lora":
         peft_model = get_peft_model(student, masked_lora_config(
             r=schedule.rank, lora_alpha=schedule.alpha, lora_dropout=0.0, target_modules=targets))
-        return peft_model, peft_model.base_model.model
+        return peft_model, peft_model.base_model.model, peft_model.merge_and_unload
     student.requires_grad_(False)
     for name in targets:
         parent, _, leaf = name.rpartition(".")
         layer = MaskedLinear.sharing(student.get_submodule(name))
         layer.weight.requires_grad_(True)
         setattr(student.get_submodule(parent), leaf, layer)
-    return student, student
+    return student, student, lambda: student
 
 
 def _choose_masks(model: nn.Module, layers: dict[str, nn.Module], batches: list[dict], config: VNMConfig,
