@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2:4, windows of 64 tokens, 4 steps of 2, 1 evaluation window, RIA masks "
-                             "in place of the reconstruction (its column-by-column pass takes an hour on 2 CPU cores) "
-                             "and 2 refinement steps a block")
+                             "in place of the reconstruction (about 4 minutes at 64:2:8 with 16 windows of 256 "
+                             "tokens on 2 CPU cores) and 2 refinement steps a block")
     args = parser.parse_args(argv)
     if args.quick:
         args.patterns, args.seq, args.batch, args.tokens = ["2:4"], 64, 2, 4 * 2 * 64
