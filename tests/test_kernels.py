@@ -449,6 +449,17 @@ def test_gpu_planned_calls_match_float64(kernels, untuned, v, m, rows, cols, dty
                 assert relative_error(y, ref) < TOLERANCE[dtype], (tokens, with_bias, with_layout, kind)
 
 
+def test_cusparselt_refuses_weights_it_cannot_take_naming_why():
+    from vnm_compile.kernels import cusparselt_refusal, cusparselt_weight
+
+    dense = torch.randn(96, 160).half()
+    assert "multiple of 4" in cusparselt_refusal(vnm.VNMWeight.from_dense(dense, 32, 10))
+    assert "96 x 120" in cusparselt_refusal(vnm.VNMWeight.from_dense(dense[:, :120], 32, 8))
+    assert "CUDA" in cusparselt_refusal(vnm.VNMWeight.from_dense(dense, 32, 8))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        cusparselt_weight(vnm.VNMWeight.from_dense(dense, 32, 10))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("v,m,rows,cols", [(64, 8, 1024, 4096), (64, 4, 768, 1536), (128, 8, 4096, 1024)])

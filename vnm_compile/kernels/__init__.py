@@ -5,9 +5,9 @@ at a kernel's definition whether it is compiled or interpreted, so a process tha
 interpreter (CPU tests) sets it before the first kernel runs.
 """
 
-from .op import PrefillLayout, check_inputs, cusparselt_weight, operands, prefill_layout, vnm_linear
+from .op import PrefillLayout, check_inputs, cusparselt_refusal, cusparselt_weight, operands, prefill_layout, vnm_linear
 from .operands import Operands
 from .reference import reference_linear
 
-__all__ = ["Operands", "PrefillLayout", "check_inputs", "cusparselt_weight", "operands", "prefill_layout",
-           "reference_linear", "vnm_linear"]
+__all__ = ["Operands", "PrefillLayout", "check_inputs", "cusparselt_refusal", "cusparselt_weight", "operands",
+           "prefill_layout", "reference_linear", "vnm_linear"]

@@ -50,6 +50,7 @@ DEFAULT_RULES = {"decode_max_tokens": 16, "dense_when_m_at_most": 5, "cusparselt
 # layer never runs slower than dense.
 SPARSE_MARGIN = 1.05
 TRANSPOSE_BLOCK = 64
+CUSPARSELT_TOKEN_MULTIPLE = 8  # its fp16/bf16 alignment of the dense operand
 
 
 def choose_path(rows: int, cols: int, tokens: int, v: int, m: int, dtype: torch.dtype, device: torch.device,
@@ -115,8 +116,12 @@ def kernel_linear(
 
 
 def cusparselt_linear(x: torch.Tensor, cslt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y [T, R] = x @ W.T + bias by cuSPARSELt on W's compressed copy (written transposed: row-major y)."""
-    return torch._cslt_sparse_mm(cslt, x.t(), bias, transpose_result=True)
+    """y [T, R] = x @ W.T + bias by cuSPARSELt on W's compressed copy (written transposed: row-major y).
+    cuSPARSELt refuses a token count that is not a multiple of CUSPARSELT_TOKEN_MULTIPLE: x is padded."""
+    tokens = x.shape[0]
+    if not (isinstance(tokens, int) and tokens % CUSPARSELT_TOKEN_MULTIPLE == 0):
+        x = F.pad(x, (0, 0, 0, -tokens % CUSPARSELT_TOKEN_MULTIPLE))
+    return torch._cslt_sparse_mm(cslt, x.t(), bias, transpose_result=True)[:tokens]
 
 
 def _prefill_layout(operands: Operands) -> tuple[torch.Tensor, torch.Tensor]:

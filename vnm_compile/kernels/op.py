@@ -159,11 +159,28 @@ def prefill_layout(weight: VNMWeight) -> PrefillLayout:
     return PrefillLayout(expand_weight(weight.values, weight.metadata), channel_index(weight.columns, weight.m))
 
 
+# cuSPARSELt's fp16/bf16 alignment of the sparse operand's rows and columns
+CUSPARSELT_WEIGHT_MULTIPLE = 16
+
+
+def cusparselt_refusal(weight: VNMWeight) -> str | None:
+    """Why cuSPARSELt cannot take `weight` over its full width, or None where it can."""
+    if weight.m % 4:
+        return f"M = {weight.m} is not a multiple of 4 (a V:N:M row is then not 2:4)"
+    if weight.out_features % CUSPARSELT_WEIGHT_MULTIPLE or weight.in_features % CUSPARSELT_WEIGHT_MULTIPLE:
+        return (f"its {weight.out_features} x {weight.in_features} weight is not a multiple of "
+                f"{CUSPARSELT_WEIGHT_MULTIPLE} both ways")
+    if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
+        return f"it takes fp16/bf16 CUDA weights, not {weight.dtype} on {weight.device.type}"
+    return None
+
+
 def cusparselt_weight(weight: VNMWeight) -> torch.Tensor:
-    """`weight` compressed for cuSPARSELt over its full width (CUDA, fp16/bf16, M a multiple of 4): about
-    0.56 of the dense bytes beside the V:N:M copy, for the dispatcher's cuSPARSELt path."""
-    if weight.m % 4 or weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"cuSPARSELt takes fp16/bf16 CUDA weights with M a multiple of 4, got {weight!r}")
+    """`weight` compressed for cuSPARSELt over its full width (where `cusparselt_refusal` has no
+    objection): about 0.56 of the dense bytes beside the V:N:M copy, for the dispatcher's cuSPARSELt path."""
+    refusal = cusparselt_refusal(weight)
+    if refusal is not None:
+        raise ValueError(f"cuSPARSELt cannot take {weight!r}: {refusal}")
     return torch._cslt_compress(weight.to_dense().contiguous())
 
 

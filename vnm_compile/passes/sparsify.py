@@ -26,7 +26,7 @@ from torch import fx
 from ..compression import compress, estimated_error
 from ..config import VNMConfig
 from ..format import VNMWeight, concat_rows
-from ..kernels.op import cusparselt_weight, prefill_layout
+from ..kernels.op import cusparselt_refusal, cusparselt_weight, prefill_layout
 from .common import Reuse, attribute_name, copied_graph
 from .discover import LinearSite
 from .fold import Folded
@@ -223,11 +223,11 @@ def _buffers(weights: list[VNMWeight], config: VNMConfig) -> dict[str, torch.Ten
     if config.keep_dense:
         tensors["dense"] = weight.to_dense().contiguous()
     if config.keep_cusparselt:
-        if weight.m % 4 == 0 and weight.device.type == "cuda" and weight.dtype in (torch.float16, torch.bfloat16):
+        refusal = cusparselt_refusal(weight)
+        if refusal is None:
             tensors["cslt"] = cusparselt_weight(weight)
         else:
-            log.info("sparsify: no cuSPARSELt copy of a %s weight (it takes fp16/bf16 CUDA weights, M a multiple of 4)",
-                     weight)
+            log.info("sparsify: no cuSPARSELt copy of %s: %s", weight, refusal)
     if keep_layout:
         layout = prefill_layout(weight)
         tensors["expanded"], tensors["channels"] = layout.expanded, layout.channels
