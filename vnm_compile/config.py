@@ -89,8 +89,9 @@ class VNMConfig:
       their rows; prefill_layout: keep each weight's prefill layout (4/M of its dense bytes) beside it
       (None: where the kernels run, CUDA); keep_dense: keep the masked weight dense too, so the
       dispatcher may run cuBLAS where it measured faster (the dense bytes); keep_cusparselt: keep a
-      cuSPARSELt copy (M a multiple of 4, about 0.56 of the dense bytes), which the dispatcher runs
-      on many tokens where it wins; static_tokens: a dynamic-shape graph (Dynamo's, after a second input
+      cuSPARSELt copy where cuSPARSELt takes the weight (`kernels.cusparselt_refusal`: M a multiple of
+      4, both dims of 16; about 0.56 of the dense bytes), which the dispatcher runs on many tokens
+      where it wins; static_tokens: a dynamic-shape graph (Dynamo's, after a second input
       shape) runs each token count up to this many in a static graph of its own, compiled when the
       count is first seen, where Inductor launches the kernels directly; larger counts run the
       dynamic graph, which picks kernels per call (0: the dynamic graph only; modes that replay CUDA
