@@ -53,11 +53,12 @@ class Mlp(Block):
         return out + gate if self.residual else out
 
 
-def traced(tokens: int, device: str, module: nn.Module | None = None) -> fx.GraphModule:
+def traced(tokens: int, device: str, module: nn.Module | None = None, mode: FakeTensorMode | None = None
+           ) -> fx.GraphModule:
     """The module's graph (default: Block), each input of a vnm.linear carrying an example value of
-    `tokens` tokens on `device` (fake: the pass reads only the metadata)."""
+    `tokens` tokens on `device` (fake: the pass reads only the metadata; `tokens` may be symbolic)."""
     gm = fx.symbolic_trace(module or Block())
-    with FakeTensorMode():
+    with mode or FakeTensorMode():
         for node in gm.graph.nodes:
             if node.target is torch.ops.vnm.linear.default:
                 node.args[0].meta["val"] = torch.empty(2, tokens // 2, node.args[-1], device=device)
@@ -105,6 +106,25 @@ def test_few_tokens_and_cpu_graphs_are_left_alone(tokens, device):
     gm = traced(tokens, device, Mlp())
     assert channel_major_layouts(gm) == {"inputs": [], "outputs": []}
     assert copied_inputs(gm) == {} and channel_major_writers(gm) == []
+
+
+@pytest.mark.parametrize("min_tokens,copied", [(1, []), (17, ["mul", "relu"])])
+def test_a_symbolic_count_counts_as_many_tokens_where_the_op_plans_for_them(min_tokens, copied):
+    """A dynamic-shape graph traced with few tokens: left alone, unless its sparse linears plan for many
+    tokens (min_tokens above 1: its small counts run static graphs of their own)."""
+    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    shape_env = ShapeEnv()
+    source = TensorPropertySource(LocalSource("x"), TensorProperty.SIZE, 1)
+    symbol = shape_env.create_symbol(32, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    tokens = shape_env.create_symintnode(symbol, hint=32, source=source)
+    gm = traced(tokens, "cuda", Mlp(), FakeTensorMode(shape_env=shape_env))
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.vnm.linear.default:
+            node.update_kwarg("min_tokens", min_tokens)
+    channel_major_layouts(gm)
+    assert sorted(copied_inputs(gm).values()) == copied
 
 
 @pytest.mark.parametrize("module", [Block, Mlp])

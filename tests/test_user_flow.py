@@ -2,6 +2,7 @@
 silent inputs are named; on a GPU, CUDA graphs replay and generate() matches eager."""
 
 import contextlib
+import importlib
 import logging
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import vnm_compile as vnm
+import vnm_compile.config as vnm_config
 
 OPTIONS = {"v": 16, "m": 8, "min_features": 16, "allow_small_v": True}
 
@@ -60,8 +62,9 @@ def test_small_token_counts_run_static_graphs_of_their_own(monkeypatch):
     from vnm_compile import backend
     from vnm_compile.kernels import op
 
-    monkeypatch.setattr(backend, "STATIC_GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(vnm_config, "STATIC_GRAPH_DEVICES", ("cuda", "cpu"))
     traced = []  # per compile: the token counts vnm.linear saw while Inductor traced it (None: a symbol)
+    floors = []  # per compile: the min_tokens its vnm.linear nodes carry
     lowering = []
 
     def static_count(sizes):
@@ -72,6 +75,8 @@ def test_small_token_counts_run_static_graphs_of_their_own(monkeypatch):
 
     def lower(state, example_inputs, record=False):
         traced.append(set())
+        floors.append({node.kwargs.get("min_tokens") for node in state.graph.graph.nodes
+                       if node.target is torch.ops.vnm.linear.default})
         lowering.append(True)
         try:
             return real_lower(state, example_inputs, record)
@@ -94,19 +99,22 @@ def test_small_token_counts_run_static_graphs_of_their_own(monkeypatch):
             assert error < 1e-5, tokens
             assert traced == compiles, tokens
     assert counters["stats"]["unique_graphs"] == 2  # the first static graph and the dynamic one
+    assert floors[1] == {5}  # the dynamic graph's kernels are planned for counts above its static graphs'
     traced.clear()
+    floors.clear()
     torch._dynamo.reset()
     replayed = torch.compile(model, backend="vnm", options={**OPTIONS, "static_tokens": 4, "mode": "reduce-overhead"})
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         for tokens in (129, 3, 2):
             replayed(torch.randn(2, tokens, 48))
     assert traced == [{258}, {None}]  # CUDA graph replays skip the dispatch: no static graphs
+    assert floors[1] == {None}  # ... so the dynamic graph serves every count
 
 
 def test_a_static_graph_that_fails_to_compile_leaves_the_dynamic_graph(monkeypatch, caplog):
     from vnm_compile import backend
 
-    monkeypatch.setattr(backend, "STATIC_GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(vnm_config, "STATIC_GRAPH_DEVICES", ("cuda", "cpu"))
 
     def refuse(*args, **kwargs):
         raise RuntimeError("no static graph today")
@@ -156,6 +164,56 @@ def test_pinned_token_count_takes_the_static_kernel_path(monkeypatch):
             y = torch.ops.vnm.linear(x, *stored, None, 64, 8, 512)
             assert y.shape[1:] == (1, 256) and y.shape[0] == (pin or tokens)
         assert paths == ([pin] if pin else []), pin
+
+
+@pytest.fixture
+def compiled_kernels(monkeypatch):
+    """The kernel modules defined compiled, as on CUDA (tracing records their launches), whatever mode
+    an earlier test defined them in (tests/test_kernels.py interprets them without CUDA); afterwards
+    defined again in the mode the process had."""
+    names = [f"vnm_compile.kernels.{name}" for name in ("common", "decode", "prefill", "tuning", "dispatch")]
+    define = lambda: {name.rsplit(".", 1)[1]: importlib.reload(importlib.import_module(name)) for name in names}
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    yield define()
+    monkeypatch.undo()
+    define()
+
+
+def test_symbolic_count_above_the_static_graphs_takes_the_kernels_without_a_guard(monkeypatch, compiled_kernels):
+    """Traced for CUDA (fake tensors: no GPU needed), vnm.linear with a symbolic token count and
+    min_tokens above 1 (a dynamic graph whose small counts run static graphs of their own) takes the
+    kernels planned for many tokens, the prefill kernel on x.T, and adds no guard on the count;
+    without min_tokens it defers to the per-call op."""
+    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    dispatch, tuning = compiled_kernels["dispatch"], compiled_kernels["tuning"]
+    for module in (dispatch, tuning):  # no GPU to name: no measured table, the default rules
+        monkeypatch.setattr(module, "gpu_slug", lambda device: "no-such-gpu")
+    launches = []
+    real_launch = dispatch.launch_prefill
+    monkeypatch.setattr(dispatch, "launch_prefill",
+                        lambda kernel, xt, *args, **kwargs: launches.append(tuple(xt.shape))
+                        or real_launch(kernel, xt, *args, **kwargs))
+    weight = vnm.VNMWeight.from_dense(torch.randn(256, 512).half(), 64, 8)
+    layout = vnm.kernels.prefill_layout(weight)
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    source = TensorPropertySource(LocalSource("x"), TensorProperty.SIZE, 0)
+    symbol = shape_env.create_symbol(40, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    tokens = shape_env.create_symintnode(symbol, hint=40, source=source)
+    with mode:
+        stored = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (
+            weight.values, weight.columns, weight.metadata, layout.expanded, layout.channels)]
+        x = torch.empty(tokens, 1, 512, device="cuda", dtype=torch.float16)
+        values, columns, metadata, expanded, channels = stored
+        for min_tokens, launched in ((1, []), (17, [(512, tokens)])):
+            launches.clear()
+            y = torch.ops.vnm.linear(x, values, columns, metadata, None, 64, 8, 512, None, expanded, channels,
+                                     None, min_tokens=min_tokens)
+            assert y.shape == (tokens, 1, 256) and launches == launched, min_tokens
+    assert not shape_env.guards
 
 
 def test_non_finite_weight_names_the_layer():

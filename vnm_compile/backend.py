@@ -44,11 +44,6 @@ from .report import record
 
 log = logging.getLogger("vnm_compile")
 
-# Devices whose sparse linears a static graph runs faster than the dynamic graph (CUDA: the kernels
-# launched by Inductor, not chosen per call; on the CPU both run the reference).
-STATIC_GRAPH_DEVICES = ("cuda",)
-
-
 def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
                 mode: str | None = None) -> Callable:
     """torch.compile backend "vnm" (registered through the `torch_dynamo_backends` entry point).
@@ -73,18 +68,16 @@ def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
     found = graph_parameters(gm, example_inputs)
     reuse = _reuse_for(found, config, calibration)
     compiled, token_symbols = _compile(gm, example_inputs, found, config, calibration, reuse, explain_path)
-    runs_kernels = any(isinstance(value, torch.Tensor) and value.device.type in STATIC_GRAPH_DEVICES
-                       for value in example_inputs)
-    # CUDA graph replays hide the per-call dispatch already: there a static graph would only cost a compile
-    replays = torch._inductor.list_mode_options(config.mode).get("triton.cudagraphs", False)
-    if config.static_tokens and token_symbols and runs_kernels and not replays:
+    limit = max((config.static_graph_tokens(value.device) for value in example_inputs
+                 if isinstance(value, torch.Tensor)), default=0)
+    if limit and token_symbols:
         context = torch._guards.TracingContext.try_get()
         if context is not None and context.fake_mode is not None and context.fake_mode.shape_env is not None:
             # Inductor traces a static graph with Dynamo's own fake inputs, whose pinned sizes read as
             # values: the call's real tensors would be given fresh size symbols.
             traced = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")]
             static = lambda args: _compile(gm, args, found, config, calibration, reuse, None, traced)[0]
-            return _StaticPerTokenCount(compiled, static, token_symbols, config.static_tokens, context)
+            return _StaticPerTokenCount(compiled, static, token_symbols, limit, context)
     return compiled
 
 

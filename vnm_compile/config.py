@@ -11,6 +11,9 @@ CRITERIA = ("abs", "wanda", "ria")
 PATTERNS = ("vnm", "nm", "transposable")
 COLUMN_RULES = ("optimal", "l1")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Devices whose sparse linears a static graph runs faster than the dynamic graph (CUDA: the kernels
+# launched by Inductor, not chosen per call; on the CPU both run the reference).
+STATIC_GRAPH_DEVICES = ("cuda",)
 WEIGHT_DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what the kernels take
 SMALLEST_V = 16
 LARGEST_M = 256  # column indices inside a group are stored as uint8
@@ -127,6 +130,18 @@ class VNMConfig:
     keep_cusparselt: bool = False
     static_tokens: int = 16
     allow_small_v: bool = False
+
+    def static_graph_tokens(self, device: Any) -> int:
+        """The token counts (1 to this) that a dynamic-shape graph's calls run in static graphs of their
+        own on `device`: static_tokens on CUDA, where a static graph launches the kernels from Inductor's
+        code; 0 on other devices (both kinds of graph run the reference) and in the CUDA-graph modes (a
+        replay skips the per-call work anyway)."""
+        import torch
+        from torch._inductor import list_mode_options
+
+        if torch.device(device).type not in STATIC_GRAPH_DEVICES:
+            return 0
+        return 0 if list_mode_options(self.mode).get("triton.cudagraphs", False) else self.static_tokens
 
     def __post_init__(self) -> None:
         from .compression import method_names  # the registry imports this module

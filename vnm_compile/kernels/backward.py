@@ -44,4 +44,4 @@ def backward(ctx, grad: torch.Tensor) -> tuple:
         grad_values = (tokens.to(compute).T @ inputs).gather(1, index).to(values.dtype)
     if needs_bias:
         grad_bias = tokens.sum(0)
-    return grad_x, grad_values, None, None, grad_bias, None, None, None, None, None, None, None, None
+    return grad_x, grad_values, None, None, grad_bias, None, None, None, None, None, None, None, None, None

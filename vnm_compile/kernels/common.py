@@ -15,9 +15,20 @@ def interpreting() -> bool:
     return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# The token count a symbolic count (a dynamic-shape graph's, whose small counts run static graphs of
+# their own) is planned for: a prompt's.
+MANY_TOKENS = 2048
+
+
+def planned_count(tokens) -> int:
+    """`tokens`, or MANY_TOKENS where it is symbolic: the count kernels and configs are chosen for,
+    read without comparing a symbol (which would add a guard, and a recompile where it flips)."""
+    return tokens if isinstance(tokens, int) else MANY_TOKENS
+
+
 def token_bucket(tokens) -> int:
     """Tokens rounded up to a power of two, at most 8192: the autotuning key's token dimension."""
-    return min(8192, triton.next_power_of_2(max(1, tokens)))
+    return min(8192, triton.next_power_of_2(max(1, planned_count(tokens))))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .common import token_bucket
+from .common import planned_count, token_bucket
 from .decode import decode_arguments, decode_grid, decode_output, launch_decode
 from .launcher import BinaryLaunch, jit_function, specialization
 from .operands import Operands, channel_major
@@ -55,7 +55,9 @@ CUSPARSELT_TOKEN_MULTIPLE = 8  # its fp16/bf16 alignment of the dense operand
 
 def choose_path(rows: int, cols: int, tokens: int, v: int, m: int, dtype: torch.dtype, device: torch.device,
                 has_dense: bool, has_cslt: bool = False) -> str:
-    """One of PATHS for this problem; 'dense' only when has_dense, 'cusparselt' only when has_cslt."""
+    """One of PATHS for this problem; 'dense' only when has_dense, 'cusparselt' only when has_cslt. A
+    symbolic token count is planned as `planned_count` says."""
+    tokens = planned_count(tokens)
     table = load_table(gpu_slug(device))
     rules = {**DEFAULT_RULES, **table["rules"]}
     measured = table["dispatch"].get(table_key(rows, cols, token_bucket(tokens), v, m, dtype))
@@ -98,7 +100,7 @@ def kernel_linear(
         if operands.cslt is None:
             raise ValueError("path='cusparselt' needs the cuSPARSELt copy (Operands.cslt, cusparselt_weight)")
         y = cusparselt_linear(x, operands.cslt, operands.bias)
-    elif tokens == 0:
+    elif isinstance(tokens, int) and tokens == 0:  # a symbolic count is at least 2 (torch specialises 0 and 1)
         y = x.new_empty(0, operands.rows)
     elif path == "prefill":
         expanded, channels = _prefill_layout(operands)
@@ -136,7 +138,7 @@ def _channels_first(x: torch.Tensor, transpose: Callable[[torch.Tensor, torch.Te
     if x.t().is_contiguous():
         return x.t()
     x = x.contiguous()
-    if x.shape[0] <= ROW_MAJOR_MAX_TOKENS:
+    if planned_count(x.shape[0]) <= ROW_MAJOR_MAX_TOKENS:
         return x.t()
     xt = torch.empty(x.shape[1], x.shape[0], dtype=x.dtype, device=x.device)
     transpose(x, xt)

@@ -53,26 +53,30 @@ def linear(
     channels: torch.Tensor | None = None,
     cslt: torch.Tensor | None = None,
     channel_major_out: bool = False,
+    min_tokens: int = 1,
 ) -> torch.Tensor:
     """y = x @ W.T + bias for the V:N:M weight (values, columns, metadata) of pattern v:2:m over
     in_features inputs; dense, expanded, channels, cslt: optional layouts kept by the caller (see
     `Operands`). channel_major_out: y laid out channel-major (see `channel_major`), for a consumer
-    that reads it so (passes/layout.py); the values are the same."""
+    that reads it so (passes/layout.py); the values are the same. min_tokens: the fewest tokens the
+    caller passes (a dynamic-shape graph whose small counts run in static graphs of their own); above
+    1, a symbolic token count takes the kernels chosen for many tokens (`kernel_linear`), traced into
+    the graph, where it otherwise takes the per-call op. Any count gives the same values."""
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
     tokens = static_count(tuple(x.shape[:-1]))
-    if x.device.type != "cuda" or tokens is None:
+    if x.device.type != "cuda" or (tokens is None and min_tokens <= 1):
         return torch.ops.vnm.linear_dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded,
                                                channels, cslt, channel_major_out)
     from .dispatch import kernel_linear  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
 
     operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt)
-    y = kernel_linear(x.reshape(tokens, in_features), operands, wrap=wrap_triton, channel_major_out=channel_major_out)
+    y = kernel_linear(x.reshape(-1, in_features), operands, wrap=wrap_triton, channel_major_out=channel_major_out)
     return y.reshape(*x.shape[:-1], values.shape[0])  # a view of either layout: the token dims stay contiguous
 
 
 @linear.register_kernel("cpu")
 def _(x, values, columns, metadata, bias, v, m, in_features, dense=None, expanded=None, channels=None, cslt=None,
-      channel_major_out=False):
+      channel_major_out=False, min_tokens=1):
     return _reference(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt,
                       channel_major_out)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
-from .common import interpreting
+from .common import interpreting, planned_count
 from .decode import vnm_decode_kernel
 from .prefill import ROW_MAJOR_MAX_TOKENS, vnm_prefill_kernel
 
@@ -150,7 +150,7 @@ def _prune(path: str):
         if interpreting():
             return [INTERPRETER_CONFIGS[path]]
         rows, cols, groups, m = (named_args[k] for k in ("R", "C", "G", "M"))
-        tokens = named_args["T"]
+        tokens = planned_count(named_args["T"])  # symbolic where Inductor traces a dynamic-shape graph
         x = next(iter(named_args.values()))  # the activations: their dtype is the key's (as Triton's)
         key = f"{path} " + table_key(rows, cols, named_args["TOKEN_BUCKET"], kwargs["V"], m, x.dtype)
         known = load_table(gpu_slug(x.device))["autotune"].get(key)

@@ -11,7 +11,8 @@ channel-major too, so that the elementwise kernel reads and writes one layout in
 transposing. Inputs that come out of a normalisation are left alone: Inductor may fuse the
 transposed store into the norm's reduction, whose stores then stop coalescing (slower than the
 transpose it saves). Graphs compiled for a few tokens are left alone too: the decode kernels read x
-row-major.
+row-major. A dynamic-shape graph whose small counts run static graphs of their own plans its kernels
+for many tokens (kernels/op.py), and counts as many tokens here.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def channel_major_layouts(gm: fx.GraphModule) -> dict[str, list[str]]:
             continue
         x = node.args[0]
         if x not in copies:
-            if not (_prefill_sized(x) and _from_kernel_outputs(x, set())):
+            if not (_prefill_sized(node) and _from_kernel_outputs(x, set())):
                 continue
             with gm.graph.inserting_after(x):
                 copies[x] = gm.graph.call_function(channel_major, (x,))
@@ -71,7 +72,7 @@ def channel_major_layouts(gm: fx.GraphModule) -> dict[str, list[str]]:
     copy_nodes = set(copies.values())
     outputs = []
     for node in gm.graph.nodes:
-        if _is_sparse_linear(node) and _prefill_sized(node.args[0]) and _reaches_only(node, copy_nodes, set()):
+        if _is_sparse_linear(node) and _prefill_sized(node) and _reaches_only(node, copy_nodes, set()):
             node.update_kwarg("channel_major_out", True)
             outputs.append(node.name)
     gm.recompile()
@@ -92,14 +93,20 @@ def _reaches_only(node: fx.Node, copies: set[fx.Node], seen: set[fx.Node]) -> bo
         for user in node.users)
 
 
-def _prefill_sized(x: fx.Node) -> bool:
-    example = x.meta.get("example_value", x.meta.get("val"))
+def _prefill_sized(linear: fx.Node) -> bool:
+    """Whether the vnm.linear `linear` runs on more tokens than the prefill kernel reads row-major: the
+    count its graph was traced with, or, where the count is symbolic and the op plans for many tokens
+    (min_tokens, kernels/op.py), that many."""
+    example = linear.args[0].meta.get("example_value", linear.args[0].meta.get("val"))
     if not isinstance(example, torch.Tensor) or example.device.type != "cuda" or example.dim() < 2:
         return False
-    from ..kernels.prefill import ROW_MAJOR_MAX_TOKENS  # CUDA graphs only: keeps the kernels unloaded on CPU
+    from ..kernels.common import MANY_TOKENS  # CUDA graphs only: keeps the kernels unloaded on CPU
+    from ..kernels.prefill import ROW_MAJOR_MAX_TOKENS
 
-    tokens = math.prod(_hint(size) for size in example.shape[:-1])
-    return tokens > ROW_MAJOR_MAX_TOKENS
+    sizes = example.shape[:-1]
+    if linear.kwargs.get("min_tokens", 1) > 1 and not all(isinstance(size, int) for size in sizes):
+        return MANY_TOKENS > ROW_MAJOR_MAX_TOKENS
+    return math.prod(_hint(size) for size in sizes) > ROW_MAJOR_MAX_TOKENS
 
 
 def _hint(size: Any) -> int:
