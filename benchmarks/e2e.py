@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
         target = semi_structured(model) if variant == "semi-2:4" else model
         result["flow"] += flow(variant, target, SMOKE_FLOW if args.smoke else FLOW, args.smoke, device,
                                args.static_reference)
+        add_ratios(result["flow"], "wall_ms", "shape", higher_is_better=False)
+        add_ratios(result["flow"], "graph_ms", "shape", higher_is_better=False)
+        write_results(stem, result, markdown(result))  # kept if generate() outlasts the command's time limit
         if variant in args.generate.split(","):
             try:
                 batches = tuple(int(b) for b in args.batches.split(",") if b)
@@ -291,8 +294,6 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as error:  # a variant that fails is reported, not fatal to the others
                 result["generate"].append(dict(variant=variant, error=f"{type(error).__name__}: {error}"[:300]))
                 log(f"  {variant} generate failed: {result['generate'][-1]['error']}")
-        add_ratios(result["flow"], "wall_ms", "shape", higher_is_better=False)
-        add_ratios(result["flow"], "graph_ms", "shape", higher_is_better=False)
         add_ratios(result["generate"], "tokens_per_s", "batch", higher_is_better=True)
         write_results(stem, result, markdown(result))
         del target
