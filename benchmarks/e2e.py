@@ -210,7 +210,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['variant']} | {r['shape']} | {r['wall_ms']:.3f} | {_x(r, 'wall_ms_x_inductor')} | "
                      f"{_x(r, 'wall_ms_x_semi-2:4')} | {r['graph_ms']:.3f} | {_x(r, 'graph_ms_x_inductor')} | "
                      f"{_x(r, 'graph_ms_x_semi-2:4')} | {_f(r.get('static_graph_ms'), '.3f')} | "
-                     f"{_f(r.get('sparse_linear_cpu_us'), '.1f')} | {r['graphs']} | "
+                     f"{_cpu_us(r)} | {r['graphs']} | "
                      f"{r['first_call_s']:.1f} |")
     lines += ["", f"## generate(): prompt {PROMPT} -> {NEW_TOKENS} new tokens, static cache, "
               "mode=\"reduce-overhead\"", "", "| variant | batch | tokens/s | x inductor | x 2:4 | first generate s |",
@@ -223,6 +223,13 @@ def markdown(result: dict) -> str:
                      f"{_x(r, 'tokens_per_s_x_inductor')} | {_x(r, 'tokens_per_s_x_semi-2:4')} | "
                      f"{r['first_generate_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_us(row: dict) -> str:
+    """The per-call op's CPU us, 'no per-call op' where the profile found none, blank where not profiled."""
+    if "sparse_linear_cpu_us" in row and row["sparse_linear_cpu_us"] is None:
+        return "no per-call op"
+    return _f(row.get("sparse_linear_cpu_us"), ".1f")
 
 
 def _x(row: dict, key: str) -> str:
