@@ -2,6 +2,7 @@
 work: one permutation search, one compressed copy of each weight, the very same buffers."""
 
 import gc
+import importlib
 import weakref
 
 import pytest
@@ -71,6 +72,16 @@ def steps(monkeypatch):
 
 
 @pytest.fixture
+def scored(monkeypatch):
+    """How many weights' importance was computed."""
+    score = importlib.import_module("vnm_compile.passes.score")  # the package's `score` is the pass function
+    count = []
+    importance = score.importance
+    monkeypatch.setattr(score, "importance", lambda *args: count.append(1) or importance(*args))
+    return count
+
+
+@pytest.fixture
 def lowered(monkeypatch):
     """The rewritten graphs the backend hands to Inductor, in compile order."""
     graphs = []
@@ -85,15 +96,16 @@ def _sparse_buffers(gm) -> list[torch.Tensor]:
             for arg in node.args if isinstance(arg, torch.fx.Node) and arg.op == "get_attr"]
 
 
-def test_second_input_shape_takes_the_first_compile_work(steps, lowered):
+def test_second_input_shape_takes_the_first_compile_work(steps, scored, lowered):
     model = _model()
     compiled = torch.compile(model, backend="vnm", options=OPTIONS, dynamic=False)
     xs = [torch.randn(2, 5, 64), torch.randn(17, 64)]
     with torch.no_grad():
         first_out = compiled(xs[0])
-        searched = len(steps)
+        searched, scores = len(steps), len(scored)
         second_out = compiled(xs[1])
     assert len(lowered) == 2 and searched > 0 and len(steps) == searched  # two graphs, one search
+    assert scores > 0 and len(scored) == scores  # nor are the weights scored again (the report included)
     first, second = vnm.reports()[-2:]
     assert not _hits(first)
     assert second.reused["permutations"] == (1, 1) and second.reused["compressed"] == (3, 3)

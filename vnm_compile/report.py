@@ -212,8 +212,8 @@ def build_report(
     layers = []
     for site in discovery.linears.values():
         result = sparse.layers.get(site.node) if sparse is not None else None
-        importance = scores.importance.get(site.node)
-        total = float(importance.sum(dtype=torch.float64)) if importance is not None else None
+        # from the compression, which a recompile reuses: scoring a weight again costs as much as its first time
+        total = result.importance if result is not None else None
         unpermuted = permutations.unpermuted.get(site.node)
         layers.append(LayerReport(
             site.name, site.node, (site.out_features, site.in_features),

@@ -106,6 +106,12 @@ def permute(state: PassState) -> Permutations:
         key = (site.weight, site.transposed, *(None if perm is None else id(perm) for perm in used))
         return reuse.cached("retained", key, compute, keep=used)
 
+    def total(node: str) -> float:
+        """The linear's total importance, kept in `reuse` like `retained`."""
+        compute = lambda: float(members[node].sum(dtype=torch.float64))
+        site = discovery.linears[node]
+        return compute() if reuse is None else reuse.cached("importance", (site.weight, site.transposed), compute)
+
     before = {node: retained(node, {}) for node in involved}
     signatures = {group.id: (frozenset(group.dims), group.size) for group in groups}
     recalled = reuse.recall("permutations", signatures.values()) if reuse is not None else None
@@ -122,9 +128,8 @@ def permute(state: PassState) -> Permutations:
     searches = {}
     for group in groups:
         nodes = _members(group, members)
-        total = sum(float(members[node].sum(dtype=torch.float64)) for node in nodes)
         count, kept, seconds = steps[group.id]
-        searches[group.id] = GroupSearch(group.id, total, sum(before[node] for node in nodes),
+        searches[group.id] = GroupSearch(group.id, sum(map(total, nodes)), sum(before[node] for node in nodes),
                                          sum(current[node] for node in nodes), count, kept, seconds)
     return Permutations(perms, searches, before, stopped)
 

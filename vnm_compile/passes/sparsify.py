@@ -44,6 +44,7 @@ class LayerResult:
     name: str
     sparse: bool
     reason: str | None            # why it stays dense
+    importance: float | None      # total importance of its weights
     retained: float | None        # fraction of its importance the mask keeps
     error: float | None           # estimated relative output error (compression.estimated_error)
     weight: VNMWeight | None      # the compressed weight, in the permuted channel order
@@ -75,10 +76,10 @@ def sparsify(state: PassState) -> Sparsified | None:
     layers = {}
     for site in discovery.linears.values():
         if site.skip_reason is not None:
-            layers[site.node] = LayerResult(site.node, site.name, False, site.skip_reason, None, None, None)
+            layers[site.node] = LayerResult(site.node, site.name, False, site.skip_reason, None, None, None, None)
         elif site.stored:
             weight = _stored_weight(nodes[site.node], gm)
-            layers[site.node] = LayerResult(site.node, site.name, True, None, None, None, weight)
+            layers[site.node] = LayerResult(site.node, site.name, True, None, None, None, None, weight)
         else:
             compute = functools.partial(_compress, site, folded, scores, permutations, config)
             result = compute() if reuse is None else reuse.cached(
@@ -120,12 +121,13 @@ def _compress(site: LinearSite, folded: Folded, scores: Scores, permutations: Pe
     stats = scores.stats[site.node].permuted(in_perm)
     compressed = compress(weight, importance, stats, config)
     kept = torch.where(compressed.mask(), importance, 0).sum(dtype=torch.float64)
-    retained = float(kept / importance.sum(dtype=torch.float64).clamp_min(torch.finfo(torch.float64).tiny))
+    total = importance.sum(dtype=torch.float64)
+    retained = float(kept / total.clamp_min(torch.finfo(torch.float64).tiny))
     error = estimated_error(weight, compressed, stats)
     if config.max_layer_error is not None and error > config.max_layer_error:
         reason = f"estimated output error {error:.3f} exceeds max_layer_error={config.max_layer_error:g}"
-        return LayerResult(site.node, site.name, False, reason, retained, error, None)
-    return LayerResult(site.node, site.name, True, None, retained, error, compressed)
+        return LayerResult(site.node, site.name, False, reason, float(total), retained, error, None)
+    return LayerResult(site.node, site.name, True, None, float(total), retained, error, compressed)
 
 
 def _stored_weight(node: fx.Node, gm: fx.GraphModule) -> VNMWeight:
