@@ -67,10 +67,12 @@ def score(state: PassState) -> Scores:
     from `state.calibration` where it has the layer, else from one run of the graph on the example
     inputs. A non-finite weight or statistic raises, naming the layer; a layer whose inputs were all
     zero (no signal to score by) is logged as a warning."""
-    discovery, config, calibration = state.discover, state.config, state.calibration
+    discovery, config, calibration, reuse = state.discover, state.config, state.calibration, state.reuse
     eligible = [site for site in discovery.linears.values() if site.skip_reason is None and not site.stored]
     for site in eligible:
-        if not _finite(state.weights[site.weight]):
+        check = lambda site=site: _finite(state.weights[site.weight])
+        # `reuse` serves only unchanged parameters: one check of each is enough
+        if not (check() if reuse is None else reuse.cached("finite", site.weight, check)):
             raise ValueError(f"layer {site.name}: its weight {site.weight} holds NaN or Inf values; "
                              "fix the weights (or keep the layer dense with skip=) before sparsifying")
     stats: dict[str, LayerStats] = {}
