@@ -133,14 +133,24 @@ def test_a_static_graph_that_fails_to_compile_leaves_the_dynamic_graph(monkeypat
     assert len(failures) == 1 and "no static graph today" in failures[0].getMessage()
 
 
+def _symbolic_tokens(hint: int):
+    """A fake mode whose shape environment holds a dynamic token count: (shape_env, mode, symbol, tokens)."""
+    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    shape_env = ShapeEnv()
+    source = TensorPropertySource(LocalSource("x"), TensorProperty.SIZE, 0)
+    symbol = shape_env.create_symbol(hint, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    return shape_env, FakeTensorMode(shape_env=shape_env), symbol, shape_env.create_symintnode(symbol, hint=hint,
+                                                                                               source=source)
+
+
 def test_pinned_token_count_takes_the_static_kernel_path(monkeypatch):
     """Traced for CUDA (fake tensors: no GPU needed), vnm.linear with a symbolic token count defers to
     the per-call op; with the symbol pinned, as the backend's static graphs are compiled, it takes the
     kernel path with the pinned count, pin after pin (no cache serves one pin's shapes to another)."""
-    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
     from torch._guards import TracingContext
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
     from vnm_compile import backend
     from vnm_compile.kernels import dispatch
@@ -149,11 +159,7 @@ def test_pinned_token_count_takes_the_static_kernel_path(monkeypatch):
     monkeypatch.setattr(dispatch, "kernel_linear", lambda x, operands, **kwargs: paths.append(x.shape[0])
                         or x.new_empty(x.shape[0], operands.rows))
     weight = vnm.VNMWeight.from_dense(torch.randn(256, 512).half(), 64, 8)
-    shape_env = ShapeEnv()
-    mode = FakeTensorMode(shape_env=shape_env)
-    source = TensorPropertySource(LocalSource("x"), TensorProperty.SIZE, 0)
-    symbol = shape_env.create_symbol(5, source=source, dynamic_dim=DimDynamic.DYNAMIC)
-    tokens = shape_env.create_symintnode(symbol, hint=5, source=source)
+    _, mode, symbol, tokens = _symbolic_tokens(5)
     with mode:
         stored = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (weight.values, weight.columns,
                                                                                weight.metadata)]
@@ -184,10 +190,6 @@ def test_symbolic_count_above_the_static_graphs_takes_the_kernels_without_a_guar
     min_tokens above 1 (a dynamic graph whose small counts run static graphs of their own) takes the
     kernels planned for many tokens, the prefill kernel on x.T, and adds no guard on the count;
     without min_tokens it defers to the per-call op."""
-    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
-
     dispatch, tuning = compiled_kernels["dispatch"], compiled_kernels["tuning"]
     for module in (dispatch, tuning):  # no GPU to name: no measured table, the default rules
         monkeypatch.setattr(module, "gpu_slug", lambda device: "no-such-gpu")
@@ -198,11 +200,7 @@ def test_symbolic_count_above_the_static_graphs_takes_the_kernels_without_a_guar
                         or real_launch(kernel, xt, *args, **kwargs))
     weight = vnm.VNMWeight.from_dense(torch.randn(256, 512).half(), 64, 8)
     layout = vnm.kernels.prefill_layout(weight)
-    shape_env = ShapeEnv()
-    mode = FakeTensorMode(shape_env=shape_env)
-    source = TensorPropertySource(LocalSource("x"), TensorProperty.SIZE, 0)
-    symbol = shape_env.create_symbol(40, source=source, dynamic_dim=DimDynamic.DYNAMIC)
-    tokens = shape_env.create_symintnode(symbol, hint=40, source=source)
+    shape_env, mode, _, tokens = _symbolic_tokens(40)
     with mode:
         stored = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (
             weight.values, weight.columns, weight.metadata, layout.expanded, layout.channels)]
