@@ -97,8 +97,9 @@ class VNMConfig:
       where it wins; static_tokens: a dynamic-shape graph (Dynamo's, after a second input
       shape) runs each token count up to this many in a static graph of its own, compiled when the
       count is first seen, where Inductor launches the kernels directly; larger counts run the
-      dynamic graph, which picks kernels per call (0: the dynamic graph only; modes that replay CUDA
-      graphs need none: a replay skips the per-call work).
+      dynamic graph, which launches the kernels planned for many tokens (0: the dynamic graph only,
+      choosing kernels per call; modes that replay CUDA graphs need none: a replay skips the per-call
+      work).
     allow_small_v: accept v < 16 (tests).
     """
 
