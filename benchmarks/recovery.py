@@ -23,6 +23,7 @@ the kernels.
     python3 -m benchmarks.recovery --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
         --corpus benchmarks/corpus.json --device cuda              # all rows within --time-limit
     python3 -m benchmarks.recovery --gguf ... --corpus ... --quick   # CPU smoke test
+--eval-every N also evaluates the model under training every N tokens: the row's curve.
 Results: recovery-<device>.{json,md,png} (recovery-quick.* with --quick) in benchmarks/results, and
 in $OUT when it is set.
 """
@@ -34,15 +35,17 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import vnm_compile as vnm
 from benchmarks import corpus as corpus_file
 from benchmarks.accuracy import PATTERNS, RESULTS, WINDOW, load_smollm, perplexity, sparsity, token_windows
 from benchmarks.timing import device_record
-from vnm_compile.recovery import FinetuneSchedule, masked_copy
+from vnm_compile.recovery import FinetuneSchedule, Step, masked_copy
 from vnm_compile.sequential import compress_sequential
 
 RECIPES = ("reconstruction", "fixed", "fixed-weights", "three-staged", "reconstruction+three-staged")
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="block-wise refinement steps after the reconstruction (0: none)")
     parser.add_argument("--refine-lr", type=float, default=3e-3)
     parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="training tokens between evaluations of the model under training (its masked weights "
+                             "are the final model's), reported as the row's curve; 0: at the end only")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2:4, windows of 64 tokens, 4 steps of 2, 1 evaluation window, RIA masks "
@@ -171,17 +177,19 @@ def main(argv: list[str] | None = None) -> None:
             if recipe == "reconstruction":
                 recovered, tokens, seconds = masked_copy(model, weights), calibration_tokens, reconstruction_seconds
             else:
-                losses = []
+                losses, curve = [], []
                 recovered = vnm.finetune(model, batches, training_config, schedule(recipe, steps, args),
                                          start=None if recipe == "three-staged" else weights,
-                                         on_step=lambda step, losses=losses: losses.append(round(step.loss, 4)))
-                tokens, seconds = steps * step_tokens, time.perf_counter() - start
+                                         on_step=_recorder(losses, curve, step_tokens, args.eval_every, evaluate))
+                tokens = steps * step_tokens
+                seconds = time.perf_counter() - start - sum(point["seconds"] for point in curve)
                 pace.trained(tokens, seconds)
             result = evaluate(recovered)
             row = {"pattern": pattern, "v": v, "m": m, "recipe": recipe, **result,
                    **{f"{name}_ratio": result[name] / dense[name] for name in HELD_OUT},
                    "sparsity": round(sparsity(weights), 4), "tokens": tokens, "seconds": round(seconds, 1),
-                   "losses": losses[:: max(1, len(losses) // 50)] if recipe != "reconstruction" else None}
+                   "losses": losses[:: max(1, len(losses) // 50)] if recipe != "reconstruction" else None,
+                   "curve": curve if recipe != "reconstruction" else None}
             rows.append(row)
             print(f"{pattern} {recipe}: {_perplexities(result)} ({tokens} tokens, {seconds:.0f} s; "
                   f"{time.perf_counter() - started:.0f} s so far)", flush=True)
@@ -189,6 +197,27 @@ def main(argv: list[str] | None = None) -> None:
             del recovered
     print(_table(rows))
     print(f"{time.perf_counter() - started:.0f} s in all")
+
+
+def _recorder(losses: list, curve: list, step_tokens: int, every: int, evaluate: Callable[[nn.Module], dict]):
+    """An on_step callback keeping each step's loss and, every `every` training tokens, the held-out
+    perplexities of the model under training (with the seconds they took, which the recipe's time
+    leaves out)."""
+
+    def record(step: Step) -> None:
+        losses.append(round(step.loss, 4))
+        tokens = step.step * step_tokens
+        if every and tokens // every > (tokens - step_tokens) // every:
+            start = time.perf_counter()
+            step.model.eval()
+            with torch.no_grad():
+                perplexities = evaluate(step.model)
+            step.model.train()
+            curve.append({"tokens": tokens, "stage": step.stage, **perplexities,
+                          "seconds": time.perf_counter() - start})
+            print(f"  {tokens} tokens ({step.stage}): {_perplexities(curve[-1])}", flush=True)
+
+    return record
 
 
 def _probe(model, batches: list[dict], config: vnm.VNMConfig, weights: dict, args: argparse.Namespace) -> float:
@@ -273,7 +302,20 @@ def _markdown(rows: list[dict], s: dict) -> str:
         "",
         _table(rows),
         "",
+        *_curves(rows),
     ])
+
+
+def _curves(rows: list[dict]) -> list[str]:
+    """Each training row's perplexities during training (x dense), where --eval-every asked for them."""
+    dense = rows[0]
+    lines = []
+    for r in rows:
+        if r.get("curve"):
+            points = "; ".join(f"{p['tokens']}: " + ", ".join(f"{p[name] / dense[name]:.2f}x" for name in HELD_OUT)
+                               for p in r["curve"])
+            lines += [f"{r['pattern']} {r['recipe']} during training (tokens: pydoc, english): {points}", ""]
+    return lines
 
 
 def _plot(rows: list[dict], path: Path) -> None:
