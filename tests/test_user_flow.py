@@ -307,6 +307,23 @@ def test_gpu_small_token_counts_skip_the_per_call_dispatch(monkeypatch):
         torch.testing.assert_close(value, logits[0, batch, tokens], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
+def test_gpu_decode_graph_reads_the_stored_weights_as_they_are():
+    """A decode step's graph launches each sparse linear's kernel on the compressed tensors as stored:
+    no per-call op reinterprets or copies a weight (each would cost CPU time at every step)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _tiny_llama_cuda()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="vnm", options=GPU_OPTIONS)
+    ids = torch.randint(0, 256, (1, 1), device="cuda")
+    with torch.no_grad():
+        _, sources = run_and_get_code(lambda: compiled(input_ids=ids, use_cache=False))
+    code = "\n".join(sources)
+    assert "vnm_decode_kernel" in code
+    assert "view.dtype" not in code
+
+
 GENERATE = dict(max_new_tokens=16, do_sample=False, cache_implementation="static", pad_token_id=0)
 
 

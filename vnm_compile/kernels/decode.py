@@ -220,6 +220,13 @@ def vnm_decode_kernel(
 ):
     dtype = x_ptr.dtype.element_ty
     half_int = tl.int16 if HALF_BITS == 16 else tl.int32
+    # The stored dtypes reinterpreted here, not by tensor views: a view is an op of its own in every
+    # graph that launches this kernel, a few microseconds of CPU a call.
+    if QUADS or HALF_BITS == 32:  # a 64-bit word: both groups' 16-bit value pairs, or one group's 32-bit pair
+        values_ptr = values_ptr.to(tl.pointer_type(tl.int64))
+    else:
+        values_ptr = values_ptr.to(tl.pointer_type(tl.int32))
+    cols_ptr = cols_ptr.to(tl.pointer_type(tl.int32))  # a group's 4 column bytes as one word
 
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -303,10 +310,8 @@ def decode_arguments(x: torch.Tensor, operands: Operands, split_k: int, y: torch
     """The decode kernel's arguments but its config, for row-major x [T, C] into y: (positional, constexpr)."""
     values, groups = operands.values, operands.groups
     quads = values.element_size() == 2 and groups % 2 == 0
-    pairs = values.view(torch.int64 if quads or values.element_size() == 4 else torch.int32)
-    words = operands.columns.view(torch.int32).view(operands.columns.shape[0], groups)
     bias = operands.bias
-    positional = [x, pairs, operands.metadata, words, bias if bias is not None else values, y,
+    positional = [x, values, operands.metadata, operands.columns, bias if bias is not None else values, y,
                   operands.rows, operands.in_features, x.shape[0], groups, operands.m, x.stride(0),
                   token_bucket(x.shape[0])]
     constexprs = dict(V=operands.v, HAS_BIAS=bias is not None, QUADS=quads, HALF_BITS=8 * values.element_size(),
