@@ -1,9 +1,11 @@
 """The recovery-training corpus: English technical text of a Debian system, and two held-out texts.
 
   train    the pydoc topics at even positions (accuracy.py's calibration half), Debian man pages
-           (sections 1, 5, 7 and 8, rendered to plain text by groff) and package documentation
-           under /usr/share/doc (README, FAQ, *.txt and *.md; no changelogs, no copyright files),
-           each document whole (long ones cut at a paragraph), in a seeded shuffled order;
+           (sections 1, 5, 7 and 8, rendered to plain text by groff), package documentation under
+           /usr/share/doc (README, FAQ, *.txt and *.md; no changelogs, no copyright files), the GNU
+           info manuals (their nodes in order, without menus) and the long descriptions of the
+           installed Python distributions (their READMEs), each document whole (long ones cut at a
+           paragraph), in a seeded shuffled order;
   heldout  "pydoc": the pydoc topics at odd positions; "english": Vim's user manual (usr_*.txt), a
            tutorial in English prose that is not Python documentation. Vim's own man pages and
            documentation are left out of train, so neither held-out text is ever trained on.
@@ -25,6 +27,9 @@ import subprocess
 from pathlib import Path
 
 MAN_SECTIONS = ("man1", "man5", "man7", "man8")
+# Each source's share of the training text; a source with less text gives what it has.
+SHARES = {"man": 0.45, "doc": 0.3, "info": 0.15, "python": 0.1}
+INFO_MENU_ENTRY = re.compile(r"^\* (Menu:|.*::)")
 DOC_NAMES = re.compile(r"^(README|FAQ)|\.(txt|md)$", re.IGNORECASE)
 # Held out: vim's user manual, so vim's pages and docs stay out of the training text.
 HELD_OUT_PACKAGES = re.compile(r"^(vim|gvim|rvim|vimdiff|vimtutor|view|ex|vi|xxd)\b")
@@ -82,6 +87,41 @@ def package_docs(root: Path = Path("/usr/share/doc"), seed: int = 0) -> list[Pat
     return found
 
 
+def info_manuals(root: Path = Path("/usr/share/info")) -> list[Path]:
+    """The GNU info manuals' files (a manual split in parts has several), without the held-out package's."""
+    return sorted(path for path in root.glob("*.info*") if not HELD_OUT_PACKAGES.match(path.name))
+
+
+def info_documents(path: Path) -> list[str]:
+    """An info file's nodes as plain text, consecutive nodes joined up to MAX_DOCUMENT characters:
+    each node's header line, the menus and the tag table dropped."""
+    documents, current = [], ""
+    for node in _read(path).split("\x1f")[1:]:
+        lines = node.strip("\n").splitlines()
+        if not lines or not lines[0].startswith("File:"):  # the tag table, an indirect file list
+            continue
+        text = _clean("\n".join(line for line in lines[1:] if not INFO_MENU_ENTRY.match(line)))
+        if current and len(current) + len(text) > MAX_DOCUMENT:
+            documents.append(current)
+            current = ""
+        current = f"{current}\n\n{text}" if current else text
+    return [_clean(document) for document in [*documents, current] if document]
+
+
+def python_descriptions() -> list[str]:
+    """The long descriptions (the README) of the installed Python distributions, one a distribution."""
+    import importlib.metadata
+
+    found = {}
+    for distribution in importlib.metadata.distributions():
+        metadata = distribution.read_text("METADATA") or ""
+        _, _, body = metadata.partition("\n\n")
+        name = distribution.metadata["Name"] or ""
+        if body.strip() and not HELD_OUT_PACKAGES.match(name.lower()):
+            found.setdefault(name.lower(), _clean(body))
+    return [found[name] for name in sorted(found)]
+
+
 def vim_user_manual(characters: int = 80_000) -> str:
     """The first usr_*.txt chapters of Vim's user manual, at least `characters` long."""
     found = sorted(Path("/usr/share/vim").glob("vim*/doc/usr_[0-9]*.txt"))
@@ -96,7 +136,7 @@ def vim_user_manual(characters: int = 80_000) -> str:
     return text
 
 
-def build(path: Path, megabytes: float = 4.0, man_share: float = 0.6, seed: int = 0) -> dict:
+def build(path: Path, megabytes: float = 4.0, seed: int = 0) -> dict:
     """Assemble the corpus and write it to `path` as JSON; returns what it wrote."""
     from benchmarks.accuracy import pydoc_split
 
@@ -106,22 +146,30 @@ def build(path: Path, megabytes: float = 4.0, man_share: float = 0.6, seed: int 
     english = vim_user_manual()
     budget = int(megabytes * 2**20) - len(pydoc_train)
     rng = random.Random(seed)
-    documents, sources = [pydoc_train], {"pydoc": 1, "man": 0, "doc": 0}
-    for source, paths, share, read in (("man", man_pages(seed=seed), man_share, render_man_page),
-                                       ("doc", package_docs(seed=seed), 1 - man_share, lambda p: _clean(_read(p)))):
-        rng.shuffle(paths)
+    documents, sources = [pydoc_train], {"pydoc": 1, **dict.fromkeys(SHARES, 0)}
+    # each source: its items, and what an item reads as (a list of documents)
+    candidates = {"man": (man_pages(seed=seed), lambda path: [render_man_page(path)]),
+                  "doc": (package_docs(seed=seed), lambda path: [_clean(_read(path))]),
+                  "info": (info_manuals(), info_documents),
+                  "python": (python_descriptions(), lambda text: [text])}
+    seen: set[str] = set()
+    for source, (items, read) in candidates.items():
+        rng.shuffle(items)
         size = 0
-        for candidate in paths:
-            if size >= share * budget:
+        for item in items:
+            if size >= SHARES[source] * budget:
                 break
             try:
-                text = read(candidate)
+                texts = read(item)
             except (OSError, subprocess.SubprocessError):
                 continue
-            if len(text) >= MIN_DOCUMENT and text not in english and text not in pydoc_heldout:
-                documents.append(text)
-                sources[source] += 1
-                size += len(text)
+            for text in texts:
+                # text in several packages (a license every GNU manual appends) is taken once
+                if len(text) >= MIN_DOCUMENT and text not in english and text not in pydoc_heldout and text not in seen:
+                    seen.add(text)
+                    documents.append(text)
+                    sources[source] += 1
+                    size += len(text)
     rng.shuffle(documents)
     corpus = {"train": documents, "heldout": {"pydoc": pydoc_heldout, "english": english}, "documents": sources}
     path.write_text(json.dumps(corpus))

@@ -284,8 +284,10 @@ class _FrozenGraph:
                     f"({'replaced' if current is not snapshot.tensor else 'written in place'}, e.g. by "
                     "load_state_dict or an optimizer step); the compiled graph would serve stale weights. "
                     "Call torch.compiler.reset() and compile the model again.")
+        if not torch.is_grad_enabled():  # inference: no output to guard, and no search over the inputs
+            return self.compiled(*args)
         anchor = next((arg for arg in args if isinstance(arg, torch.Tensor) and arg.requires_grad), None)
-        if anchor is None or not torch.is_grad_enabled():
+        if anchor is None:
             return self.compiled(*args)
         with torch.no_grad():
             outputs = self.compiled(*args)
