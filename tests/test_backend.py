@@ -207,6 +207,35 @@ def test_token_dimension_is_dynamic():
         torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-4)
 
 
+def test_lowered_graph_takes_the_inputs_it_reads_and_its_weights_stay_static(monkeypatch):
+    """Inductor gets no input the rewritten graph does not read (the parameters whose layers now read
+    compressed buffers: each would be checked at every call), and the weights it does read are static
+    inputs, which CUDA graphs never copy: all but the token ids."""
+    import torch._functorch.aot_autograd as aot_autograd
+
+    seen = []
+    original = aot_autograd._try_get_metadata_from_dynamo
+
+    def recording(mod, param_keys, full_args_num, *args):
+        sources, static = original(mod, param_keys, full_args_num, *args)
+        seen.append((mod, full_args_num, static))
+        return sources, static
+
+    monkeypatch.setattr(aot_autograd, "_try_get_metadata_from_dynamo", recording)
+    torch.manual_seed(0)
+    model, inputs = _llama()
+    model.eval()
+    torch._dynamo.reset()
+    sparse = _compile(model, inputs, OPTIONS)
+    (graph, inputs_count, static), = seen
+    placeholders = list(graph.graph.find_nodes(op="placeholder"))
+    assert all(node.users for node in placeholders)
+    assert inputs_count - len(static) == 1, (inputs_count, static)  # the token ids
+    reference = masked_reference(model, sparse.report)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse.output, _first(reference(**inputs)), rtol=1e-4, atol=1e-4)
+
+
 def test_backend_found_by_entry_point_without_import():
     code = ("import sys, torch; m = torch.nn.Linear(64, 64); "
             "y = torch.compile(m, backend='vnm', options={'v': 16, 'm': 8, 'inductor': False})(torch.randn(3, 64)); "

@@ -28,12 +28,45 @@ def lower(state: PassState, example_inputs: list[Any], record: bool = False) -> 
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    gm = state.graph
-    _register_each_buffer_once(gm)
+    _register_each_buffer_once(state.graph)
+    gm, read = _reading_inputs_only(state.graph)
     _keep_dynamo_metadata(gm, state.gm)
     patches = list_mode_options(state.config.mode)
     with torch.no_grad(), state.recorder.lowering(always=record):  # an inference graph: gradients are refused
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        compiled = compile_fx(gm, [example_inputs[position] for position in read], config_patches=patches)
+    return compiled if len(read) == len(example_inputs) else _ReadInputs(compiled, read)
+
+
+def _reading_inputs_only(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]:
+    """A copy of `gm` (sharing its buffers) without the placeholders of the inputs it does not read,
+    and the positions of those it reads. The unread ones are the parameters whose layers now read
+    compressed buffers: Inductor's code would check each one's size and strides at every call. An
+    input whose sizes are symbolic stays (it may be where a size symbol comes from). `gm` itself
+    keeps every input: the report's measurements run it with all of them."""
+    graph = fx.Graph()
+    output = graph.output(graph.graph_copy(gm.graph, {}))
+    output.meta = dict(gm.graph.output_node().meta)
+    read = []
+    for position, node in enumerate(list(graph.find_nodes(op="placeholder"))):
+        value = node.meta.get("val", node.meta.get("example_value"))
+        sizes = (*value.shape, *value.stride()) if isinstance(value, torch.Tensor) else (None,)
+        if node.users or not all(isinstance(size, int) for size in sizes):
+            read.append(position)
+        else:
+            graph.erase_node(node)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy, read
+
+
+class _ReadInputs:
+    """The compiled graph, called with every input Dynamo passes, of which it takes those it reads."""
+
+    def __init__(self, compiled: Callable, read: list[int]):
+        self.compiled, self.read = compiled, read
+
+    def __call__(self, *args: Any) -> Any:
+        return self.compiled(*[args[position] for position in self.read])
 
 
 def _register_each_buffer_once(gm: fx.GraphModule) -> None:
