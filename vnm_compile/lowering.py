@@ -18,6 +18,7 @@ import torch
 from torch import fx
 from torch._dynamo.source import ConstantSource
 
+from .passes.common import copied_graph
 from .pipeline import PassState
 
 
@@ -43,9 +44,8 @@ def _reading_inputs_only(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]
     compressed buffers: Inductor's code would check each one's size and strides at every call. An
     input whose sizes are symbolic stays (it may be where a size symbol comes from). `gm` itself
     keeps every input: the report's measurements run it with all of them."""
-    graph = fx.Graph()
-    output = graph.output(graph.graph_copy(gm.graph, {}))
-    output.meta = dict(gm.graph.output_node().meta)
+    graph = copied_graph(gm)
+    graph.output_node().meta = dict(gm.graph.output_node().meta)
     read = []
     for position, node in enumerate(list(graph.find_nodes(op="placeholder"))):
         value = node.meta.get("val", node.meta.get("example_value"))
