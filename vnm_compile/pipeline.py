@@ -22,7 +22,7 @@ from torch import fx
 from .calibration import Calibration
 from .config import VNMConfig
 from .passes import discover, fold, layout, permute, score, sparsify, verify
-from .passes.common import Reuse, concrete_inputs
+from .passes.common import Reuse, concrete_inputs, reused
 from .passes.diff import StageRecorder
 from .passes.discover import Discovery
 from .passes.fold import Folded
@@ -62,9 +62,8 @@ class PassState:
 
     def __post_init__(self) -> None:
         self.parameters = {node: name for node, (name, _) in self.found.items()}
-        reuse = self.reuse
-        self.weights = {name: reuse.cached("parameters", id(tensor), tensor.detach) if reuse is not None
-                        else tensor.detach() for name, tensor in self.found.values()}
+        self.weights = {name: reused(self.reuse, "parameters", id(tensor), tensor.detach)
+                        for name, tensor in self.found.values()}
 
     def inputs(self) -> list[Any]:
         """Fresh concrete inputs for one run of Dynamo's graph (parameters by their live values)."""

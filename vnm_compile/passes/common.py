@@ -165,6 +165,12 @@ class _Interpreter(fx.Interpreter):
         return fx.node.map_aggregate(args, cast), fx.node.map_aggregate(kwargs, cast)
 
 
+def reused(reuse: Reuse | None, table: str, key: Hashable, compute: Callable[[], T], keep: Any = None,
+           weak: bool = False) -> T:
+    """`reuse.cached(table, key, compute, keep, weak)`, or `compute()` where there is no reuse."""
+    return compute() if reuse is None else reuse.cached(table, key, compute, keep, weak)
+
+
 class Reuse:
     """What earlier compiles of one set of parameters, under one config, computed: the graphs Dynamo
     compiles for one model (other input shapes, the dynamic-shape graph, the decode graph) share

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from .common import attribute_name, copied_graph
+from .common import attribute_name, copied_graph, reused
 
 if TYPE_CHECKING:
     from ..pipeline import PassState
@@ -49,8 +49,7 @@ def fold(state: PassState) -> Folded:
             permuted.add(name)
         sources[name] = (id(weight), tuple(None if perm is None else encoded[id(perm)] for perm in perms))
         compute = functools.partial(_permuted, weight, perms)
-        tensors[name] = compute() if reuse is None else reuse.cached("folded", sources[name], compute, keep=weight,
-                                                                     weak=True)
+        tensors[name] = reused(reuse, "folded", sources[name], compute, keep=weight, weak=True)
     holder = torch.nn.Module()
     attributes = {}
     for name, tensor in tensors.items():

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..config import VNMConfig
 from ..format import KEPT_COLUMNS, KEPT_PER_ROW, vnm_mask
+from .common import reused
 from .discover import Discovery, Group
 from .score import Scores
 
@@ -99,18 +100,16 @@ def permute(state: PassState) -> Permutations:
         """search.retained, kept in `reuse` for permutations it holds (by their ids): a reused graph
         takes the numbers of the compile that found its permutations instead of masking every weight again."""
         compute = (lambda: known) if known is not None else (lambda: search.retained(node, perms))
-        if reuse is None:
-            return compute()
         site = discovery.linears[node]
         used = [perms.get(group) for group in (site.out_group, site.in_group)]
         key = (site.weight, site.transposed, *(None if perm is None else id(perm) for perm in used))
-        return reuse.cached("retained", key, compute, keep=used)
+        return reused(reuse, "retained", key, compute, keep=used)
 
     def total(node: str) -> float:
         """The linear's total importance, kept in `reuse` like `retained`."""
-        compute = lambda: float(members[node].sum(dtype=torch.float64))
         site = discovery.linears[node]
-        return compute() if reuse is None else reuse.cached("importance", (site.weight, site.transposed), compute)
+        return reused(reuse, "importance", (site.weight, site.transposed),
+                      lambda: float(members[node].sum(dtype=torch.float64)))
 
     before = {node: retained(node, {}) for node in involved}
     signatures = {group.id: (frozenset(group.dims), group.size) for group in groups}

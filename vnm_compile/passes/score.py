@@ -17,7 +17,7 @@ from torch import fx
 from ..calibration import LayerStats
 from ..config import VNMConfig
 from ..scoring import importance
-from .common import node_outputs
+from .common import node_outputs, reused
 from .discover import LinearSite
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def score(state: PassState) -> Scores:
     for site in eligible:
         check = lambda site=site: _finite(state.weights[site.weight])
         # `reuse` serves only unchanged parameters: one check of each is enough
-        if not (check() if reuse is None else reuse.cached("finite", site.weight, check)):
+        if not reused(reuse, "finite", site.weight, check):
             raise ValueError(f"layer {site.name}: its weight {site.weight} holds NaN or Inf values; "
                              "fix the weights (or keep the layer dense with skip=) before sparsifying")
     stats: dict[str, LayerStats] = {}

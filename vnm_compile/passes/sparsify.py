@@ -27,7 +27,7 @@ from ..compression import compress, estimated_error
 from ..config import VNMConfig
 from ..format import VNMWeight, concat_rows
 from ..kernels.op import cusparselt_refusal, cusparselt_weight, prefill_layout
-from .common import Reuse, attribute_name, copied_graph
+from .common import Reuse, attribute_name, copied_graph, reused
 from .discover import LinearSite
 from .fold import Folded
 from .permute import Permutations
@@ -82,8 +82,7 @@ def sparsify(state: PassState) -> Sparsified | None:
             layers[site.node] = LayerResult(site.node, site.name, True, None, None, None, None, weight)
         else:
             compute = functools.partial(_compress, site, folded, scores, permutations, config)
-            result = compute() if reuse is None else reuse.cached(
-                "compressed", (folded.sources[site.weight], site.transposed), compute)
+            result = reused(reuse, "compressed", (folded.sources[site.weight], site.transposed), compute)
             layers[site.node] = dataclasses.replace(result, node=site.node, name=site.name)
     readers: dict[str, list[str]] = {}  # input node -> its sparse linears, in graph order
     for node in gm.graph.nodes:
