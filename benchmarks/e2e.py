@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="variants that also run generate()")
     parser.add_argument("--batches", default="1,16", help="generate() batch sizes")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU")
+    parser.add_argument("--shapes", default=None,
+                        help="the flow's shapes in order, BATCHxTOKENS comma-separated; empty: generate() alone "
+                             "(default: the server's order, " + ",".join(f"{b}x{t}" for b, t in FLOW) + ")")
     parser.add_argument("--static-reference", action="store_true",
                         help="also time each shape in a fresh static compile (CUDA-graph ms)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
@@ -273,6 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or (device == "cpu" and "semi-2:4" in variants and not args.smoke):
         raise SystemExit(f"unknown variants {unknown}; known: {VARIANTS} (semi-2:4 needs CUDA)")
+    shapes = SMOKE_FLOW if args.smoke else FLOW
+    if args.shapes is not None:
+        shapes = tuple(tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",") if shape)
     if device == "cpu":
         variants = [v for v in variants if v != "semi-2:4"]
     import transformers
@@ -289,8 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     stem = args.out / f"e2e-{result['slug']}"
     for variant in variants:
         target = semi_structured(model) if variant == "semi-2:4" else model
-        result["flow"] += flow(variant, target, SMOKE_FLOW if args.smoke else FLOW, args.smoke, device,
-                               args.static_reference)
+        result["flow"] += flow(variant, target, shapes, args.smoke, device, args.static_reference)
         add_ratios(result["flow"], "wall_ms", "shape", higher_is_better=False)
         add_ratios(result["flow"], "graph_ms", "shape", higher_is_better=False)
         write_results(stem, result, markdown(result))  # kept if generate() outlasts the command's time limit

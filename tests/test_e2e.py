@@ -44,3 +44,12 @@ def test_append_keeps_the_other_variants_rows_of_the_same_device():
     assert "Rows of inductor" in result["header"]
     with pytest.raises(SystemExit, match="device"):
         e2e.appended(dict(now, flow=[]), _earlier("other gpu"), ["vnm-64:2:8"])
+
+
+def test_shapes_pick_the_flow_and_empty_shapes_leave_generate_alone(tmp_path):
+    result = e2e.main(["--smoke", "--variants", "vnm-64:2:8", "--shapes", "", "--generate", "vnm-64:2:8",
+                       "--batches", "1", "--out", str(tmp_path)])
+    assert result["flow"] == [] and [row["batch"] for row in result["generate"]] == [1]
+    result = e2e.main(["--smoke", "--variants", "inductor", "--shapes", "2x1", "--generate", "", "--out",
+                       str(tmp_path)])
+    assert [row["shape"] for row in result["flow"]] == ["2x1"] and result["generate"] == []
