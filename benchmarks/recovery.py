@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"pattern": "dense", "recipe": "-", **dense, "tokens": 0, "seconds": 0.0}]
     print(f"dense {_perplexities(dense)}", flush=True)
     training_recipes = sum(r != "reconstruction" for r in args.recipes)
-    pace = _Pace(started + args.time_limit, training_recipes, evaluation_seconds * len(args.recipes))
+    pace = _Pace(started + args.time_limit, training_recipes, evaluation_seconds * len(args.recipes),
+                 evaluation_seconds / args.eval_every if args.eval_every else 0.0)
     for index, pattern in enumerate(args.patterns):
         v, m = PATTERNS[pattern]
         refine = vnm.Refinement(args.refine_steps, args.refine_lr) if args.refine_steps else None
@@ -232,11 +233,15 @@ class _Pace:
     """Training tokens each training recipe of a pattern can have for the run to end by `deadline`
     (a perf_counter time): what is left, less the reconstructions and evaluations still to come
     (each pattern's as long as this one's), shared among the training runs still to come at the
-    seconds a token measured so far (or the probe's, before any)."""
+    seconds a token measured so far (or the probe's, before any) plus its share of the curve's
+    evaluations."""
 
-    def __init__(self, deadline: float, training_recipes: int, evaluation_seconds: float):
-        """evaluation_seconds: a pattern's evaluations."""
+    def __init__(self, deadline: float, training_recipes: int, evaluation_seconds: float,
+                 curve_seconds_per_token: float = 0.0):
+        """evaluation_seconds: a pattern's evaluations; curve_seconds_per_token: the curve's evaluations
+        (--eval-every) spread over the training tokens."""
         self.deadline, self.training_recipes, self.evaluation_seconds = deadline, training_recipes, evaluation_seconds
+        self.curve_seconds_per_token = curve_seconds_per_token
         self.seconds_per_token = 0.0
         self.train_tokens = self.train_seconds = 0.0
 
@@ -245,7 +250,8 @@ class _Pace:
             return wanted
         available = (self.deadline - time.perf_counter() - self.evaluation_seconds
                      - (patterns_left - 1) * (reconstruction_seconds + self.evaluation_seconds))
-        fitting = int(available / (patterns_left * self.training_recipes * self.seconds_per_token))
+        seconds_per_token = self.seconds_per_token + self.curve_seconds_per_token
+        fitting = int(available / (patterns_left * self.training_recipes * seconds_per_token))
         if fitting < wanted:
             print(f"time limit: {max(0, fitting)} training tokens a training recipe, not {wanted}", flush=True)
         return max(0, min(wanted, fitting))
