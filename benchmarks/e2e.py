@@ -204,10 +204,11 @@ def add_ratios(rows: list[dict], key: str, by: str, higher_is_better: bool) -> N
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# End to end: {result['model']}", "", result["header"], "",
-             "## One compile, the shapes a server sees (default mode)", "",
-             "| variant | shape | wall ms | x inductor | x 2:4 | CUDA-graph ms | x inductor | x 2:4 | "
-             "static compile, CUDA-graph ms | CPU us / sparse linear | graphs | first call s |", "|" + "---|" * 12]
+    lines = [f"# End to end: {result['model']}", "", result["header"]]
+    if result["flow"]:
+        lines += ["", "## One compile, the shapes a server sees (default mode)", "",
+                  "| variant | shape | wall ms | x inductor | x 2:4 | CUDA-graph ms | x inductor | x 2:4 | "
+                  "static compile, CUDA-graph ms | CPU us / sparse linear | graphs | first call s |", "|" + "---|" * 12]
     for r in result["flow"]:
         if "wall_ms" not in r:
             lines.append(f"| {r['variant']} | {r['shape']} | {r.get('error', 'not timed (CPU)')} |" + " |" * 9)
@@ -217,9 +218,10 @@ def markdown(result: dict) -> str:
                      f"{_x(r, 'graph_ms_x_semi-2:4')} | {_f(r.get('static_graph_ms'), '.3f')} | "
                      f"{_cpu_us(r)} | {r['graphs']} | "
                      f"{r['first_call_s']:.1f} |")
-    lines += ["", f"## generate(): prompt {PROMPT} -> {NEW_TOKENS} new tokens, static cache, "
-              "mode=\"reduce-overhead\"", "", "| variant | batch | tokens/s | x inductor | x 2:4 | first generate s |",
-              "|" + "---|" * 6]
+    if result["generate"]:
+        lines += ["", f"## generate(): prompt {PROMPT} -> {NEW_TOKENS} new tokens, static cache, "
+                  "mode=\"reduce-overhead\"", "",
+                  "| variant | batch | tokens/s | x inductor | x 2:4 | first generate s |", "|" + "---|" * 6]
     for r in result["generate"]:
         if "tokens_per_s" not in r:
             lines.append(f"| {r['variant']} | {r.get('batch', '')} | {r.get('error', '')} | | | |")
