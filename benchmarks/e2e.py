@@ -4,6 +4,7 @@
     python3 -m benchmarks.e2e --layers 8 --out $OUT    # fewer layers: a shorter run
     python3 -m benchmarks.e2e --smoke --out /tmp/e2e   # CPU dry run on a tiny model
     python3 -m benchmarks.e2e --variants vnm-64:2:8 --append results/e2e-<gpu>.json   # add to an earlier run
+    python3 -m benchmarks.e2e --shapes "" --batches 1 --profile   # generate() alone, and where its steps go
 
 Model: transformers' LlamaForCausalLM with the Llama-2-7B config (random fp16 weights: speed does
 not need trained ones), lm_head dense everywhere. Variants, in one run: Inductor dense
@@ -20,7 +21,9 @@ random weights give it nothing to find, and the speed does not depend on it), an
    is dispatched per call (the dynamic graph).
 2. generate() as transformers compiles it for a static KV cache (`CompileConfig`: the decode step
    compiled in mode="reduce-overhead", the prompt run as it is), greedy, prompt 256 -> 128 new tokens at
-   batch 1 and 16: tokens per second, from the median of three timed generate() calls.
+   batch 1 and 16: tokens per second, from the median of three timed generate() calls. With
+   --profile, one more generate() under torch.profiler: per decode step, the compiled graph's GPU
+   time (the V:N:M kernels' share) and the CPU time of Dynamo's guards and of the graph's launch.
 Ratios are against Inductor dense and torch's 2:4 of the same run. Results: <out>/e2e-<gpu>.json and .md.
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import time
@@ -158,8 +162,11 @@ def measure_shape(row: dict, step: Callable, variant: str, tokens: int, device: 
                 row["sparse_linear_cpu_us"] = sparse_linear_cpu_us(step)
 
 
-def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: tuple[int, ...]) -> list[dict]:
-    """Greedy generate() with a static cache, its decode step compiled in "reduce-overhead": tokens/s."""
+def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: tuple[int, ...],
+             profile_stem: Path | None = None) -> list[dict]:
+    """Greedy generate() with a static cache, its decode step compiled in "reduce-overhead": tokens/s.
+    With `profile_stem`, one more generate() under torch.profiler: where a decode step's time goes
+    (`decode_step_profile`), its tables in <profile_stem>-<variant>-b<batch>.txt."""
     from transformers import CompileConfig
 
     torch._dynamo.reset()
@@ -189,9 +196,40 @@ def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: 
                 times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         rows.append(dict(variant=variant, batch=batch, tokens_per_s=batch * new / seconds, seconds=seconds,
-                         seconds_each=times, first_generate_s=first))
+                         seconds_each=times, new_tokens=new, first_generate_s=first))
+        if profile_stem is not None:
+            path = Path(f"{profile_stem}-{variant.replace(':', '_')}-b{batch}.txt")  # ':' does not travel well
+            rows[-1]["profile"] = decode_step_profile(functools.partial(model.generate, prompt, **settings), path)
         log(f"  {variant} generate b{batch}: {rows[-1]}")
     return rows
+
+
+def decode_step_profile(run: Callable, path: Path) -> dict:
+    """One `run` (a generate()) under torch.profiler, per call of the compiled decode graph: its kernels'
+    GPU ms, the V:N:M kernels' share, and the CPU ms of Dynamo's guards and of the CUDA graph's launch,
+    which a generate() step waits on (it syncs at every token). The profiler's tables go to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        run()
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+    events = prof.key_averages()
+    graphs = [e for e in events if e.key.startswith("## Call CompiledFxGraph")]
+    steps = max(1, sum(e.count for e in graphs))
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    def cpu_ms(name: str) -> float:
+        return sum(e.cpu_time_total for e in events if e.key == name) / steps / 1e3
+
+    path.write_text(events.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\nGPU kernels by time\n" + "\n".join(
+        f"{e.count:8d} {e.self_device_time_total / 1e3:9.3f} ms  {e.key[:110]}"
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:40]) + "\n")
+    return dict(decode_calls=steps,
+                graph_gpu_ms=sum(e.device_time_total for e in graphs) / steps / 1e3,
+                vnm_kernels_gpu_ms=sum(e.self_device_time_total for e in kernels if e.key.startswith("vnm_"))
+                / steps / 1e3,
+                guards_cpu_ms=cpu_ms("TorchDynamo Cache Lookup"), graph_launch_cpu_ms=cpu_ms("cudaGraphLaunch"))
 
 
 def add_ratios(rows: list[dict], key: str, by: str, higher_is_better: bool) -> None:
@@ -229,6 +267,17 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
                      f"{_x(r, 'tokens_per_s_x_inductor')} | {_x(r, 'tokens_per_s_x_semi-2:4')} | "
                      f"{r['first_generate_s']:.1f} |")
+    profiled = [r for r in result["generate"] if "profile" in r]
+    if profiled:
+        lines += ["", "Where a decode step goes (`--profile`: one more generate() under torch.profiler; per call of "
+                  "the compiled decode graph):", "",
+                  "| variant | batch | ms a token (timed) | graph's kernels, GPU ms | of which V:N:M kernels | "
+                  "guards, CPU ms | graph launch, CPU ms |", "|" + "---|" * 7]
+        for r in profiled:
+            p = r["profile"]
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['seconds'] * 1e3 / r['new_tokens']:.2f} | "
+                         f"{p['graph_gpu_ms']:.2f} | {p['vnm_kernels_gpu_ms']:.2f} | {p['guards_cpu_ms']:.2f} | "
+                         f"{p['graph_launch_cpu_ms']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -271,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shapes", default=None,
                         help="the flow's shapes in order, BATCHxTOKENS comma-separated; empty: generate() alone "
                              "(default: the server's order, " + ",".join(f"{b}x{t}" for b, t in FLOW) + ")")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one generate() a batch: where a decode step's time goes")
     parser.add_argument("--static-reference", action="store_true",
                         help="also time each shape in a fresh static compile (CUDA-graph ms)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
@@ -309,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
         if variant in args.generate.split(","):
             try:
                 batches = tuple(int(b) for b in args.batches.split(",") if b)
-                result["generate"] += generate(variant, target, args.smoke, device, batches)
+                result["generate"] += generate(variant, target, args.smoke, device, batches,
+                                               Path(f"{stem}-profile") if args.profile else None)
             except Exception as error:  # a variant that fails is reported, not fatal to the others
                 result["generate"].append(dict(variant=variant, error=f"{type(error).__name__}: {error}"[:300]))
                 log(f"  {variant} generate failed: {result['generate'][-1]['error']}")

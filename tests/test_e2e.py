@@ -53,3 +53,14 @@ def test_shapes_pick_the_flow_and_empty_shapes_leave_generate_alone(tmp_path):
     result = e2e.main(["--smoke", "--variants", "inductor", "--shapes", "2x1", "--generate", "", "--out",
                        str(tmp_path)])
     assert [row["shape"] for row in result["flow"]] == ["2x1"] and result["generate"] == []
+
+
+def test_profile_records_where_a_decode_step_goes(tmp_path):
+    result = e2e.main(["--smoke", "--variants", "vnm-64:2:8", "--shapes", "", "--generate", "vnm-64:2:8",
+                       "--batches", "1", "--profile", "--out", str(tmp_path)])
+    (row,) = result["generate"]
+    profile = row["profile"]
+    assert profile["decode_calls"] == row["new_tokens"] - 1  # the first token comes from the prompt's call
+    assert profile["guards_cpu_ms"] > 0 and profile["graph_gpu_ms"] >= 0
+    assert "TorchDynamo Cache Lookup" in (tmp_path / "e2e-cpu-profile-vnm-64_2_8-b1.txt").read_text()
+    assert "| vnm-64:2:8 | 1 |" in (tmp_path / "e2e-cpu.md").read_text().split("Where a decode step goes")[1]
