@@ -52,6 +52,8 @@ RECIPES = ("reconstruction", "fixed", "fixed-weights", "three-staged", "reconstr
 HELD_OUT = ("pydoc", "english")
 # The issue's targets: perplexity at most this many times dense, on both held-out texts.
 TARGETS = {"64:2:8": 2.0, "64:2:6": 1.5, "64:2:5": 1.3}
+# Tokens of the training text that each window sampled from the dense model continues.
+GENERATED_PROMPT = 8
 
 
 def training_batches(tokenizer, texts: list[str], length: int, size: int) -> list[dict]:
@@ -60,6 +62,32 @@ def training_batches(tokenizer, texts: list[str], length: int, size: int) -> lis
     ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
     windows = ids[: ids.numel() // length * length].view(-1, length)
     return [{"input_ids": windows[i : i + size]} for i in range(0, windows.shape[0] - size + 1, size)]
+
+
+def with_generated_text(model: nn.Module, batches: list[dict], tokens: int, generate_batch: int = 512,
+                        seed: int = 0) -> list[dict]:
+    """The training batches with about `tokens` tokens of text sampled from the dense model mixed in
+    (the windows of both shuffled together, batches of the same size). Each sampled window continues
+    GENERATED_PROMPT tokens taken from a random training window at temperature 1: text of the model's
+    own distribution, which a distillation loss can teach beyond the corpus's kinds of text."""
+    windows = torch.cat([b["input_ids"] for b in batches])
+    length, size = windows.shape[1], batches[0]["input_ids"].shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    count = -(-tokens // length)
+    sampled = []
+    torch.manual_seed(seed)  # generate() samples from the global generator
+    for start in range(0, count, generate_batch):
+        rows = torch.randint(windows.shape[0], (min(generate_batch, count - start),), generator=generator)
+        prompts = windows[rows, :GENERATED_PROMPT].to(device)
+        new = length - GENERATED_PROMPT
+        with torch.no_grad():
+            sampled.append(model.generate(prompts, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                          max_new_tokens=new, min_new_tokens=new,
+                                          pad_token_id=model.config.eos_token_id).cpu())
+    mixed = torch.cat([windows, *sampled])
+    mixed = mixed[torch.randperm(mixed.shape[0], generator=generator)]
+    return [{"input_ids": mixed[i : i + size]} for i in range(0, mixed.shape[0] - size + 1, size)]
 
 
 def calibration_batches(batches: list[dict], count: int, device: torch.device, seed: int = 0) -> list[dict]:
@@ -119,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=0,
                         help="training tokens between evaluations of the model under training (its masked weights "
                              "are the final model's), reported as the row's curve; 0: at the end only")
+    parser.add_argument("--generated", type=int, default=0,
+                        help="tokens of text sampled from the dense model to mix into the training text "
+                             "(the calibration windows stay the corpus's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2:4, windows of 64 tokens, 4 steps of 2, 1 evaluation window, RIA masks "
@@ -141,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
                   for name in HELD_OUT}
     batches = training_batches(tokenizer, text["train"], args.seq, args.batch)
     calibration = calibration_batches(batches, args.calibration_windows, device)
+    if args.generated:
+        start = time.perf_counter()
+        batches = with_generated_text(model, batches, args.generated)
+        print(f"{args.generated} generated tokens in {time.perf_counter() - start:.0f} s", flush=True)
     step_tokens = args.seq * args.batch
     print(f"{len(batches) * step_tokens} training tokens in {len(batches)} batches of {args.batch} x {args.seq}; "
           f"up to {args.tokens // step_tokens} steps a training recipe; "
@@ -155,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = {**device_record(device.type), "python": platform.python_version(), "corpus": args.corpus.name,
                 "documents": text.get("documents"), "eval_windows": args.eval_windows, "window": WINDOW,
                 **{k: getattr(args, k) for k in ("seq", "batch", "lr", "weights_lr", "rank", "alpha", "mask_interval",
-                                                 "loss", "calibration_windows", "refine_steps", "refine_lr")}}
+                                                 "loss", "calibration_windows", "refine_steps", "refine_lr",
+                                                 "generated")}}
     rows = [{"pattern": "dense", "recipe": "-", **dense, "tokens": 0, "seconds": 0.0}]
     print(f"dense {_perplexities(dense)}", flush=True)
     training_recipes = sum(r != "reconstruction" for r in args.recipes)
@@ -296,8 +332,12 @@ def _markdown(rows: list[dict], s: dict) -> str:
         f"{s['date']}, {s['device']}, torch {s['torch']}, triton {s['triton']}, commit {s['commit']}. "
         f"Perplexity over {s['eval_windows']} windows of "
         f"{s['window']} tokens of two held-out texts: the pydoc topics at odd positions and Vim's user manual. "
-        f"Training text: {s['corpus']} ({s['documents']} documents), windows of {s['seq']} tokens, {s['batch']} a "
-        f"step. reconstruction: SparseGPT-style, block by block, {s['calibration_windows']} calibration windows "
+        f"Training text: {s['corpus']} ({s['documents']} documents)"
+        + (f" and {s['generated']} tokens sampled from the dense model ({GENERATED_PROMPT}-token prompts from the "
+           "training text, "
+           "temperature 1), shuffled together" if s.get("generated") else "")
+        + f", windows of {s['seq']} tokens, {s['batch']} a step. reconstruction: SparseGPT-style, block by block, "
+        f"{s['calibration_windows']} calibration windows "
         f"(tokens = calibration tokens), then {s['refine_steps']} refinement steps a block (lr "
         f"{s['refine_lr']}). fixed: LoRA under the reconstruction's mask; fixed-weights: the kept "
         f"weights trained under it (lr {s['weights_lr']}); three-staged: from the dense "
