@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import vnm_compile
 from benchmarks.timing import device_record, graph_us, log, write_results
 
 ROOT = Path(__file__).resolve().parent
@@ -150,16 +151,25 @@ def measure_shape(row: dict, step: Callable, variant: str, tokens: int, device: 
     from triton.testing import do_bench
 
     with torch.no_grad():
-        start = time.perf_counter()
+        start, earlier = time.perf_counter(), vnm_compile.reports()
         step()
         torch.cuda.synchronize() if device == "cuda" else None
         row["first_call_s"] = time.perf_counter() - start
+        row["passes_s"] = passes_seconds(earlier)
         step()
         if device == "cuda":
             row["wall_ms"] = do_bench(step, warmup=25, rep=200, return_mode="median")
             row["graph_ms"] = graph_us([step], replays=15) / 1e3
             if variant.startswith("vnm-") and tokens > 1:
                 row["sparse_linear_cpu_us"] = sparse_linear_cpu_us(step)
+
+
+def passes_seconds(earlier: list) -> float:
+    """Seconds the vnm passes took in the graphs compiled since `earlier` (vnm_compile.reports() then):
+    the share of a first call's compile that is the passes', the rest being Dynamo, Inductor and the
+    kernels' compiles."""
+    return sum(sum(report.seconds.values()) for report in vnm_compile.reports()
+               if not any(report is seen for seen in earlier))
 
 
 def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: tuple[int, ...],
@@ -184,9 +194,10 @@ def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: 
         settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
                         pad_token_id=0, compile_config=compile_config)
         with torch.no_grad():
-            start = time.perf_counter()
+            start, earlier = time.perf_counter(), vnm_compile.reports()
             model.generate(prompt, **settings)  # compiles the decode graph
             first = time.perf_counter() - start
+            passes = passes_seconds(earlier)
             times = []
             for _ in range(GENERATE_REPEATS):  # a generate() is one sample of a CPU-bound loop: the median of a few
                 torch.cuda.synchronize() if device == "cuda" else None
@@ -196,7 +207,7 @@ def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: 
                 times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         rows.append(dict(variant=variant, batch=batch, tokens_per_s=batch * new / seconds, seconds=seconds,
-                         seconds_each=times, new_tokens=new, first_generate_s=first))
+                         seconds_each=times, new_tokens=new, first_generate_s=first, passes_s=passes))
         if profile_stem is not None:
             path = Path(f"{profile_stem}-{variant.replace(':', '_')}-b{batch}.txt")  # ':' does not travel well
             rows[-1]["profile"] = decode_step_profile(functools.partial(model.generate, prompt, **settings), path)
@@ -246,7 +257,8 @@ def markdown(result: dict) -> str:
     if result["flow"]:
         lines += ["", "## One compile, the shapes a server sees (default mode)", "",
                   "| variant | shape | wall ms | x inductor | x 2:4 | CUDA-graph ms | x inductor | x 2:4 | "
-                  "static compile, CUDA-graph ms | CPU us / sparse linear | graphs | first call s |", "|" + "---|" * 12]
+                  "static compile, CUDA-graph ms | CPU us / sparse linear | graphs | first call s (passes) |",
+                  "|" + "---|" * 12]
     for r in result["flow"]:
         if "wall_ms" not in r:
             lines.append(f"| {r['variant']} | {r['shape']} | {r.get('error', 'not timed (CPU)')} |" + " |" * 9)
@@ -255,18 +267,18 @@ def markdown(result: dict) -> str:
                      f"{_x(r, 'wall_ms_x_semi-2:4')} | {r['graph_ms']:.3f} | {_x(r, 'graph_ms_x_inductor')} | "
                      f"{_x(r, 'graph_ms_x_semi-2:4')} | {_f(r.get('static_graph_ms'), '.3f')} | "
                      f"{_cpu_us(r)} | {r['graphs']} | "
-                     f"{r['first_call_s']:.1f} |")
+                     f"{r['first_call_s']:.1f}{_passes(r)} |")
     if result["generate"]:
         lines += ["", f"## generate(): prompt {PROMPT} -> {NEW_TOKENS} new tokens, static cache, "
                   "mode=\"reduce-overhead\"", "",
-                  "| variant | batch | tokens/s | x inductor | x 2:4 | first generate s |", "|" + "---|" * 6]
+                  "| variant | batch | tokens/s | x inductor | x 2:4 | first generate s (passes) |", "|" + "---|" * 6]
     for r in result["generate"]:
         if "tokens_per_s" not in r:
             lines.append(f"| {r['variant']} | {r.get('batch', '')} | {r.get('error', '')} | | | |")
             continue
         lines.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
                      f"{_x(r, 'tokens_per_s_x_inductor')} | {_x(r, 'tokens_per_s_x_semi-2:4')} | "
-                     f"{r['first_generate_s']:.1f} |")
+                     f"{r['first_generate_s']:.1f}{_passes(r)} |")
     profiled = [r for r in result["generate"] if "profile" in r]
     if profiled:
         lines += ["", "Where a decode step goes (`--profile`: one more generate() under torch.profiler; per call of "
@@ -279,6 +291,11 @@ def markdown(result: dict) -> str:
                          f"{p['graph_gpu_ms']:.2f} | {p['vnm_kernels_gpu_ms']:.2f} | {p['guards_cpu_ms']:.2f} | "
                          f"{p['graph_launch_cpu_ms']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _passes(row: dict) -> str:
+    """' (x.x)': the seconds of vnm's passes in a first call, where it ran them."""
+    return f" ({row['passes_s']:.1f})" if row.get("passes_s") else ""
 
 
 def _cpu_us(row: dict) -> str:

@@ -17,6 +17,10 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert [(row["variant"], row["shape"]) for row in data["flow"]] == [
         (variant, shape) for variant in ("inductor", "vnm-64:2:8") for shape in ("1x64", "4x1", "1x1", "1x32")]
     assert all("error" not in row and row["first_call_s"] > 0 for row in data["flow"])
+    # vnm's passes run at the first compile and are shared with the later graphs; Inductor runs none
+    passes = {row["shape"]: row["passes_s"] for row in data["flow"] if row["variant"] == "vnm-64:2:8"}
+    assert 0 < passes["1x64"] < data["flow"][4]["first_call_s"]
+    assert all(row["passes_s"] == 0 for row in data["flow"] if row["variant"] == "inductor")
     # one compile: the first shape, the graph with a dynamic batch, one token, the one with a dynamic length too
     assert [row["graphs"] for row in data["flow"] if row["variant"] == "vnm-64:2:8"] == [1, 2, 3, 4]
     (generated,) = data["generate"]
