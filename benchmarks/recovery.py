@@ -23,7 +23,8 @@ the kernels.
     python3 -m benchmarks.recovery --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
         --corpus benchmarks/corpus.json --device cuda              # all rows within --time-limit
     python3 -m benchmarks.recovery --gguf ... --corpus ... --quick   # CPU smoke test
---eval-every N also evaluates the model under training every N tokens: the row's curve.
+--eval-every N also evaluates the model under training every N tokens: the row's curve. --generated N
+mixes N tokens of text sampled from the dense model into the training text (`with_generated_text`).
 Results: recovery-<device>.{json,md,png} (recovery-quick.* with --quick) in benchmarks/results, and
 in $OUT when it is set.
 """
