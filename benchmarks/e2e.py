@@ -151,11 +151,7 @@ def measure_shape(row: dict, step: Callable, variant: str, tokens: int, device: 
     from triton.testing import do_bench
 
     with torch.no_grad():
-        start, earlier = time.perf_counter(), vnm_compile.reports()
-        step()
-        torch.cuda.synchronize() if device == "cuda" else None
-        row["first_call_s"] = time.perf_counter() - start
-        row["passes_s"] = passes_seconds(earlier)
+        row["first_call_s"], row["passes_s"] = first_call(step, device)
         step()
         if device == "cuda":
             row["wall_ms"] = do_bench(step, warmup=25, rep=200, return_mode="median")
@@ -164,12 +160,16 @@ def measure_shape(row: dict, step: Callable, variant: str, tokens: int, device: 
                 row["sparse_linear_cpu_us"] = sparse_linear_cpu_us(step)
 
 
-def passes_seconds(earlier: list) -> float:
-    """Seconds the vnm passes took in the graphs compiled since `earlier` (vnm_compile.reports() then):
-    the share of a first call's compile that is the passes', the rest being Dynamo, Inductor and the
-    kernels' compiles."""
-    return sum(sum(report.seconds.values()) for report in vnm_compile.reports()
-               if not any(report is seen for seen in earlier))
+def first_call(run: Callable, device: str) -> tuple[float, float]:
+    """Seconds of a call that compiles, and the seconds of vnm's passes in the graphs it compiled: the
+    rest is Dynamo, Inductor and the kernels' compiles."""
+    earlier = vnm_compile.reports()  # held, so that no id below is one recycled by a new report
+    seen = {id(report) for report in earlier}
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize() if device == "cuda" else None
+    seconds = time.perf_counter() - start
+    return seconds, sum(sum(report.seconds.values()) for report in vnm_compile.reports() if id(report) not in seen)
 
 
 def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: tuple[int, ...],
@@ -194,10 +194,7 @@ def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: 
         settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
                         pad_token_id=0, compile_config=compile_config)
         with torch.no_grad():
-            start, earlier = time.perf_counter(), vnm_compile.reports()
-            model.generate(prompt, **settings)  # compiles the decode graph
-            first = time.perf_counter() - start
-            passes = passes_seconds(earlier)
+            first, passes = first_call(functools.partial(model.generate, prompt, **settings), device)  # compiles
             times = []
             for _ in range(GENERATE_REPEATS):  # a generate() is one sample of a CPU-bound loop: the median of a few
                 torch.cuda.synchronize() if device == "cuda" else None
