@@ -24,7 +24,8 @@ the kernels.
         --corpus benchmarks/corpus.json --device cuda              # all rows within --time-limit
     python3 -m benchmarks.recovery --gguf ... --corpus ... --quick   # CPU smoke test
 --eval-every N also evaluates the model under training every N tokens: the row's curve. --generated N
-mixes N tokens of text sampled from the dense model into the training text (`with_generated_text`).
+mixes N tokens of text sampled from the dense model into the training text (`with_generated_text`);
+--generated-cache FILE keeps those samples for the next run to read.
 Results: recovery-<device>.{json,md,png} (recovery-quick.* with --quick) in benchmarks/results, and
 in $OUT when it is set.
 """
@@ -66,29 +67,44 @@ def training_batches(tokenizer, texts: list[str], length: int, size: int) -> lis
 
 
 def with_generated_text(model: nn.Module, batches: list[dict], tokens: int, generate_batch: int = 512,
-                        seed: int = 0) -> list[dict]:
+                        seed: int = 0, cache: Path | None = None) -> list[dict]:
     """The training batches with about `tokens` tokens of text sampled from the dense model mixed in
     (the windows of both shuffled together, batches of the same size). Each sampled window continues
     GENERATED_PROMPT tokens taken from a random training window at temperature 1: text of the model's
-    own distribution, which a distillation loss can teach beyond the corpus's kinds of text."""
+    own distribution, which a distillation loss can teach beyond the corpus's kinds of text. `cache`: a
+    file of sampled windows; read where it holds enough windows of this length, else written with
+    the windows sampled here (sampling millions of tokens costs minutes, the same for every run)."""
     windows = torch.cat([b["input_ids"] for b in batches])
     length, size = windows.shape[1], batches[0]["input_ids"].shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
     count = -(-tokens // length)
+    cached = torch.load(cache) if cache is not None and cache.exists() else None
+    if cached is not None and cached.shape[1] == length and cached.shape[0] >= count:
+        sampled = cached[:count].to(windows.dtype)
+    else:
+        sampled = _sampled_windows(model, windows, count, generate_batch, seed)
+        if cache is not None:
+            torch.save(sampled.to(torch.int32), cache)
+    mixed = torch.cat([windows, sampled])
+    mixed = mixed[torch.randperm(mixed.shape[0], generator=torch.Generator().manual_seed(seed))]
+    return [{"input_ids": mixed[i : i + size]} for i in range(0, mixed.shape[0] - size + 1, size)]
+
+
+def _sampled_windows(model: nn.Module, windows: torch.Tensor, count: int, generate_batch: int,
+                     seed: int) -> torch.Tensor:
+    """`count` windows of the training windows' length sampled from `model`, each continuing the
+    first GENERATED_PROMPT tokens of a training window drawn at random."""
+    length, device = windows.shape[1], next(model.parameters()).device
+    rows = torch.randint(windows.shape[0], (count,), generator=torch.Generator().manual_seed(seed))
     sampled = []
     torch.manual_seed(seed)  # generate() samples from the global generator
     for start in range(0, count, generate_batch):
-        rows = torch.randint(windows.shape[0], (min(generate_batch, count - start),), generator=generator)
-        prompts = windows[rows, :GENERATED_PROMPT].to(device)
+        prompts = windows[rows[start : start + generate_batch], :GENERATED_PROMPT].to(device)
         new = length - GENERATED_PROMPT
         with torch.no_grad():
             sampled.append(model.generate(prompts, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                           max_new_tokens=new, min_new_tokens=new,
                                           pad_token_id=model.config.eos_token_id).cpu())
-    mixed = torch.cat([windows, *sampled])
-    mixed = mixed[torch.randperm(mixed.shape[0], generator=generator)]
-    return [{"input_ids": mixed[i : i + size]} for i in range(0, mixed.shape[0] - size + 1, size)]
+    return torch.cat(sampled)
 
 
 def calibration_batches(batches: list[dict], count: int, device: torch.device, seed: int = 0) -> list[dict]:
@@ -151,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generated", type=int, default=0,
                         help="tokens of text sampled from the dense model to mix into the training text "
                              "(the calibration windows stay the corpus's)")
+    parser.add_argument("--generated-cache", type=Path, default=None,
+                        help="file of sampled windows: read where it holds enough, else written with this "
+                             "run's samples, so that runs to compare share one sampling")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2:4, windows of 64 tokens, 4 steps of 2, 1 evaluation window, RIA masks "
@@ -175,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration = calibration_batches(batches, args.calibration_windows, device)
     if args.generated:
         start = time.perf_counter()
-        batches = with_generated_text(model, batches, args.generated)
+        batches = with_generated_text(model, batches, args.generated, cache=args.generated_cache)
         print(f"{args.generated} generated tokens in {time.perf_counter() - start:.0f} s", flush=True)
     step_tokens = args.seq * args.batch
     print(f"{len(batches) * step_tokens} training tokens in {len(batches)} batches of {args.batch} x {args.seq}; "
