@@ -19,8 +19,10 @@ values by the activation of its slot: the group's 4 activations (shared by the r
 hits: x is small) are packed into two 32-bit words, and one prmt byte permute picks both values'
 activations; 1-4 tokens.
 
-SPLIT_K > 1 splits the groups over program_id(1) and adds fp32 partial sums with atomics into a
-zeroed fp32 output, for shapes with too few row tiles to fill the GPU.
+SPLIT_K > 1 splits the groups over program_id(1), for shapes with too few row tiles to fill the
+GPU: each split stores its fp32 partial sums in a slice of its own, and the caller adds the slices.
+No zeroed output and no atomics: nothing to fill first, the same bits on every run, and in a
+compiled graph the sum and cast are plain ops that Inductor fuses into the next kernel.
 Only builtins of triton.language are called, not its @triton.jit helpers such as tl.sum (see
 prefill.py for why).
 """
@@ -299,11 +301,10 @@ def vnm_decode_kernel(
             bias = tl.where(tl.program_id(1) == 0, bias, 0.0)
         acc += bias[None, :]
     y_ptrs = y_ptr + offs_t[:, None] * R + offs_n[None, :]
+    if SPLIT_K > 1:  # this split's slice of the [SPLIT_K, T, R] partial sums
+        y_ptrs += tl.program_id(1).to(tl.int64) * T * R
     y_mask = token_ok[:, None] & row_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def decode_arguments(x: torch.Tensor, operands: Operands, split_k: int, y: torch.Tensor) -> tuple[list, dict]:
@@ -322,10 +323,16 @@ def decode_arguments(x: torch.Tensor, operands: Operands, split_k: int, y: torch
 
 
 def decode_output(x: torch.Tensor, rows: int, split_k: int) -> torch.Tensor:
-    """What the kernel writes: y [T, R], or with split-K fp32 partial sums added into zeros."""
+    """What the kernel writes: y [T, R], or with split-K each split's fp32 partial sums [split_k, T, R]
+    (every element written: a split with no groups writes zeros)."""
     if split_k > 1:
-        return torch.zeros(x.shape[0], rows, dtype=torch.float32, device=x.device)
+        return torch.empty(split_k, x.shape[0], rows, dtype=torch.float32, device=x.device)
     return torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
+
+
+def decode_result(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y [T, R] in `dtype` from what the kernel wrote (`decode_output`): split-K's partial sums added."""
+    return y.sum(0).to(dtype) if y.dim() == 3 else y
 
 
 def decode_grid(rows: int, tokens: int, split_k: int, block_n: int, block_t: int) -> tuple[int, int, int]:
@@ -337,11 +344,11 @@ def launch_decode(kernel, x: torch.Tensor, operands: Operands, split_k: int = 1,
     """y [T, R] for row-major x [T, C] (made for T <= BLOCK_T; more tokens take more programs).
 
     `kernel` is vnm_decode_kernel (config: its blocks, USE_DOT) or an autotuned wrapper; `out`, if
-    given, receives y unless split-K adds into zeros of its own."""
+    given, receives y unless split-K stores partial sums of its own."""
     if x.stride(1) != 1:
         raise ValueError(f"x must be row-major (channel stride 1), got strides {tuple(x.stride())}")
     y = out if out is not None and split_k == 1 else decode_output(x, operands.rows, split_k)
     positional, constexprs = decode_arguments(x, operands, split_k, y)
     grid = lambda meta: decode_grid(operands.rows, x.shape[0], split_k, meta["BLOCK_N"], meta["BLOCK_T"])
     kernel[grid](*positional, **constexprs, **config)
-    return y.to(x.dtype) if split_k > 1 else y
+    return decode_result(y, x.dtype)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import planned_count, token_bucket
-from .decode import decode_arguments, decode_grid, decode_output, launch_decode
+from .decode import decode_arguments, decode_grid, decode_output, decode_result, launch_decode
 from .launcher import BinaryLaunch, jit_function, specialization
 from .operands import Operands, channel_major
 from .prefill import (
@@ -226,7 +226,7 @@ class _Plan:
                      lambda meta: decode_grid(rows, tokens, split_k, meta["BLOCK_N"], meta["BLOCK_T"]),
                      lambda: decode_arguments(x, Operands(*flat), split_k, y),
                      {"x_ptr": x, **_bias_argument(bias), "y_ptr": y, "T": tokens}, x.device)
-        return y.to(x.dtype) if split_k > 1 else y
+        return decode_result(y, x.dtype)
 
     def _prefill(self, x: torch.Tensor, flat: tuple, channel_major_out: bool) -> torch.Tensor:
         operands = Operands(*flat)

@@ -170,17 +170,15 @@ def _same(config: triton.Config, record: dict) -> bool:
     return all(mine.get(k) == v for k, v in record.items())
 
 
-def _autotuned(path: str, kernel, configs: list[triton.Config], reset_to_zero: list[str] | None = None):
-    return triton.autotune(configs=configs, key=KEY, prune_configs_by={"early_config_prune": _prune(path)},
-                           reset_to_zero=reset_to_zero)(kernel)
+def _autotuned(path: str, kernel, configs: list[triton.Config]):
+    return triton.autotune(configs=configs, key=KEY, prune_configs_by={"early_config_prune": _prune(path)})(kernel)
 
 
-# One autotuner per path. "decode_split" is the decode kernel with SPLIT_K = 4 (fp32 atomics into a
-# zeroed output), for shapes with too few row tiles.
+# One autotuner per path. "decode_split" is the decode kernel with SPLIT_K = 4 (each split's fp32
+# partial sums stored apart, then added), for shapes with too few row tiles.
 AUTOTUNED = {
     "decode": _autotuned("decode", vnm_decode_kernel, DECODE_CONFIGS),
-    # timing configs reruns the kernel: its atomics must start from zero each time
-    "decode_split": _autotuned("decode_split", vnm_decode_kernel, DECODE_CONFIGS, reset_to_zero=["y_ptr"]),
+    "decode_split": _autotuned("decode_split", vnm_decode_kernel, DECODE_CONFIGS),
     "prefill": _autotuned("prefill", vnm_prefill_kernel, PREFILL_CONFIGS),
 }
 _tuned_seen = 0
