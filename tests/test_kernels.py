@@ -349,6 +349,16 @@ def test_gpu_paths_awkward_shapes(kernels, untuned, path, dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_split_decode_gives_the_same_bits_on_every_run(kernels, untuned):
+    """Split-K adds its partial sums in a fixed order (no atomics): repeated runs agree bit for bit,
+    on a shape with many programs per output tile."""
+    weight, x, bias, ref = make_case(4096, 11008, 64, 8, 16, torch.float16, seed=7)
+    runs = [run_path(kernels, "decode_split", weight, x, bias) for _ in range(5)]
+    assert relative_error(runs[0], ref) < TOLERANCE[torch.float16]
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("path,block_n,block_t,block_j,use_dot,select_x,prefetch", [
     ("decode", 16, 1, 32, False, False, False), ("decode", 16, 1, 32, False, True, False),
     ("decode", 16, 1, 256, False, True, False), ("decode", 16, 1, 64, False, True, True),
