@@ -22,7 +22,7 @@ activations; 1-4 tokens.
 SPLIT_K > 1 splits the groups over program_id(1), for shapes with too few row tiles to fill the
 GPU: each split stores its fp32 partial sums in a slice of its own, and the caller adds the slices.
 No zeroed output and no atomics: nothing to fill first, the same bits on every run, and in a
-compiled graph the sum and cast are plain ops that Inductor fuses into the next kernel.
+compiled graph the sum and cast are plain ops, which Inductor can fuse into the next kernel.
 Only builtins of triton.language are called, not its @triton.jit helpers such as tl.sum (see
 prefill.py for why).
 """
