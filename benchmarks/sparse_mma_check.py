@@ -12,7 +12,8 @@
    from device memory): each sparse-MMA config (x channel-major, as the layout pass hands it; the
    best config also with row-major x, its transpose counted), cuBLAS on the dense weight, torch 2:4
    (to_sparse_semi_structured on a magnitude-2:4 weight: cuSPARSELt), cuSPARSELt on the V:N:M
-   weight itself over the full K (M % 4 == 0), and the Triton path (prefill layout kept).
+   weight itself over the full K (M % 4 == 0), and the Triton path (prefill layout kept; up to 64
+   tokens also with x channel-major, which the decode kernels read in place).
 Errors never stop the run: a kernel that fails to compile or run is reported and skipped. Writes
 JSON to $OUT (else benchmarks/results) and prints a table last.
 """
@@ -205,6 +206,9 @@ def time_case(rows, cols, tokens, v, m, good_configs, shared_limit, torch24: dic
         path = "prefill" if tokens > 64 else None  # few tokens: the dispatcher's sparse choice
         triton_operands = operands(weight, layout=triton_layout)
         timed(label, [lambda: kernel_linear(x, triton_operands, path=path)], record, "triton_us")
+        if path is None:  # the decode kernels also read a channel-major x (a channel's tokens side by side)
+            by_channel = x.t().contiguous().t()
+            timed(label, [lambda: kernel_linear(by_channel, triton_operands)], record, "triton_channel_major_us")
     base = record.get("cublas_us")
     if base and record.get("best_us"):
         record["x_cublas"] = round(base / record["best_us"], 3)
@@ -285,14 +289,15 @@ def run(args) -> dict:
 
 def table(results: dict) -> str:
     head = ("| weight x tokens | pattern | best config | us | +T us | cuBLAS us | x cuBLAS | torch 2:4 us | "
-            "x torch 2:4 | cslt V:N:M us | triton us | target |")
+            "x torch 2:4 | cslt V:N:M us | triton us | triton, x channel-major us | target |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in results.get("cases", []):
         target = TARGETS.get((c["rows"], c["cols"], c["tokens"], c["v"], c["m"]))
         lines.append(f"| {c['rows']}x{c['cols']} x {c['tokens']} | {c['v']}:2:{c['m']} | {c.get('best_config')} | "
                      f"{c.get('best_us')} | {c.get('best_with_transpose_us')} | {c.get('cublas_us')} | "
                      f"{c.get('x_cublas')} | {c.get('torch24_us')} | {c.get('x_torch24')} | {c.get('cslt_vnm_us')} | "
-                     f"{c.get('triton_us')} | {'' if target is None else f'>= {target}x'} |")
+                     f"{c.get('triton_us')} | {c.get('triton_channel_major_us', '')} | "
+                     f"{'' if target is None else f'>= {target}x'} |")
     return "\n".join(lines)
 
 

@@ -69,7 +69,7 @@ def run_path(kernels, path, weight, x, bias, kernel=None, channel_major=None, ch
     """One launch of `path` (autotuned unless `kernel` and its config are given) into a poisoned output,
     channel-major with `channel_major_out` (prefill only). The prefill kernel reads x as the
     dispatcher hands it over (transposed beyond ROW_MAJOR_MAX_TOKENS, in place below), unless
-    `channel_major` says which."""
+    `channel_major` says which; the decode kernels read x row-major unless `channel_major` is set."""
     decode, prefill, tuning = kernels["decode"], kernels["prefill"], kernels["tuning"]
     kernel = kernel or tuning.AUTOTUNED[path]
     poisoned = torch.full((x.shape[0], weight.out_features), float("nan"), dtype=x.dtype, device=x.device)
@@ -85,6 +85,8 @@ def run_path(kernels, path, weight, x, bias, kernel=None, channel_major=None, ch
         assert y is poisoned
     else:  # a split decode stores its partial sums in a workspace of its own: poisoned as well
         split_k = 4 if path == "decode_split" else 1
+        if channel_major:  # read in place (decode_input)
+            x = x.t().contiguous().t()
         workspace = lambda x, rows, split_k: torch.full((split_k, x.shape[0], rows), float("nan"), device=x.device)
         with unittest.mock.patch.object(decode, "decode_output", workspace):
             y = decode.launch_decode(kernel, x, vnm.kernels.operands(weight, bias), split_k=split_k, out=poisoned,
@@ -128,6 +130,20 @@ def test_interpreted_decode_variants(kernels, use_dot, select_x, prefetch, block
     weight, x, bias, ref = make_case(*shape, tokens, dtype, seed=block_t)
     y = run_path(kernels, path, weight, x, bias, kernels["decode"].vnm_decode_kernel, BLOCK_N=16, BLOCK_T=block_t,
                  BLOCK_J=block_j, USE_DOT=use_dot, SELECT_X=select_x, PREFETCH=prefetch)
+    assert relative_error(y, ref) < TOLERANCE[dtype]
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("path,use_dot,select_x,block_t,tokens", [
+    ("decode", False, False, 4, 3), ("decode", False, True, 4, 4), ("decode", True, False, 16, 17),
+    ("decode_split", True, False, 16, 16), ("decode_split", False, False, 2, 5)])
+def test_interpreted_decode_reads_channel_major_x(kernels, path, use_dot, select_x, block_t, tokens, dtype):
+    """Each decode body reads a channel-major x (a channel's tokens side by side) in place, with odd
+    G and dims that V and M do not divide."""
+    weight, x, bias, ref = make_case(70, 77, 16, 5, tokens, dtype, seed=tokens)
+    y = run_path(kernels, path, weight, x, bias, kernels["decode"].vnm_decode_kernel, channel_major=True,
+                 BLOCK_N=16, BLOCK_T=block_t, BLOCK_J=4, USE_DOT=use_dot, SELECT_X=select_x, PREFETCH=True)
     assert relative_error(y, ref) < TOLERANCE[dtype]
 
 

@@ -49,18 +49,19 @@ def _kept_channel(words, group, M, k: tl.constexpr):
 
 
 @triton.jit
-def _gather_x(x_ptr, channel, C, offs_t, token_ok, stride_xt, IN_BOUNDS: tl.constexpr):
+def _gather_x(x_ptr, channel, C, offs_t, token_ok, stride_xt, stride_xc, IN_BOUNDS: tl.constexpr):
     """[len(channel), BLOCK_T]: the activations of the given input channels."""
     x_mask = token_ok[None, :]
     if not IN_BOUNDS:  # padding columns, or groups past the end
         x_mask = x_mask & (channel < C)[:, None]
-    return tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None], mask=x_mask, other=0.0)
+    return tl.load(x_ptr + offs_t[None, :] * stride_xt + channel[:, None] * stride_xc, mask=x_mask, other=0.0)
 
 
 @triton.jit
-def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k: tl.constexpr, IN_BOUNDS: tl.constexpr):
+def _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, k: tl.constexpr,
+            IN_BOUNDS: tl.constexpr):
     """[BLOCK_J, BLOCK_T] activations of slot k of the groups (their k-th kept channel)."""
-    return _gather_x(x_ptr, _kept_channel(words, group, M, k), C, offs_t, token_ok, stride_xt, IN_BOUNDS)
+    return _gather_x(x_ptr, _kept_channel(words, group, M, k), C, offs_t, token_ok, stride_xt, stride_xc, IN_BOUNDS)
 
 
 @triton.jit
@@ -165,8 +166,8 @@ def _group_slot_order(slot0, slot1, slot2, slot3):
 
 @triton.jit
 def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t, token_ok, M, C,
-                  stride_xt, half_int, HALF_BITS: tl.constexpr, IN_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+                  stride_xt, stride_xc, half_int, HALF_BITS: tl.constexpr, IN_BOUNDS: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
     """acc + the tile's product on the tensor cores as one dot over its 8 BLOCK_J kept channels: the
     2:4 pairs expanded to their 4 slots in registers (joins: each thread's slots stay its own, no
     layout shuffle), the activations of those channels gathered in the same order."""
@@ -186,7 +187,7 @@ def _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, 
         _channel_of_pairs(even_group, M, words_even, words_odd, 2),
         _channel_of_pairs(even_group, M, words_even, words_odd, 3),
     ).reshape(8 * BLOCK_J)
-    x = _gather_x(x_ptr, channel, C, offs_t, token_ok, stride_xt, IN_BOUNDS)
+    x = _gather_x(x_ptr, channel, C, offs_t, token_ok, stride_xt, stride_xc, IN_BOUNDS)
     if DOT_IN_FP32:
         w = w.to(tl.float32)
         x = x.to(tl.float32)
@@ -201,7 +202,7 @@ def _even_k(args) -> bool:
 @triton.jit
 def vnm_decode_kernel(
     x_ptr, values_ptr, meta_ptr, cols_ptr, bias_ptr, y_ptr,
-    R, C, T, G, M, stride_xt,
+    R, C, T, G, M, stride_xt, stride_xc,  # x [T, C]: (C, 1) row-major, (1, T) channel-major
     TOKEN_BUCKET,  # only an autotuning key: T rounded up to a power of two
     V: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -260,8 +261,8 @@ def vnm_decode_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_J)
         if USE_DOT:
             acc = _expanded_dot(acc, x_ptr, pair_even, pair_odd, meta, words_even, words_odd, offs_j, offs_t,
-                                token_ok, M, C, stride_xt, half_int, HALF_BITS, EVEN_C and EVEN_K, DOT_PRECISION,
-                                DOT_IN_FP32, BLOCK_N, BLOCK_J)
+                                token_ok, M, C, stride_xt, stride_xc, half_int, HALF_BITS, EVEN_C and EVEN_K,
+                                DOT_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_J)
         else:
             for h in tl.static_range(2):
                 if h == 0:
@@ -273,10 +274,14 @@ def vnm_decode_kernel(
                 lo, hi, s0, s1 = _unpack_group(pair, meta, h, half_int, HALF_BITS)
                 group = 2 * offs_j + h
                 if SELECT_X and HALF_BITS == 16:  # each stored value times the activation of its slot
-                    x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 0, EVEN_C and EVEN_K)
-                    x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 1, EVEN_C and EVEN_K)
-                    x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 2, EVEN_C and EVEN_K)
-                    x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, 3, EVEN_C and EVEN_K)
+                    x0 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 0,
+                                   EVEN_C and EVEN_K)
+                    x1 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 1,
+                                   EVEN_C and EVEN_K)
+                    x2 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 2,
+                                   EVEN_C and EVEN_K)
+                    x3 = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, 3,
+                                   EVEN_C and EVEN_K)
                     acc3 = _pick_products(acc3, lo.to(dtype, bitcast=True).to(tl.float32),
                                           hi.to(dtype, bitcast=True).to(tl.float32),
                                           _bits(x0) | (_bits(x1) << 16), _bits(x2) | (_bits(x3) << 16),
@@ -284,7 +289,8 @@ def vnm_decode_kernel(
                                           BLOCK_T)
                 else:  # each slot's weight selected, on the FMA units: no padding of the tokens to 16
                     for k in tl.static_range(4):
-                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, k, EVEN_C and EVEN_K)
+                        x_k = _slot_x(x_ptr, words, group, M, C, offs_t, token_ok, stride_xt, stride_xc, k,
+                                      EVEN_C and EVEN_K)
                         w_k = slot_weight(lo, hi, s0, s1, k, dtype).to(tl.float32)
                         acc3 += w_k[:, :, None] * x_k.to(tl.float32)[None, :, :]
 
@@ -308,12 +314,13 @@ def vnm_decode_kernel(
 
 
 def decode_arguments(x: torch.Tensor, operands: Operands, split_k: int, y: torch.Tensor) -> tuple[list, dict]:
-    """The decode kernel's arguments but its config, for row-major x [T, C] into y: (positional, constexpr)."""
+    """The decode kernel's arguments but its config, for x [T, C] (`decode_input`) into y: (positional,
+    constexpr)."""
     values, groups = operands.values, operands.groups
     quads = values.element_size() == 2 and groups % 2 == 0
     bias = operands.bias
     positional = [x, values, operands.metadata, operands.columns, bias if bias is not None else values, y,
-                  operands.rows, operands.in_features, x.shape[0], groups, operands.m, x.stride(0),
+                  operands.rows, operands.in_features, x.shape[0], groups, operands.m, x.stride(0), x.stride(1),
                   token_bucket(x.shape[0])]
     constexprs = dict(V=operands.v, HAS_BIAS=bias is not None, QUADS=quads, HALF_BITS=8 * values.element_size(),
                       SPLIT_K=split_k, EVEN_C=operands.in_features == groups * operands.m,
@@ -339,14 +346,21 @@ def decode_grid(rows: int, tokens: int, split_k: int, block_n: int, block_t: int
     return triton.cdiv(rows, block_n), split_k, triton.cdiv(tokens, block_t)
 
 
+def decode_input(x: torch.Tensor) -> torch.Tensor:
+    """x [T, C] as the decode kernel reads it: in place where it is row-major or channel-major (a
+    channel's tokens side by side, as passes/layout.py has producers write it), else a row-major copy."""
+    return x if x.stride(1) == 1 or x.stride(0) == 1 else x.contiguous()
+
+
 def launch_decode(kernel, x: torch.Tensor, operands: Operands, split_k: int = 1, out: torch.Tensor | None = None,
                   **config) -> torch.Tensor:
-    """y [T, R] for row-major x [T, C] (made for T <= BLOCK_T; more tokens take more programs).
+    """y [T, R] for x [T, C], row-major or channel-major (made for T <= BLOCK_T; more tokens take more
+    programs).
 
     `kernel` is vnm_decode_kernel (config: its blocks, USE_DOT) or an autotuned wrapper; `out`, if
     given, receives y unless split-K stores partial sums of its own."""
-    if x.stride(1) != 1:
-        raise ValueError(f"x must be row-major (channel stride 1), got strides {tuple(x.stride())}")
+    if x.stride(1) != 1 and x.stride(0) != 1:
+        raise ValueError(f"x must be row-major or channel-major (one stride 1), got strides {tuple(x.stride())}")
     y = out if out is not None and split_k == 1 else decode_output(x, operands.rows, split_k)
     positional, constexprs = decode_arguments(x, operands, split_k, y)
     grid = lambda meta: decode_grid(operands.rows, x.shape[0], split_k, meta["BLOCK_N"], meta["BLOCK_T"])

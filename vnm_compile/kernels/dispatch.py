@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import planned_count, token_bucket
-from .decode import decode_arguments, decode_grid, decode_output, decode_result, launch_decode
+from .decode import decode_arguments, decode_grid, decode_input, decode_output, decode_result, launch_decode
 from .launcher import BinaryLaunch, jit_function, specialization
 from .operands import Operands, channel_major
 from .prefill import (
@@ -110,7 +110,7 @@ def kernel_linear(
                            channel_major_out=channel_major_out)
     else:
         split_k = DECODE_SPLIT_K if path == "decode_split" else 1
-        y = launch_decode(wrap(AUTOTUNED[path]), x.contiguous(), operands, split_k=split_k)
+        y = launch_decode(wrap(AUTOTUNED[path]), decode_input(x), operands, split_k=split_k)
     remember_tuned()
     if channel_major_out and y.stride(1) == 1:  # not written channel-major (or one token: the same)
         y = channel_major(y)
@@ -163,8 +163,9 @@ def planned_linear(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor,
     x2 = x.reshape(-1, in_features)
     tokens = x2.shape[0]
     bucket = 1 << max(0, min(13, (tokens - 1).bit_length()))
-    key = (bucket, x2.dtype, x2.stride(), dense is not None, expanded is not None, cslt is not None, bias is not None,
-           channel_major_out)
+    # x's layout by its channel stride, not its strides: a channel-major x's strides change with the count
+    key = (bucket, x2.dtype, x2.stride(1) == 1, dense is not None, expanded is not None, cslt is not None,
+           bias is not None, channel_major_out)
     plans = _PLANS.get(id(values))
     if plans is None:
         plans = _PLANS[id(values)] = {}
@@ -198,7 +199,7 @@ class _Plan:
             return cusparselt_linear(x, cslt, bias)
         if self.path == "prefill":
             return self._prefill(x, flat, channel_major_out)
-        return self._decode(x.contiguous(), flat)
+        return self._decode(decode_input(x), flat)
 
     def _launch(self, kernel, grid: Callable[[dict], tuple], arguments: Callable[[], tuple[list, dict]],
                 varying: dict[str, object], device: torch.device) -> None:
@@ -225,7 +226,8 @@ class _Plan:
         self._launch(AUTOTUNED[self.path],
                      lambda meta: decode_grid(rows, tokens, split_k, meta["BLOCK_N"], meta["BLOCK_T"]),
                      lambda: decode_arguments(x, Operands(*flat), split_k, y),
-                     {"x_ptr": x, **_bias_argument(bias), "y_ptr": y, "T": tokens}, x.device)
+                     {"x_ptr": x, **_bias_argument(bias), "y_ptr": y, "T": tokens, "stride_xt": x.stride(0),
+                      "stride_xc": x.stride(1)}, x.device)
         return decode_result(y, x.dtype)
 
     def _prefill(self, x: torch.Tensor, flat: tuple, channel_major_out: bool) -> torch.Tensor:

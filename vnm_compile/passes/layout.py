@@ -11,8 +11,9 @@ channel-major too, so that the elementwise kernel reads and writes one layout in
 transposing. Inputs that come out of a normalisation are left alone: Inductor may fuse the
 transposed store into the norm's reduction, whose stores then stop coalescing (slower than the
 transpose it saves). Graphs compiled for a few tokens are left alone too: the decode kernels read x
-row-major. A dynamic-shape graph whose small counts run static graphs of their own plans its kernels
-for many tokens (kernels/op.py), and counts as many tokens here.
+in place in either layout, so no copy is saved there. A dynamic-shape graph whose small counts run
+static graphs of their own plans its kernels for many tokens (kernels/op.py), and counts as many
+tokens here.
 """
 
 from __future__ import annotations
