@@ -24,6 +24,8 @@ random weights give it nothing to find, and the speed does not depend on it), an
    batch 1 and 16: tokens per second, from the median of three timed generate() calls. With
    --profile, one more generate() under torch.profiler: per decode step, the compiled graph's GPU
    time (the V:N:M kernels' share) and the CPU time of Dynamo's guards and of the graph's launch.
+Every first call (the one that compiles) records its seconds, vnm's passes in them, and in the JSON
+the compile phases that took at least COMPILE_PHASE_FLOOR seconds (torch's own compile timers).
 Ratios are against Inductor dense and torch's 2:4 of the same run. Results: <out>/e2e-<gpu>.json and .md.
 """
 
@@ -51,6 +53,7 @@ FLOW = ((1, 2048), (16, 1), (1, 1), (1, 512))
 SMOKE_FLOW = ((1, 64), (4, 1), (1, 1), (1, 32))
 PROMPT, NEW_TOKENS = 256, 128
 GENERATE_REPEATS = 3
+COMPILE_PHASE_FLOOR = 0.5  # seconds: the compile phases a first call records
 
 
 def llama(layers: int, smoke: bool, device: str) -> nn.Module:
@@ -151,7 +154,7 @@ def measure_shape(row: dict, step: Callable, variant: str, tokens: int, device: 
     from triton.testing import do_bench
 
     with torch.no_grad():
-        row["first_call_s"], row["passes_s"] = first_call(step, device)
+        row["first_call_s"], row["passes_s"], row["compile_phases_s"] = first_call(step, device)
         step()
         if device == "cuda":
             row["wall_ms"] = do_bench(step, warmup=25, rep=200, return_mode="median")
@@ -160,16 +163,29 @@ def measure_shape(row: dict, step: Callable, variant: str, tokens: int, device: 
                 row["sparse_linear_cpu_us"] = sparse_linear_cpu_us(step)
 
 
-def first_call(run: Callable, device: str) -> tuple[float, float]:
-    """Seconds of a call that compiles, and the seconds of vnm's passes in the graphs it compiled: the
-    rest is Dynamo, Inductor and the kernels' compiles."""
+def first_call(run: Callable, device: str) -> tuple[float, float, dict[str, float]]:
+    """Seconds of a call that compiles, the seconds of vnm's passes in the graphs it compiled, and the
+    compile phases of torch's timers that took at least COMPILE_PHASE_FLOOR seconds of it (nested:
+    Dynamo's tracing, the backend, Inductor's lowering and code generation, the kernels' compiles,
+    the last summed over the compile workers)."""
     earlier = vnm_compile.reports()  # held, so that no id below is one recycled by a new report
     seen = {id(report) for report in earlier}
+    timers = compile_timers()
     start = time.perf_counter()
     run()
     torch.cuda.synchronize() if device == "cuda" else None
     seconds = time.perf_counter() - start
-    return seconds, sum(sum(report.seconds.values()) for report in vnm_compile.reports() if id(report) not in seen)
+    passes = sum(sum(report.seconds.values()) for report in vnm_compile.reports() if id(report) not in seen)
+    grown = {phase: total - timers.get(phase, 0.0) for phase, total in compile_timers().items()}
+    return seconds, passes, {phase: round(s, 2) for phase, s in grown.items() if s >= COMPILE_PHASE_FLOOR}
+
+
+def compile_timers() -> dict[str, float]:
+    """Seconds spent so far in each compile phase torch times (Dynamo's aggregate timers)."""
+    from torch._dynamo.utils import compile_times
+
+    names, totals = compile_times(repr="csv", aggregate=True)
+    return {name: float(total) for name, total in zip(names, totals, strict=True)}
 
 
 def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: tuple[int, ...],
@@ -194,7 +210,7 @@ def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: 
         settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
                         pad_token_id=0, compile_config=compile_config)
         with torch.no_grad():
-            first, passes = first_call(functools.partial(model.generate, prompt, **settings), device)  # compiles
+            first, passes, phases = first_call(functools.partial(model.generate, prompt, **settings), device)
             times = []
             for _ in range(GENERATE_REPEATS):  # a generate() is one sample of a CPU-bound loop: the median of a few
                 torch.cuda.synchronize() if device == "cuda" else None
@@ -204,7 +220,8 @@ def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: 
                 times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         rows.append(dict(variant=variant, batch=batch, tokens_per_s=batch * new / seconds, seconds=seconds,
-                         seconds_each=times, new_tokens=new, first_generate_s=first, passes_s=passes))
+                         seconds_each=times, new_tokens=new, first_generate_s=first, passes_s=passes,
+                         compile_phases_s=phases))
         if profile_stem is not None:
             path = Path(f"{profile_stem}-{variant.replace(':', '_')}-b{batch}.txt")  # ':' does not travel well
             rows[-1]["profile"] = decode_step_profile(functools.partial(model.generate, prompt, **settings), path)
