@@ -346,10 +346,15 @@ def decode_grid(rows: int, tokens: int, split_k: int, block_n: int, block_t: int
     return triton.cdiv(rows, block_n), split_k, triton.cdiv(tokens, block_t)
 
 
+def _read_in_place(x: torch.Tensor) -> bool:
+    """Whether the decode kernel reads x [T, C] as it is: row-major, or channel-major (a channel's
+    tokens side by side, as passes/layout.py has producers write it)."""
+    return x.stride(1) == 1 or x.stride(0) == 1
+
+
 def decode_input(x: torch.Tensor) -> torch.Tensor:
-    """x [T, C] as the decode kernel reads it: in place where it is row-major or channel-major (a
-    channel's tokens side by side, as passes/layout.py has producers write it), else a row-major copy."""
-    return x if x.stride(1) == 1 or x.stride(0) == 1 else x.contiguous()
+    """x [T, C] as the decode kernel reads it: in place where it can, else a row-major copy."""
+    return x if _read_in_place(x) else x.contiguous()
 
 
 def launch_decode(kernel, x: torch.Tensor, operands: Operands, split_k: int = 1, out: torch.Tensor | None = None,
@@ -359,7 +364,7 @@ def launch_decode(kernel, x: torch.Tensor, operands: Operands, split_k: int = 1,
 
     `kernel` is vnm_decode_kernel (config: its blocks, USE_DOT) or an autotuned wrapper; `out`, if
     given, receives y unless split-K stores partial sums of its own."""
-    if x.stride(1) != 1 and x.stride(0) != 1:
+    if not _read_in_place(x):
         raise ValueError(f"x must be row-major or channel-major (one stride 1), got strides {tuple(x.stride())}")
     y = out if out is not None and split_k == 1 else decode_output(x, operands.rows, split_k)
     positional, constexprs = decode_arguments(x, operands, split_k, y)
