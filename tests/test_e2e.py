@@ -22,8 +22,10 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert 0 < passes["1x64"] < data["flow"][4]["first_call_s"]
     assert all(row["passes_s"] == 0 for row in data["flow"] if row["variant"] == "inductor")
     # where each first call's seconds went, by torch's timers: that call's compile, not the run's so far
-    # (phases nest, and a phase timed in compile workers may sum past the wall time: Dynamo's outermost)
-    assert all(0 < row["compile_phases_s"]["_compile.compile_inner"] <= row["first_call_s"] for row in data["flow"])
+    # (phases nest, and a phase timed in compile workers may sum past the wall time: Dynamo's outermost;
+    # phases are rounded to hundredths, which may round up past the call's unrounded seconds)
+    assert all(0 < row["compile_phases_s"]["_compile.compile_inner"] <= row["first_call_s"] + 0.005
+               for row in data["flow"])
     assert "compile_fx_inner" in data["flow"][4]["compile_phases_s"]  # vnm's backend hands its graph to Inductor
     # one compile: the first shape, the graph with a dynamic batch, one token, the one with a dynamic length too
     assert [row["graphs"] for row in data["flow"] if row["variant"] == "vnm-64:2:8"] == [1, 2, 3, 4]
