@@ -108,21 +108,27 @@ def test_few_tokens_and_cpu_graphs_are_left_alone(tokens, device):
     assert copied_inputs(gm) == {} and channel_major_writers(gm) == []
 
 
-@pytest.mark.parametrize("min_tokens,copied", [(1, []), (17, ["mul", "relu"])])
-def test_a_symbolic_count_counts_as_many_tokens_where_the_op_plans_for_them(min_tokens, copied):
-    """A dynamic-shape graph traced with few tokens: left alone, unless its sparse linears plan for many
-    tokens (min_tokens above 1: its small counts run static graphs of their own)."""
+@pytest.mark.parametrize("plan_symbolic,highest,copied", [
+    (False, None, []), (True, None, ["mul", "relu"]), (True, 32, []), (True, 64, ["mul", "relu"])])
+def test_a_symbolic_count_counts_as_the_count_the_op_plans_for(plan_symbolic, highest, copied):
+    """A dynamic-shape graph traced with few tokens: left alone, unless its sparse linears plan for
+    their count (plan_symbolic: its small counts run graphs of their own), whose largest value (the
+    range of a bucket's graph, or many tokens where unbounded) is more than the prefill kernel reads
+    row-major."""
     from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+    from torch.utils._sympy.value_ranges import ValueRanges
 
     shape_env = ShapeEnv()
     source = TensorPropertySource(LocalSource("x"), TensorProperty.SIZE, 1)
-    symbol = shape_env.create_symbol(32, source=source, dynamic_dim=DimDynamic.DYNAMIC)
-    tokens = shape_env.create_symintnode(symbol, hint=32, source=source)
+    symbol = shape_env.create_symbol(4, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    if highest is not None:
+        shape_env.var_to_range[symbol] = ValueRanges(2, highest)  # as the backend compiles a bucket's graph
+    tokens = shape_env.create_symintnode(symbol, hint=4, source=source)
     gm = traced(tokens, "cuda", Mlp(), FakeTensorMode(shape_env=shape_env))
     for node in gm.graph.nodes:
         if node.target is torch.ops.vnm.linear.default:
-            node.update_kwarg("min_tokens", min_tokens)
+            node.update_kwarg("plan_symbolic", plan_symbolic)
     channel_major_layouts(gm)
     assert sorted(copied_inputs(gm).values()) == copied
 

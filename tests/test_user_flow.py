@@ -4,6 +4,7 @@ silent inputs are named; on a GPU, CUDA graphs replay and generate() matches eag
 import contextlib
 import importlib
 import logging
+import math
 
 import pytest
 import torch
@@ -54,29 +55,31 @@ def test_one_dynamic_graph_serves_every_token_count():
     assert counters["stats"]["unique_graphs"] == 3  # the first static graph, the dynamic one, one token
 
 
-def test_small_token_counts_run_static_graphs_of_their_own(monkeypatch):
-    """Token counts up to static_tokens run in a graph compiled for that count: as Inductor traces it,
-    its sparse linears see the count as a number (so on CUDA the kernels are launched directly), where
-    the dynamic graph's see a symbol; all match float64, and Dynamo makes no extra graph. The CPU
-    stands in for CUDA here: there both kinds of graph run the reference."""
+def test_small_token_counts_run_graphs_per_bucket(monkeypatch, caplog):
+    """Token counts up to small_tokens run in a graph compiled per bucket of counts (2, 3-4, ...): as
+    Inductor traces it, its sparse linears see a symbolic count whose range is the bucket's, and plan
+    for its largest value (so on CUDA the kernels are launched directly), where the dynamic graph's
+    plan for many tokens; all match float64, a bucket's graph serves each count in it, and Dynamo makes
+    no extra graph. The CPU stands in for CUDA here: there every graph runs the reference."""
     from vnm_compile import backend
     from vnm_compile.kernels import op
+    from vnm_compile.kernels.common import MANY_TOKENS, planned_count
 
-    monkeypatch.setattr(vnm_config, "STATIC_GRAPH_DEVICES", ("cuda", "cpu"))
-    traced = []  # per compile: the token counts vnm.linear saw while Inductor traced it (None: a symbol)
-    floors = []  # per compile: the min_tokens its vnm.linear nodes carry
+    monkeypatch.setattr(vnm_config, "SMALL_TOKEN_GRAPH_DEVICES", ("cuda", "cpu"))
+    traced = []  # per compile: (static count or None, count planned for) of each vnm.linear Inductor traced
+    plans = []  # per compile: the plan_symbolic its vnm.linear nodes carry
     lowering = []
 
     def static_count(sizes):
         count = real_static_count(sizes)
         if lowering:
-            traced[-1].add(count)
+            traced[-1].add((count, math.prod(planned_count(size) for size in sizes)))
         return count
 
     def lower(state, example_inputs, record=False):
         traced.append(set())
-        floors.append({node.kwargs.get("min_tokens") for node in state.graph.graph.nodes
-                       if node.target is torch.ops.vnm.linear.default})
+        plans.append({node.kwargs.get("plan_symbolic") for node in state.graph.graph.nodes
+                      if node.target is torch.ops.vnm.linear.default})
         lowering.append(True)
         try:
             return real_lower(state, example_inputs, record)
@@ -90,47 +93,77 @@ def test_small_token_counts_run_static_graphs_of_their_own(monkeypatch):
     model = _Block().eval()
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "static_tokens": 4})
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
-        for tokens, compiles in ((129, [{258}]), (3, [{None}, {6}]), (17, []), (2, [{4}]), (3, []), (9, [])):
+    compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "small_tokens": 4})
+    many = 2 * MANY_TOKENS  # x is [2, tokens, 48]: the batch stays static
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), caplog.at_level(logging.WARNING):
+        for tokens, compiles in ((129, [{(258, 258)}]), (3, [{(None, many)}, {(None, 8)}]), (17, []),
+                                 (2, [{(None, 4)}]), (4, []), (3, []), (9, [])):
             traced.clear()
             x = torch.randn(2, tokens, 48)
             error = (compiled(x).double() - _reference(model, x)).norm() / _reference(model, x).norm()
             assert error < 1e-5, tokens
             assert traced == compiles, tokens
     assert counters["stats"]["unique_graphs"] == 2  # the first static graph and the dynamic one
-    assert floors[1] == {5}  # the dynamic graph's kernels are planned for counts above its static graphs'
+    assert not [r.getMessage() for r in caplog.records if "no graph for token ranges" in r.getMessage()]
+    assert plans[1] == {True}  # the dynamic graph's kernels are planned for the counts it serves
     traced.clear()
-    floors.clear()
+    plans.clear()
     torch._dynamo.reset()
-    replayed = torch.compile(model, backend="vnm", options={**OPTIONS, "static_tokens": 4, "mode": "reduce-overhead"})
+    replayed = torch.compile(model, backend="vnm", options={**OPTIONS, "small_tokens": 4, "mode": "reduce-overhead"})
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         for tokens in (129, 3, 2):
             replayed(torch.randn(2, tokens, 48))
-    assert traced == [{258}, {None}]  # CUDA graph replays skip the dispatch: no static graphs
-    assert floors[1] == {None}  # ... so the dynamic graph serves every count
+    assert traced == [{(258, 258)}, {(None, many)}]  # CUDA graph replays skip the dispatch: no bucket graphs
+    assert plans[1] == {None}  # ... so the dynamic graph serves every count, choosing per call
 
 
-def test_a_static_graph_that_fails_to_compile_leaves_the_dynamic_graph(monkeypatch, caplog):
+def test_a_bucket_graph_that_fails_to_compile_leaves_the_dynamic_graph(monkeypatch, caplog):
     from vnm_compile import backend
 
-    monkeypatch.setattr(vnm_config, "STATIC_GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(vnm_config, "SMALL_TOKEN_GRAPH_DEVICES", ("cuda", "cpu"))
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("no static graph today")
+        raise RuntimeError("no bucket graph today")
 
-    monkeypatch.setattr(backend, "pinned", refuse)
+    monkeypatch.setattr(backend, "bounded", refuse)
     torch.manual_seed(0)
     model = _Block().eval()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "static_tokens": 4})
+    compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "small_tokens": 4})
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="vnm_compile"):
-        for tokens in (129, 3, 3):
+        for tokens in (129, 3, 4):
             x = torch.randn(2, tokens, 48)
             error = (compiled(x).double() - _reference(model, x)).norm() / _reference(model, x).norm()
             assert error < 1e-5, tokens
-    failures = [r for r in caplog.records if "no static graph for token sizes (3,)" in r.getMessage()]
-    assert len(failures) == 1 and "no static graph today" in failures[0].getMessage()
+    failures = [r for r in caplog.records if "no graph for token ranges ((3, 4),)" in r.getMessage()]
+    assert len(failures) == 1 and "no bucket graph today" in failures[0].getMessage()
+
+
+def test_a_bucket_compile_may_assume_only_what_its_whole_range_holds():
+    """A guard added while a bucket's graph compiles is checked by nothing at run time: the compile
+    fails unless it holds for every size of the range, and no guard, range or replacement outlives it."""
+    from torch._guards import TracingContext
+
+    from vnm_compile import backend
+
+    shape_env, mode, symbol, tokens = _symbolic_tokens(12)
+    for condition, kept in ((lambda t: t % 2 == 0, False), (lambda t: t > 10, False), (lambda t: t * t % 4 != 2, True)):
+        compile_bucket = backend.bounded(TracingContext(mode), {symbol: (9, 16)})
+        with contextlib.nullcontext() if kept else pytest.raises(RuntimeError, match="not every size in"):
+            with compile_bucket:
+                assert condition(tokens)  # the hint (12) meets it: a guard is added
+                assert shape_env.guards
+        assert not shape_env.guards and not shape_env.replacements
+        assert shape_env.bound_sympy(symbol).upper > 16
+
+
+@pytest.mark.parametrize("limit,ranges", [(16, {1: (1, 1), 2: (2, 2), 3: (3, 4), 4: (3, 4), 5: (5, 8), 8: (5, 8),
+                                                9: (9, 16), 16: (9, 16)}),
+                                          (12, {9: (9, 12), 12: (9, 12)})])
+def test_token_ranges_are_the_power_of_two_buckets_up_to_the_limit(limit, ranges):
+    from vnm_compile.backend import token_range
+
+    assert {size: token_range(size, limit) for size in ranges} == ranges
 
 
 def _symbolic_tokens(hint: int):
@@ -146,30 +179,36 @@ def _symbolic_tokens(hint: int):
                                                                                                source=source)
 
 
-def test_pinned_token_count_takes_the_static_kernel_path(monkeypatch):
+def test_bounded_token_count_takes_the_kernel_path_planned_for_its_largest(monkeypatch):
     """Traced for CUDA (fake tensors: no GPU needed), vnm.linear with a symbolic token count defers to
-    the per-call op; with the symbol pinned, as the backend's static graphs are compiled, it takes the
-    kernel path with the pinned count, pin after pin (no cache serves one pin's shapes to another)."""
+    the per-call op; asked to plan for it (plan_symbolic), it takes the kernel path with the count
+    planned for the largest value in the symbol's range, as the backend's bucket graphs are compiled,
+    range after range (nothing of one range is served to another), and many tokens where unbounded;
+    never adding a guard on the count."""
     from torch._guards import TracingContext
 
     from vnm_compile import backend
     from vnm_compile.kernels import dispatch
+    from vnm_compile.kernels.common import MANY_TOKENS, planned_count
 
-    paths = []  # the token count of each call that reached the kernel entry (stubbed: nothing launches)
-    monkeypatch.setattr(dispatch, "kernel_linear", lambda x, operands, **kwargs: paths.append(x.shape[0])
-                        or x.new_empty(x.shape[0], operands.rows))
+    planned = []  # the count planned for at each call that reached the kernel entry (stubbed: nothing launches)
+    monkeypatch.setattr(dispatch, "kernel_linear", lambda x, operands, **kwargs: planned.append(planned_count(
+        x.shape[0])) or x.new_empty(x.shape[0], operands.rows))
     weight = vnm.VNMWeight.from_dense(torch.randn(256, 512).half(), 64, 8)
-    _, mode, symbol, tokens = _symbolic_tokens(5)
+    shape_env, mode, symbol, tokens = _symbolic_tokens(5)
     with mode:
         stored = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (weight.values, weight.columns,
                                                                                weight.metadata)]
-    for pin in (None, 4, 3, 4):
-        paths.clear()
-        with backend.pinned(TracingContext(mode), {symbol: pin}) if pin else contextlib.nullcontext(), mode:
+    for bucket, plan_symbolic, expected in ((None, False, []), ((3, 4), True, [4]), ((5, 8), True, [8]),
+                                            ((3, 4), True, [4]), (None, True, [MANY_TOKENS])):
+        planned.clear()
+        context = backend.bounded(TracingContext(mode), {symbol: bucket}) if bucket else contextlib.nullcontext()
+        with context, mode:
             x = torch.empty(tokens, 1, 512, device="cuda", dtype=torch.float16)  # fresh, as AOT fakes its inputs
-            y = torch.ops.vnm.linear(x, *stored, None, 64, 8, 512)
-            assert y.shape[1:] == (1, 256) and y.shape[0] == (pin or tokens)
-        assert paths == ([pin] if pin else []), pin
+            y = torch.ops.vnm.linear(x, *stored, None, 64, 8, 512, plan_symbolic=plan_symbolic)
+            assert y.shape[1:] == (1, 256) and y.shape[0] == tokens
+        assert planned == expected, bucket
+    assert not shape_env.guards and shape_env.bound_sympy(symbol).upper > 8  # the range restored
 
 
 @pytest.fixture
@@ -185,32 +224,40 @@ def compiled_kernels(monkeypatch):
     define()
 
 
-def test_symbolic_count_above_the_static_graphs_takes_the_kernels_without_a_guard(monkeypatch, compiled_kernels):
+def test_symbolic_count_takes_the_kernels_planned_for_its_range_without_a_guard(monkeypatch, compiled_kernels):
     """Traced for CUDA (fake tensors: no GPU needed), vnm.linear with a symbolic token count and
-    min_tokens above 1 (a dynamic graph whose small counts run static graphs of their own) takes the
-    kernels planned for many tokens, the prefill kernel on x.T, and adds no guard on the count;
-    without min_tokens it defers to the per-call op."""
+    plan_symbolic launches the kernels planned for the largest count in the symbol's range: where
+    unbounded (a dynamic graph whose small counts run graphs of their own) many tokens, the prefill
+    kernel on x.T; in a bucket of up to 16 tokens, the decode kernel on x. It adds no guard on the
+    count; without plan_symbolic it defers to the per-call op."""
+    from torch._guards import TracingContext
+
+    from vnm_compile import backend
+
     dispatch, tuning = compiled_kernels["dispatch"], compiled_kernels["tuning"]
     for module in (dispatch, tuning):  # no GPU to name: no measured table, the default rules
         monkeypatch.setattr(module, "gpu_slug", lambda device: "no-such-gpu")
     launches = []
-    real_launch = dispatch.launch_prefill
-    monkeypatch.setattr(dispatch, "launch_prefill",
-                        lambda kernel, xt, *args, **kwargs: launches.append(tuple(xt.shape))
-                        or real_launch(kernel, xt, *args, **kwargs))
+    real_prefill, real_decode = dispatch.launch_prefill, dispatch.launch_decode
+    monkeypatch.setattr(dispatch, "launch_prefill", lambda kernel, xt, *args, **kwargs: launches.append(
+        ("prefill", tuple(xt.shape))) or real_prefill(kernel, xt, *args, **kwargs))
+    monkeypatch.setattr(dispatch, "launch_decode", lambda kernel, x, *args, **kwargs: launches.append(
+        ("decode", tuple(x.shape))) or real_decode(kernel, x, *args, **kwargs))
     weight = vnm.VNMWeight.from_dense(torch.randn(256, 512).half(), 64, 8)
     layout = vnm.kernels.prefill_layout(weight)
-    shape_env, mode, _, tokens = _symbolic_tokens(40)
+    shape_env, mode, symbol, tokens = _symbolic_tokens(12)
     with mode:
-        stored = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (
+        values, columns, metadata, expanded, channels = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (
             weight.values, weight.columns, weight.metadata, layout.expanded, layout.channels)]
-        x = torch.empty(tokens, 1, 512, device="cuda", dtype=torch.float16)
-        values, columns, metadata, expanded, channels = stored
-        for min_tokens, launched in ((1, []), (17, [(512, tokens)])):
-            launches.clear()
+    for bucket, plan_symbolic, launched in ((None, False, []), (None, True, [("prefill", (512, tokens))]),
+                                            ((9, 16), True, [("decode", (tokens, 512))])):
+        launches.clear()
+        context = backend.bounded(TracingContext(mode), {symbol: bucket}) if bucket else contextlib.nullcontext()
+        with context, mode:
+            x = torch.empty(tokens, 1, 512, device="cuda", dtype=torch.float16)
             y = torch.ops.vnm.linear(x, values, columns, metadata, None, 64, 8, 512, None, expanded, channels,
-                                     None, min_tokens=min_tokens)
-            assert y.shape == (tokens, 1, 256) and launches == launched, min_tokens
+                                     None, plan_symbolic=plan_symbolic)
+            assert y.shape == (tokens, 1, 256) and launches == launched, (bucket, plan_symbolic)
     assert not shape_env.guards
 
 
@@ -279,9 +326,9 @@ def test_gpu_reduce_overhead_replays_without_copying_weights():
 
 @pytest.mark.gpu
 def test_gpu_small_token_counts_skip_the_per_call_dispatch(monkeypatch):
-    """On CUDA, token counts up to static_tokens run in static graphs, and larger counts the dynamic
+    """On CUDA, token counts up to small_tokens run in graphs per bucket, and larger counts the dynamic
     graph with the kernels planned for many tokens: neither calls the per-call op, which the dynamic
-    graph calls when it serves every count (static_tokens=0); all give what that graph gives."""
+    graph calls when it serves every count (small_tokens=0); all give what that graph gives."""
     from vnm_compile.kernels import dispatch
 
     calls = []
@@ -290,19 +337,19 @@ def test_gpu_small_token_counts_skip_the_per_call_dispatch(monkeypatch):
                         lambda x, *args: calls.append(tuple(x.shape)) or planned(x, *args))
     model = _tiny_llama_cuda()
     logits = {}
-    for static_tokens in (16, 0):
+    for small_tokens in (16, 0):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="vnm", options={**GPU_OPTIONS, "static_tokens": static_tokens})
+        compiled = torch.compile(model, backend="vnm", options={**GPU_OPTIONS, "small_tokens": small_tokens})
         with torch.no_grad():
             for batch, tokens in ((1, 40), (4, 1), (3, 1), (4, 1), (2, 24)):
                 calls.clear()
                 generator = torch.Generator("cuda").manual_seed(batch * 100 + tokens)
                 ids = torch.randint(0, 256, (batch, tokens), device="cuda", generator=generator)
-                logits[static_tokens, batch, tokens] = compiled(input_ids=ids, use_cache=False).logits.float()
+                logits[small_tokens, batch, tokens] = compiled(input_ids=ids, use_cache=False).logits.float()
                 # a batch above 1 runs Dynamo's dynamic-shape graph, which dispatches per call only
-                # where no static graphs take its small counts
-                dispatched = batch > 1 and not static_tokens
-                assert bool(calls) == dispatched, (static_tokens, batch, tokens)
+                # where no bucket graphs take its small counts
+                dispatched = batch > 1 and not small_tokens
+                assert bool(calls) == dispatched, (small_tokens, batch, tokens)
     for (_, batch, tokens), value in logits.items():
         torch.testing.assert_close(value, logits[0, batch, tokens], rtol=2e-2, atol=2e-2)
 

@@ -15,8 +15,9 @@ Dynamo compiles one model into several graphs (another input shape, the dynamic-
 decode graph). A graph that reads the same parameter tensors, unchanged, under the same config as
 an earlier one takes that compile's work (`Reuse`): one permutation search, one compressed copy of
 each weight, and the same buffers in every graph. The compiled graphs hold it; it is freed with them.
-A dynamic-shape graph on CUDA runs each small token count (up to `static_tokens`) in a static graph
-compiled for it on first sight, where Inductor launches the kernels without a per-call dispatch.
+A dynamic-shape graph on CUDA runs small token counts (up to `small_tokens`) in graphs compiled per
+power-of-two bucket of counts on first sight, where Inductor launches the kernels chosen for the
+bucket without a per-call dispatch.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import itertools
 import logging
 import os
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import sympy
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import disable_fake_tensor_cache
@@ -68,16 +71,16 @@ def vnm_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
     found = graph_parameters(gm, example_inputs)
     reuse = _reuse_for(found, config, calibration)
     compiled, token_symbols = _compile(gm, example_inputs, found, config, calibration, reuse, explain_path)
-    limit = max((config.static_graph_tokens(value.device) for value in example_inputs
+    limit = max((config.small_token_graphs(value.device) for value in example_inputs
                  if isinstance(value, torch.Tensor)), default=0)
     if limit and token_symbols:
         context = torch._guards.TracingContext.try_get()
         if context is not None and context.fake_mode is not None and context.fake_mode.shape_env is not None:
-            # Inductor traces a static graph with Dynamo's own fake inputs, whose pinned sizes read as
-            # values: the call's real tensors would be given fresh size symbols.
+            # Inductor traces a bucket's graph with Dynamo's own fake inputs, whose size symbols carry the
+            # bucket's range: the call's real tensors would be given fresh, unbounded symbols.
             traced = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")]
-            static = lambda args: _compile(gm, args, found, config, calibration, reuse, None, traced)[0]
-            return _StaticPerTokenCount(compiled, static, token_symbols, limit, context)
+            bucket = lambda args: _compile(gm, args, found, config, calibration, reuse, None, traced)[0]
+            return _GraphPerTokenBucket(compiled, bucket, token_symbols, limit, context)
     return compiled
 
 
@@ -123,88 +126,111 @@ def _token_symbols(state: PassState) -> dict[int, Any]:
     return positions
 
 
-class _StaticPerTokenCount:
-    """A dynamic-shape graph that runs small token counts in static graphs of their own.
+def token_range(size: int, limit: int) -> tuple[int, int]:
+    """The bucket of a token count up to `limit`: the counts above the next lower power of two, up to the
+    next power of two or `limit` (2, 3-4, 5-8, 9-16, ...), which share their kernels' choice (the
+    dispatch table and the tuned configs are keyed by the count rounded up to a power of two)."""
+    top = 1 << (size - 1).bit_length()  # the next power of two, from 1
+    return top // 2 + 1, min(top, limit)
 
-    In the dynamic graph each sparse linear picks its kernel when called (tens of microseconds of
-    CPU a call); a static graph has Inductor launch the kernels directly. So a call whose token
-    symbols are all at most `limit` runs a graph compiled for exactly those sizes, on its first
-    sight, as Dynamo compiles the specialisations of `mark_dynamic(..., specialize_on=...)`: the
-    same graph under Dynamo's shape environment with the symbols pinned to the call's values.
-    Other calls run the dynamic graph."""
 
-    def __init__(self, dynamic: Callable, static: Callable[[list[Any]], Callable], symbols: dict[int, Any],
+class _GraphPerTokenBucket:
+    """A dynamic-shape graph that runs small token counts in graphs of their own, one per bucket.
+
+    Where the dynamic graph serves every count, each sparse linear picks its kernel when called (tens
+    of microseconds of CPU a call); a graph whose token count is bounded has Inductor launch the kernels
+    chosen for its largest count directly. So a call whose token symbols are all at most `limit` runs
+    the graph of its counts' buckets (`token_range`), compiled on its first sight: the same graph under
+    Dynamo's shape environment with each symbol's range narrowed to its bucket. Other calls run the
+    dynamic graph, whose kernels are chosen for many tokens."""
+
+    def __init__(self, dynamic: Callable, bucket: Callable[[list[Any]], Callable], symbols: dict[int, Any],
                  limit: int, context: Any):
-        self.dynamic, self.static, self.symbols, self.limit, self.context = dynamic, static, symbols, limit, context
-        self.compiled: dict[tuple[int, ...], Callable] = {}
+        self.dynamic, self.bucket, self.symbols, self.limit, self.context = dynamic, bucket, symbols, limit, context
+        self.compiled: dict[tuple[tuple[int, int], ...], Callable] = {}
 
     def __call__(self, *args: Any) -> Any:
         sizes = tuple(args[index] for index in self.symbols)
         if max(sizes) > self.limit:
             return self.dynamic(*args)
-        compiled = self.compiled.get(sizes)
+        ranges = tuple(token_range(size, self.limit) for size in sizes)
+        compiled = self.compiled.get(ranges)
         if compiled is None:
-            compiled = self.compiled[sizes] = self._specialise(list(args), sizes)
+            compiled = self.compiled[ranges] = self._compile_bucket(list(args), ranges)
         return compiled(*args)
 
     @torch._dynamo.disable
-    def _specialise(self, args: list[Any], sizes: tuple[int, ...]) -> Callable:
-        """The static graph for these sizes; the dynamic graph, with a logged reason, where it fails to
-        compile (the static graph is an optimisation: the dynamic one computes the same)."""
+    def _compile_bucket(self, args: list[Any], ranges: tuple[tuple[int, int], ...]) -> Callable:
+        """The graph for these token ranges; the dynamic graph, with a logged reason, where it fails to
+        compile (a bucket's graph is an optimisation: the dynamic one computes the same)."""
         try:
-            with pinned(self.context, dict(zip(self.symbols.values(), sizes))):
-                return self.static(args)
+            with bounded(self.context, dict(zip(self.symbols.values(), ranges))):
+                return self.bucket(args)
         except Exception as error:  # any compile failure: the dynamic graph serves
-            log.warning("vnm: no static graph for token sizes %s (%s: %s); these calls run the dynamic-shape "
-                        "graph", sizes, type(error).__name__, error)
+            log.warning("vnm: no graph for token ranges %s (%s: %s); these calls run the dynamic-shape graph",
+                        ranges, type(error).__name__, error)
             return self.dynamic
 
 
 @contextlib.contextmanager
-def pinned(context: Any, sizes: dict[Any, int]) -> Iterator[None]:
-    """Dynamo's tracing context with each size symbol pinned to a value, to compile its graph again
-    for those sizes (as Dynamo compiles a `specialize_on` case). The caches that key on symbols, not
-    on their values, are bypassed: compile caches, fake tensors' dispatch cache, simplified sizes."""
+def bounded(context: Any, ranges: dict[Any, tuple[int, int]]) -> Iterator[None]:
+    """Dynamo's tracing context with each size symbol's range narrowed to (lowest, highest), to compile
+    its graph again for those sizes. What the compile derives from the narrowed ranges stays in it: the
+    shape environment's ranges, replacements and guards are restored, and the caches that key on
+    symbols, not on their ranges, are bypassed (compile caches, fake tensors' dispatch cache, simplified
+    sizes). Nothing checks a guard the compile adds (Dynamo's guards were built before), so the compile
+    fails unless each holds for every size in the ranges."""
+    from torch.utils._sympy.value_ranges import ValueRanges
+
     shape_env = context.fake_mode.shape_env
+    saved_ranges, saved_replacements = dict(shape_env.var_to_range), dict(shape_env.replacements)
+    guards = len(shape_env.guards)
     try:
+        for symbol, (lowest, highest) in ranges.items():
+            if symbol not in shape_env.var_to_range:
+                raise RuntimeError(f"no range for the size symbol {symbol} in Dynamo's shape environment")
+            shape_env.var_to_range[symbol] = ValueRanges(lowest, highest)
+        _forget_simplified_sizes(shape_env)
         with contextlib.ExitStack() as stack:
-            for source, size in zip(_sources(shape_env, sizes), sizes.values()):
-                stack.enter_context(shape_env.patch_source_specialization(source, lambda s, size=size: s == size))
-            _forget_simplified_sizes(shape_env)
             stack.enter_context(torch._guards.tracing(context))
             stack.enter_context(disable_fake_tensor_cache(context.fake_mode))
             stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
             stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
             yield
+        broken = [guard.expr for guard in shape_env.guards[guards:] if not _holds_throughout(guard.expr, ranges)]
+        if broken:
+            raise RuntimeError(f"the compile assumed {broken}, which not every size in {list(ranges.values())} meets")
     finally:
+        del shape_env.guards[guards:]
+        shape_env.var_to_range.clear()
+        shape_env.var_to_range.update(saved_ranges)
+        shape_env.replacements.clear()
+        shape_env.replacements.update(saved_replacements)
         _forget_simplified_sizes(shape_env)
 
 
+def _holds_throughout(condition: Any, ranges: dict[Any, tuple[int, int]]) -> bool:
+    """Whether a guard's condition is true for every combination of the symbols' sizes in their ranges
+    (false where it reads another symbol)."""
+    if condition.free_symbols - set(ranges):
+        return False
+    return all(condition.xreplace(dict(zip(ranges, sizes))) is sympy.true
+               for sizes in itertools.product(*(range(low, high + 1) for low, high in ranges.values())))
+
+
 def _forget_simplified_sizes(shape_env: Any) -> None:
-    """Drop the ShapeEnv's caches of sizes simplified by its replacements, which pinning a symbol
-    changes without telling them (torch 2.13 also caches each symbolic size's simplified form)."""
+    """Drop the ShapeEnv's caches of sizes simplified by its ranges and replacements, which changing them
+    directly does not tell (torch 2.13 also caches each symbolic size's simplified form)."""
     shape_env._update_version_counter()
     if hasattr(shape_env, "_replacements_version_counter"):
         shape_env._replacements_version_counter += 1
-
-
-def _sources(shape_env: Any, symbols: Any) -> list[Any]:
-    """The source Dynamo made each symbol from (an input's size), named as patch_source_specialization
-    looks it up."""
-    found = []
-    for symbol in symbols:
-        sources = shape_env.var_to_sources.get(symbol)
-        if not sources:
-            raise RuntimeError(f"no source for the size symbol {symbol} in Dynamo's shape environment")
-        found.append(sources[0])
-    return found
 
 
 # Reuse by parameters (id, version, data pointer), config and calibration. Held weakly: the compiled
 # graphs hold their Reuse, so it lives while one of them does, and no longer.
 _REUSE: weakref.WeakValueDictionary[tuple, Reuse] = weakref.WeakValueDictionary()
 # How a graph is lowered or checked, not what it computes.
-_NOT_IN_SOLUTION = ("mode", "inductor", "verify", "static_tokens")
+_NOT_IN_SOLUTION = ("mode", "inductor", "verify", "small_tokens")
 
 
 def _reuse_for(found: dict[str, tuple[str, torch.Tensor]], config: VNMConfig,

@@ -11,9 +11,9 @@ CRITERIA = ("abs", "wanda", "ria")
 PATTERNS = ("vnm", "nm", "transposable")
 COLUMN_RULES = ("optimal", "l1")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# Devices whose sparse linears a static graph runs faster than the dynamic graph (CUDA: the kernels
-# launched by Inductor, not chosen per call; on the CPU both run the reference).
-STATIC_GRAPH_DEVICES = ("cuda",)
+# Devices whose sparse linears a graph for a bucket of small token counts runs faster than the dynamic
+# graph (CUDA: the kernels launched by Inductor, not chosen per call; on the CPU both run the reference).
+SMALL_TOKEN_GRAPH_DEVICES = ("cuda",)
 WEIGHT_DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what the kernels take
 SMALLEST_V = 16
 LARGEST_M = 256  # column indices inside a group are stored as uint8
@@ -94,12 +94,12 @@ class VNMConfig:
       dispatcher may run cuBLAS where it measured faster (the dense bytes); keep_cusparselt: keep a
       cuSPARSELt copy where cuSPARSELt takes the weight (`kernels.cusparselt_refusal`: M a multiple of
       4, both dims of 16; about 0.56 of the dense bytes), which the dispatcher runs on many tokens
-      where it wins; static_tokens: a dynamic-shape graph (Dynamo's, after a second input
-      shape) runs each token count up to this many in a static graph of its own, compiled when the
-      count is first seen, where Inductor launches the kernels directly; larger counts run the
-      dynamic graph, which launches the kernels planned for many tokens (0: the dynamic graph only,
-      choosing kernels per call; modes that replay CUDA graphs need none: a replay skips the per-call
-      work).
+      where it wins; small_tokens: a dynamic-shape graph (Dynamo's, after a second input
+      shape) runs the token counts up to this many in graphs of their own, one per power-of-two
+      bucket (2, 3-4, 5-8, ...), compiled when a count of the bucket is first seen, where Inductor
+      launches the kernels chosen for the bucket directly; larger counts run the dynamic graph, which
+      launches the kernels planned for many tokens (0: the dynamic graph only, choosing kernels per
+      call; modes that replay CUDA graphs need none: a replay skips the per-call work).
     allow_small_v: accept v < 16 (tests).
     """
 
@@ -129,20 +129,20 @@ class VNMConfig:
     prefill_layout: bool | None = None
     keep_dense: bool = False
     keep_cusparselt: bool = False
-    static_tokens: int = 16
+    small_tokens: int = 16
     allow_small_v: bool = False
 
-    def static_graph_tokens(self, device: Any) -> int:
-        """The token counts (1 to this) that a dynamic-shape graph's calls run in static graphs of their
-        own on `device`: static_tokens on CUDA, where a static graph launches the kernels from Inductor's
-        code; 0 on other devices (both kinds of graph run the reference) and in the CUDA-graph modes (a
-        replay skips the per-call work anyway)."""
+    def small_token_graphs(self, device: Any) -> int:
+        """The token counts (1 to this) that a dynamic-shape graph's calls run in graphs of their own,
+        per bucket, on `device`: small_tokens on CUDA, where such a graph launches the kernels from
+        Inductor's code; 0 on other devices (both kinds of graph run the reference) and in the
+        CUDA-graph modes (a replay skips the per-call work anyway)."""
         import torch
         from torch._inductor import list_mode_options
 
-        if torch.device(device).type not in STATIC_GRAPH_DEVICES:
+        if torch.device(device).type not in SMALL_TOKEN_GRAPH_DEVICES:
             return 0
-        return 0 if list_mode_options(self.mode).get("triton.cudagraphs", False) else self.static_tokens
+        return 0 if list_mode_options(self.mode).get("triton.cudagraphs", False) else self.small_tokens
 
     def __post_init__(self) -> None:
         from .compression import method_names  # the registry imports this module
@@ -189,9 +189,9 @@ class VNMConfig:
             raise ValueError(f"permute_budget_s must be a positive number of seconds, got {self.permute_budget_s!r}")
         if self.max_layer_error is not None and not _is_positive_number(self.max_layer_error):
             raise ValueError(f"max_layer_error must be None or a positive number, got {self.max_layer_error!r}")
-        if isinstance(self.static_tokens, bool) or not isinstance(self.static_tokens, int) or self.static_tokens < 0:
-            raise ValueError(f"static_tokens must be an integer >= 0 (0: no static graphs per token count), "
-                             f"got {self.static_tokens!r}")
+        if isinstance(self.small_tokens, bool) or not isinstance(self.small_tokens, int) or self.small_tokens < 0:
+            raise ValueError(f"small_tokens must be an integer >= 0 (0: no graphs per bucket of small counts), "
+                             f"got {self.small_tokens!r}")
         if self.mode not in INDUCTOR_MODES:
             raise ValueError(f"mode must be one of {INDUCTOR_MODES} (Inductor's torch.compile modes), "
                              f"got {self.mode!r}")

@@ -15,15 +15,21 @@ def interpreting() -> bool:
     return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# The token count a symbolic count (a dynamic-shape graph's, whose small counts run static graphs of
-# their own) is planned for: a prompt's.
+# The token count an unbounded symbolic count (a dynamic-shape graph's, whose small counts run graphs
+# of their own) is planned for: a prompt's.
 MANY_TOKENS = 2048
 
 
 def planned_count(tokens) -> int:
-    """`tokens`, or MANY_TOKENS where it is symbolic: the count kernels and configs are chosen for,
-    read without comparing a symbol (which would add a guard, and a recompile where it flips)."""
-    return tokens if isinstance(tokens, int) else MANY_TOKENS
+    """`tokens`, or where it is symbolic the largest value its range allows (the backend's graph for a
+    bucket of small counts), MANY_TOKENS where that is unbounded: the count kernels and configs are
+    chosen for, read from the range without comparing the symbol (which would add a guard, and a
+    recompile where it flips)."""
+    if isinstance(tokens, int):
+        return tokens
+    node = getattr(tokens, "node", None)  # a SymInt's; anything else symbolic has no range at hand
+    highest = node.shape_env.bound_sympy(node.expr).upper if node is not None else None
+    return int(highest) if highest is not None and highest.is_Integer else MANY_TOKENS
 
 
 def token_bucket(tokens) -> int:

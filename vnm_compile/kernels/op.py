@@ -5,10 +5,11 @@ body, so Inductor sees the Triton kernel launches (through `wrap_triton`), write
 its generated code, and compiles the model with no graph break. Its body defers to
 `torch.ops.vnm.linear_dispatched`, an operator tracing does not enter, where the implementation is
 only known when the call runs: on CPU (the reference, whose chunking arithmetic would otherwise
-specialise a symbolic token count) and on CUDA with a symbolic token count, where the kernel and its
-config are picked per call from the real size (`planned_linear`). Traced into such a graph, the
-kernels would be tuned once for the first token count seen and each token-count threshold of the
-dispatcher would add a guard (a recompile).
+specialise a symbolic token count) and on CUDA with a symbolic token count that the caller does not
+ask to plan for (`plan_symbolic`), where the kernel and its config are picked per call from the real
+size (`planned_linear`). Traced into such a graph, the kernels are chosen once, for the largest count
+the symbol's range allows (the backend narrows it to a bucket of small counts); each token-count
+threshold of the dispatcher would otherwise add a guard (a recompile).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from .reference import reference_linear
 
 
 def static_count(sizes: tuple[int | torch.SymInt, ...]) -> int | None:
-    """The product of `sizes` where each is known while tracing: a plain int, or a symbol that a
-    compile pinned to one value (the backend's static graphs per token count); None where one varies.
-    Each size is read on its own, without symbolic arithmetic, which would specialise or cache."""
+    """The product of `sizes` where each is known while tracing: a plain int, or a symbol its shape
+    environment replaced by a value; None where one varies. Each size is read on its own, without
+    symbolic arithmetic, which would specialise or cache."""
     count = 1
     for size in sizes:
         if not isinstance(size, int):
@@ -53,18 +54,19 @@ def linear(
     channels: torch.Tensor | None = None,
     cslt: torch.Tensor | None = None,
     channel_major_out: bool = False,
-    min_tokens: int = 1,
+    plan_symbolic: bool = False,
 ) -> torch.Tensor:
     """y = x @ W.T + bias for the V:N:M weight (values, columns, metadata) of pattern v:2:m over
     in_features inputs; dense, expanded, channels, cslt: optional layouts kept by the caller (see
     `Operands`). channel_major_out: y laid out channel-major (see `channel_major`), for a consumer
-    that reads it so (passes/layout.py); the values are the same. min_tokens: the fewest tokens the
-    caller passes (a dynamic-shape graph whose small counts run in static graphs of their own); above
-    1, a symbolic token count takes the kernels chosen for many tokens (`kernel_linear`), traced into
-    the graph, where it otherwise takes the per-call op. Any count gives the same values."""
+    that reads it so (passes/layout.py); the values are the same. plan_symbolic: a symbolic token count
+    takes the kernels chosen for the largest count its range allows (`planned_count`: a bucket's largest,
+    or many tokens where unbounded), traced into the graph, where it otherwise takes the per-call op;
+    the backend sets it where its small counts run in graphs of their own. Any count gives the same
+    values."""
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
     tokens = static_count(tuple(x.shape[:-1]))
-    if x.device.type != "cuda" or (tokens is None and min_tokens <= 1):
+    if x.device.type != "cuda" or (tokens is None and not plan_symbolic):
         return torch.ops.vnm.linear_dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded,
                                                channels, cslt, channel_major_out)
     from .dispatch import kernel_linear  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
@@ -76,7 +78,7 @@ def linear(
 
 @linear.register_kernel("cpu")
 def _(x, values, columns, metadata, bias, v, m, in_features, dense=None, expanded=None, channels=None, cslt=None,
-      channel_major_out=False, min_tokens=1):
+      channel_major_out=False, plan_symbolic=False):
     return _reference(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt,
                       channel_major_out)
 

@@ -11,9 +11,8 @@ channel-major too, so that the elementwise kernel reads and writes one layout in
 transposing. Inputs that come out of a normalisation are left alone: Inductor may fuse the
 transposed store into the norm's reduction, whose stores then stop coalescing (slower than the
 transpose it saves). Graphs compiled for a few tokens are left alone too: the decode kernels read x
-in place in either layout, so no copy is saved there. A dynamic-shape graph whose small counts run
-static graphs of their own plans its kernels for many tokens (kernels/op.py), and counts as many
-tokens here.
+in place in either layout, so no copy is saved there. A graph whose token count is symbolic counts
+as the count its kernels are planned for (the largest of its bucket, or many tokens: kernels/op.py).
 """
 
 from __future__ import annotations
@@ -96,17 +95,17 @@ def _reaches_only(node: fx.Node, copies: set[fx.Node], seen: set[fx.Node]) -> bo
 
 def _prefill_sized(linear: fx.Node) -> bool:
     """Whether the vnm.linear `linear` runs on more tokens than the prefill kernel reads row-major: the
-    count its graph was traced with, or, where the count is symbolic and the op plans for many tokens
-    (min_tokens, kernels/op.py), that many."""
+    count its graph was traced with, or, where the count is symbolic and the op plans for it
+    (plan_symbolic, kernels/op.py), the count it plans for."""
     example = linear.args[0].meta.get("example_value", linear.args[0].meta.get("val"))
     if not isinstance(example, torch.Tensor) or example.device.type != "cuda" or example.dim() < 2:
         return False
-    from ..kernels.common import MANY_TOKENS  # CUDA graphs only: keeps the kernels unloaded on CPU
+    from ..kernels.common import planned_count  # CUDA graphs only: keeps the kernels unloaded on CPU
     from ..kernels.prefill import ROW_MAJOR_MAX_TOKENS
 
     sizes = example.shape[:-1]
-    if linear.kwargs.get("min_tokens", 1) > 1 and not all(isinstance(size, int) for size in sizes):
-        return MANY_TOKENS > ROW_MAJOR_MAX_TOKENS
+    if linear.kwargs.get("plan_symbolic", False):
+        return math.prod(planned_count(size) for size in sizes) > ROW_MAJOR_MAX_TOKENS
     return math.prod(_hint(size) for size in sizes) > ROW_MAJOR_MAX_TOKENS
 
 

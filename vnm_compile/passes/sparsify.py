@@ -210,14 +210,13 @@ def _emit(gm: fx.GraphModule, before: fx.Node, x: fx.Node, weights: list[VNMWeig
             attribute = attribute_name(f"{name}_{part}", dict(gm.named_buffers()))
             gm.register_buffer(attribute, tensor)
             reads[part] = gm.graph.get_attr(attribute)
-        # A dynamic-shape graph's small token counts run in static graphs of their own: its kernels are
-        # chosen for the larger counts it serves (kernels/op.py), with no per-call dispatch.
-        static_tokens = config.static_graph_tokens(weight.device)
+        # A dynamic-shape graph's small token counts run in graphs of their own, per bucket: each graph's
+        # kernels are chosen for the largest count it serves (kernels/op.py), with no per-call dispatch.
         return gm.graph.call_function(
             torch.ops.vnm.linear.default,
             (x, reads["values"], reads["columns"], reads["metadata"], bias, weight.v, weight.m, weight.in_features,
              reads.get("dense"), reads.get("expanded"), reads.get("channels"), reads.get("cslt")),
-            {"min_tokens": static_tokens + 1} if static_tokens else {})
+            {"plan_symbolic": True} if config.small_token_graphs(weight.device) else {})
 
 
 def _buffers(weights: list[VNMWeight], config: VNMConfig) -> dict[str, torch.Tensor]:
