@@ -236,6 +236,59 @@ def test_lowered_graph_takes_the_inputs_it_reads_and_its_weights_stay_static(mon
         torch.testing.assert_close(sparse.output, _first(reference(**inputs)), rtol=1e-4, atol=1e-4)
 
 
+class _PrefillReady(nn.Module):
+    """One sparse linear kept with its prefill layout, as the backend's graphs keep it on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        weight = vnm.VNMWeight.from_dense(torch.randn(64, 32).half(), 16, 8)
+        layout = vnm.kernels.prefill_layout(weight)
+        for name, tensor in (("values", weight.values), ("columns", weight.columns), ("metadata", weight.metadata),
+                             ("expanded", layout.expanded), ("channels", layout.channels)):
+            self.register_buffer(name, tensor)
+
+    def forward(self, x):
+        return torch.ops.vnm.linear.default(x, self.values, self.columns, self.metadata, None, 16, 8, 32, None,
+                                            self.expanded, self.channels, None)
+
+
+@pytest.mark.parametrize("tokens,plan_symbolic,kept", [(1, False, False), (64, False, True), ("any", False, True),
+                                                       ("any", True, True), ("2-8", True, False)])
+def test_lowered_graph_passes_only_the_operands_its_kernel_reads(monkeypatch, tokens, plan_symbolic, kept):
+    """Where the kernel is chosen as Inductor traces the graph (on CUDA, a static count, or a symbolic one
+    the op plans for), Inductor gets only the operands that kernel reads: a decode kernel's graph no
+    prefill layout (an input checked at every call, never read); the prefill kernel keeps it, and so
+    does the per-call op, which chooses later. (No GPU: fake CUDA tensors, the default rules.)"""
+    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    from vnm_compile import lowering
+    from vnm_compile.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "gpu_slug", lambda device: "no-such-gpu")
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(_PrefillReady())
+    shape_env = ShapeEnv()
+    if isinstance(tokens, str):  # symbolic: where plan_symbolic, planned for many tokens, or a bucket's largest
+        source = TensorPropertySource(LocalSource("x"), TensorProperty.SIZE, 0)
+        symbol = shape_env.create_symbol(4, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+        if tokens == "2-8":
+            shape_env.var_to_range[symbol] = ValueRanges(2, 8)  # as the backend compiles a bucket's graph
+        tokens = shape_env.create_symintnode(symbol, hint=4, source=source)
+    with FakeTensorMode(shape_env=shape_env):
+        (x,) = gm.graph.find_nodes(op="placeholder")
+        x.meta["val"] = torch.empty(tokens, 32, device="cuda", dtype=torch.float16)
+    (linear,) = gm.graph.find_nodes(op="call_function", target=torch.ops.vnm.linear.default)
+    linear.kwargs = {"plan_symbolic": plan_symbolic}
+    lowered, read = lowering._reading_inputs_only(gm)
+    buffers = {node.target for node in lowered.graph.find_nodes(op="get_attr")}
+    assert buffers == {"values", "columns", "metadata"} | ({"expanded", "channels"} if kept else set())
+    assert {name for name, _ in lowered.named_buffers()} == buffers and read == [0]
+    assert {node.target for node in gm.graph.find_nodes(op="get_attr")} >= {"expanded", "channels"}  # gm keeps all
+
+
 def test_backend_found_by_entry_point_without_import():
     code = ("import sys, torch; m = torch.nn.Linear(64, 64); "
             "y = torch.compile(m, backend='vnm', options={'v': 16, 'm': 8, 'inductor': False})(torch.randn(3, 64)); "

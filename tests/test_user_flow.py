@@ -70,11 +70,11 @@ def test_small_token_counts_run_graphs_per_bucket(monkeypatch, caplog):
     plans = []  # per compile: the plan_symbolic its vnm.linear nodes carry
     lowering = []
 
-    def static_count(sizes):
-        count = real_static_count(sizes)
+    def traced_path(x, *args):
         if lowering:
-            traced[-1].add((count, math.prod(planned_count(size) for size in sizes)))
-        return count
+            sizes = x.shape[:-1]
+            traced[-1].add((op.static_count(sizes), math.prod(planned_count(size) for size in sizes)))
+        return real_traced_path(x, *args)
 
     def lower(state, example_inputs, record=False):
         traced.append(set())
@@ -86,8 +86,8 @@ def test_small_token_counts_run_graphs_per_bucket(monkeypatch, caplog):
         finally:
             lowering.pop()
 
-    real_static_count, real_lower = op.static_count, backend.lower
-    monkeypatch.setattr(op, "static_count", static_count)
+    real_traced_path, real_lower = op.traced_path, backend.lower
+    monkeypatch.setattr(op, "traced_path", traced_path)
     monkeypatch.setattr(backend, "lower", lower)
     torch.manual_seed(0)
     model = _Block().eval()
@@ -191,8 +191,9 @@ def test_bounded_token_count_takes_the_kernel_path_planned_for_its_largest(monke
     from vnm_compile.kernels import dispatch
     from vnm_compile.kernels.common import MANY_TOKENS, planned_count
 
+    monkeypatch.setattr(dispatch, "gpu_slug", lambda device: "no-such-gpu")  # no GPU: the default rules
     planned = []  # the count planned for at each call that reached the kernel entry (stubbed: nothing launches)
-    monkeypatch.setattr(dispatch, "kernel_linear", lambda x, operands, **kwargs: planned.append(planned_count(
+    monkeypatch.setattr(dispatch, "kernel_linear", lambda x, operands, *args, **kwargs: planned.append(planned_count(
         x.shape[0])) or x.new_empty(x.shape[0], operands.rows))
     weight = vnm.VNMWeight.from_dense(torch.randn(256, 512).half(), 64, 8)
     shape_env, mode, symbol, tokens = _symbolic_tokens(5)

@@ -18,6 +18,7 @@ import torch
 from torch import fx
 from torch._dynamo.source import ConstantSource
 
+from .kernels.op import traced_path
 from .passes.common import copied_graph
 from .pipeline import PassState
 
@@ -42,10 +43,13 @@ def _reading_inputs_only(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]
     """A copy of `gm` (sharing its buffers) without the placeholders of the inputs it does not read,
     and the positions of those it reads. The unread ones are the parameters whose layers now read
     compressed buffers: Inductor's code would check each one's size and strides at every call. An
-    input whose sizes are symbolic stays (it may be where a size symbol comes from). `gm` itself
-    keeps every input: the report's measurements run it with all of them."""
+    input whose sizes are symbolic stays (it may be where a size symbol comes from). Before that, each
+    sparse linear whose kernel is chosen while tracing drops the operands its kernel does not read
+    (`_read_operands_only`). `gm` itself keeps every input and operand: the report's measurements run
+    it with all of them."""
     graph = copied_graph(gm)
     graph.output_node().meta = dict(gm.graph.output_node().meta)
+    _read_operands_only(graph, gm)
     read = []
     for position, node in enumerate(list(graph.find_nodes(op="placeholder"))):
         value = node.meta.get("val", node.meta.get("example_value"))
@@ -57,6 +61,42 @@ def _reading_inputs_only(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]
     copy = fx.GraphModule(gm, graph)
     copy.meta.update(gm.meta)
     return copy, read
+
+
+# vnm.linear's optional operands by argument position (kernels/op.py).
+_OPTIONAL_OPERANDS = {8: "dense", 9: "expanded", 10: "channels", 11: "cslt"}
+
+
+def _read_operands_only(graph: fx.Graph, gm: fx.GraphModule) -> None:
+    """Each vnm.linear of `graph` whose kernel is chosen while Inductor traces it passes only the optional
+    operands that kernel reads: the others (a decode kernel's prefill layout, say) would be inputs
+    checked at every call and never read. Their buffer reads go with them."""
+    for node in graph.find_nodes(op="call_function", target=torch.ops.vnm.linear.default):
+        path = _traced_path(node, gm)
+        if path is None:
+            continue
+        from .kernels.dispatch import PATH_OPERANDS
+
+        args = list(node.args)
+        for index, name in _OPTIONAL_OPERANDS.items():
+            if index < len(args) and name not in PATH_OPERANDS.get(path, ()):
+                args[index] = None
+        node.args = tuple(args)
+    for node in list(graph.find_nodes(op="get_attr")):
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _traced_path(linear: fx.Node, gm: fx.GraphModule) -> str | None:
+    """The path vnm.linear `linear` takes as Inductor traces it (`traced_path`); None where the op leaves
+    the choice to each call."""
+    example = linear.args[0].meta.get("val", linear.args[0].meta.get("example_value"))
+    if not isinstance(example, torch.Tensor) or linear.args[1].op != "get_attr":
+        return None
+    rows = gm.get_buffer(linear.args[1].target).shape[0]
+    v, m, in_features, dense, cslt = (linear.args[index] for index in (5, 6, 7, 8, 11))
+    return traced_path(example, rows, in_features, v, m, dense is not None, cslt is not None,
+                       linear.kwargs.get("plan_symbolic", False))
 
 
 class _ReadInputs:

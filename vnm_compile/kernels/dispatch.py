@@ -41,6 +41,8 @@ from .prefill import (
 from .tuning import AUTOTUNED, gpu_slug, load_table, remember_tuned, table_key
 
 PATHS = ("decode", "decode_split", "prefill", "dense", "cusparselt")
+# The optional operands (see Operands) each path reads; the others read none.
+PATH_OPERANDS = {"prefill": ("expanded", "channels"), "dense": ("dense",), "cusparselt": ("cslt",)}
 DECODE_SPLIT_K = 4
 # cuSPARSELt measured 1.30-1.58x cuBLAS on the Llama-2-7B shapes at 2048-8192 tokens (H100), where the
 # V:N:M prefill kernel at M = 8 is 0.8-1.1x; at M = 16 the prefill kernel is faster.

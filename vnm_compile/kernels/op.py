@@ -14,6 +14,7 @@ threshold of the dispatcher would otherwise add a guard (a recompile).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,15 +66,32 @@ def linear(
     the backend sets it where its small counts run in graphs of their own. Any count gives the same
     values."""
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
-    tokens = static_count(tuple(x.shape[:-1]))
-    if x.device.type != "cuda" or (tokens is None and not plan_symbolic):
+    path = traced_path(x, values.shape[0], in_features, v, m, dense is not None, cslt is not None, plan_symbolic)
+    if path is None:
         return torch.ops.vnm.linear_dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded,
                                                channels, cslt, channel_major_out)
-    from .dispatch import kernel_linear  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
+    from .dispatch import kernel_linear
 
     operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt)
-    y = kernel_linear(x.reshape(-1, in_features), operands, wrap=wrap_triton, channel_major_out=channel_major_out)
+    y = kernel_linear(x.reshape(-1, in_features), operands, path, wrap=wrap_triton, channel_major_out=channel_major_out)
     return y.reshape(*x.shape[:-1], values.shape[0])  # a view of either layout: the token dims stay contiguous
+
+
+def traced_path(x: torch.Tensor, rows: int, in_features: int, v: int, m: int, has_dense: bool, has_cslt: bool,
+                plan_symbolic: bool) -> str | None:
+    """The path (kernels/dispatch.py) vnm.linear's body launches for x where tracing enters it: on CUDA,
+    where x's token count is static, or symbolic and planned for (plan_symbolic: the largest count its
+    range allows); None where the op defers the choice to each call (vnm.linear_dispatched, which runs
+    the reference on CPU)."""
+    if x.device.type != "cuda":
+        return None
+    tokens = static_count(tuple(x.shape[:-1]))
+    if tokens is None and not plan_symbolic:
+        return None
+    from .dispatch import choose_path  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
+
+    return choose_path(rows, in_features, math.prod(x.shape[:-1]) if tokens is None else tokens, v, m, x.dtype,
+                       x.device, has_dense, has_cslt)
 
 
 @linear.register_kernel("cpu")
