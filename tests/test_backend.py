@@ -236,6 +236,22 @@ def test_lowered_graph_takes_the_inputs_it_reads_and_its_weights_stay_static(mon
         torch.testing.assert_close(sparse.output, _first(reference(**inputs)), rtol=1e-4, atol=1e-4)
 
 
+def test_lowered_graph_that_reads_one_input():
+    """A lone linear's graph reads x alone (its weight and bias are buffers of the rewritten graph): the
+    compiled graph takes it from Dynamo's inputs and computes the masked weight's product."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 48).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="vnm", options={"v": 16, "m": 8, "criterion": "abs", "min_features": 16},
+                             dynamic=False)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = compiled(x)
+    (layer,) = vnm.reports()[-1].sparse_layers
+    expected = x.double() @ layer.masked_weight().double().T + model.bias.double()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 class _PrefillReady(nn.Module):
     """One sparse linear kept with its prefill layout, as the backend's graphs keep it on CUDA."""
 
