@@ -229,7 +229,7 @@ def test_symbolic_count_takes_the_kernels_planned_for_its_range_without_a_guard(
     """Traced for CUDA (fake tensors: no GPU needed), vnm.linear with a symbolic token count and
     plan_symbolic launches the kernels planned for the largest count in the symbol's range: where
     unbounded (a dynamic graph whose small counts run graphs of their own) many tokens, the prefill
-    kernel on x.T; in a bucket of up to 16 tokens, the decode kernel on x. It adds no guard on the
+    kernel on x.T; in each bucket of up to 16 tokens, the decode kernel on x. It adds no guard on the
     count; without plan_symbolic it defers to the per-call op."""
     from torch._guards import TracingContext
 
@@ -250,8 +250,8 @@ def test_symbolic_count_takes_the_kernels_planned_for_its_range_without_a_guard(
     with mode:
         values, columns, metadata, expanded, channels = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (
             weight.values, weight.columns, weight.metadata, layout.expanded, layout.channels)]
-    for bucket, plan_symbolic, launched in ((None, False, []), (None, True, [("prefill", (512, tokens))]),
-                                            ((9, 16), True, [("decode", (tokens, 512))])):
+    decoded = [(bucket, True, [("decode", (tokens, 512))]) for bucket in ((2, 2), (3, 4), (5, 8), (9, 16))]
+    for bucket, plan_symbolic, launched in ((None, False, []), (None, True, [("prefill", (512, tokens))]), *decoded):
         launches.clear()
         context = backend.bounded(TracingContext(mode), {symbol: bucket}) if bucket else contextlib.nullcontext()
         with context, mode:
