@@ -140,20 +140,22 @@ def test_a_bucket_graph_that_fails_to_compile_leaves_the_dynamic_graph(monkeypat
 
 
 def test_a_bucket_compile_may_assume_only_what_its_whole_range_holds():
-    """A guard added while a bucket's graph compiles is checked by nothing at run time: the compile
-    fails unless it holds for every size of the range, and no guard, range or replacement outlives it."""
+    """A guard added while a bucket's graph compiles is checked by nothing at run time (Dynamo froze the
+    shape environment when it built its guards): the compile fails unless it holds for every size of
+    the range, and no guard, axiom, range or replacement outlives it."""
     from torch._guards import TracingContext
 
     from vnm_compile import backend
 
     shape_env, mode, symbol, tokens = _symbolic_tokens(12)
+    shape_env.freeze()  # as Dynamo leaves it
     for condition, kept in ((lambda t: t % 2 == 0, False), (lambda t: t > 10, False), (lambda t: t * t % 4 != 2, True)):
         compile_bucket = backend.bounded(TracingContext(mode), {symbol: (9, 16)})
         with contextlib.nullcontext() if kept else pytest.raises(RuntimeError, match="not every size in"):
             with compile_bucket:
                 assert condition(tokens)  # the hint (12) meets it: a guard is added
                 assert shape_env.guards
-        assert not shape_env.guards and not shape_env.replacements
+        assert not shape_env.guards and not shape_env.replacements and not shape_env.axioms
         assert shape_env.bound_sympy(symbol).upper > 16
 
 

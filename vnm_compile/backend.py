@@ -176,14 +176,14 @@ class _GraphPerTokenBucket:
 def bounded(context: Any, ranges: dict[Any, tuple[int, int]]) -> Iterator[None]:
     """Dynamo's tracing context with each size symbol's range narrowed to (lowest, highest), to compile
     its graph again for those sizes. What the compile derives from the narrowed ranges stays in it: the
-    shape environment's ranges, replacements and guards are restored, and the caches that key on
-    symbols, not on their ranges, are bypassed (compile caches, fake tensors' dispatch cache, simplified
-    sizes). Nothing checks a guard the compile adds (Dynamo's guards were built before), so the compile
-    fails unless each holds for every size in the ranges."""
+    shape environment's ranges, replacements, guards and the axioms they imply are restored, and the
+    caches that key on symbols, not on their ranges, are bypassed (compile caches, fake tensors' dispatch
+    cache, simplified sizes). Nothing checks a guard the compile adds (Dynamo built its guards and froze
+    the environment before), so the compile fails unless each holds for every size in the ranges."""
     from torch.utils._sympy.value_ranges import ValueRanges
 
     shape_env = context.fake_mode.shape_env
-    saved_ranges, saved_replacements = dict(shape_env.var_to_range), dict(shape_env.replacements)
+    saved = {name: dict(getattr(shape_env, name)) for name in ("var_to_range", "replacements", "axioms")}
     guards = len(shape_env.guards)
     try:
         for symbol, (lowest, highest) in ranges.items():
@@ -202,10 +202,9 @@ def bounded(context: Any, ranges: dict[Any, tuple[int, int]]) -> Iterator[None]:
             raise RuntimeError(f"the compile assumed {broken}, which not every size in {list(ranges.values())} meets")
     finally:
         del shape_env.guards[guards:]
-        shape_env.var_to_range.clear()
-        shape_env.var_to_range.update(saved_ranges)
-        shape_env.replacements.clear()
-        shape_env.replacements.update(saved_replacements)
+        for name, entries in saved.items():
+            getattr(shape_env, name).clear()
+            getattr(shape_env, name).update(entries)
         _forget_simplified_sizes(shape_env)
 
 
