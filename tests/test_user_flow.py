@@ -117,6 +117,39 @@ def test_small_token_counts_run_graphs_per_bucket(monkeypatch, caplog):
     assert plans[1] == {None}  # ... so the dynamic graph serves every count, choosing per call
 
 
+@pytest.mark.slow
+def test_bucket_graphs_of_a_llama_give_the_dynamic_graphs_bits(monkeypatch, caplog):
+    """A Llama's decode batches of 2 to 16 (and a few tokens each) run in bucket graphs compiled for
+    other counts of their bucket (attention, rotary positions and all): each gives the bits of the
+    dynamic graph that serves every count. The CPU stands in for CUDA (both run the reference)."""
+    from conftest import tiny_config
+
+    from vnm_compile import backend
+
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(vnm_config, "SMALL_TOKEN_GRAPH_DEVICES", ("cuda", "cpu"))
+    compiles = []  # the ranges of each bucket graph compiled
+    real_bounded = backend.bounded
+    monkeypatch.setattr(backend, "bounded", lambda context, ranges: compiles.append(tuple(ranges.values()))
+                        or real_bounded(context, ranges))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama")).eval()
+    calls = ((1, 24), (3, 1), (4, 1), (2, 1), (7, 1), (5, 1), (16, 1), (9, 1), (6, 3), (8, 4))
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, model.config.vocab_size, call, generator=generator) for call in calls]
+    logits = {}
+    for small_tokens in (16, 0):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="vnm", options={**OPTIONS, "skip": ["lm_head"],
+                                                               "small_tokens": small_tokens})
+        with torch.no_grad(), caplog.at_level(logging.WARNING, logger="vnm_compile"):
+            logits[small_tokens] = [compiled(input_ids=i, use_cache=False).logits for i in ids]
+    assert not [r.getMessage() for r in caplog.records if "no graph for token ranges" in r.getMessage()]
+    assert ((9, 16),) in compiles and len(compiles) < len(calls) - 2  # 4, 5 and 9 ran graphs compiled for 3, 7, 16
+    for call, bucketed, dynamic in zip(calls, logits[16], logits[0]):
+        assert torch.equal(bucketed, dynamic), call
+
+
 def test_a_bucket_graph_that_fails_to_compile_leaves_the_dynamic_graph(monkeypatch, caplog):
     from vnm_compile import backend
 
