@@ -105,7 +105,7 @@ def _prefill_sized(linear: fx.Node) -> bool:
 
     sizes = example.shape[:-1]
     if linear.kwargs.get("plan_symbolic", False):
-        return math.prod(planned_count(size) for size in sizes) > ROW_MAJOR_MAX_TOKENS
+        return planned_count(math.prod(sizes)) > ROW_MAJOR_MAX_TOKENS
     return math.prod(_hint(size) for size in sizes) > ROW_MAJOR_MAX_TOKENS
 
 
