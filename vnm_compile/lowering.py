@@ -64,8 +64,9 @@ def _reading_inputs_only(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]
     return copy, read
 
 
-# vnm.linear's optional operands by argument position (kernels/op.py).
-_OPTIONAL_OPERANDS = {8: "dense", 9: "expanded", 10: "channels", 11: "cslt"}
+# vnm.linear's arguments by name (kernels/op.py), and those that only some of its kernels read.
+_POSITIONS = {argument.name: index for index, argument in enumerate(torch.ops.vnm.linear.default._schema.arguments)}
+_OPTIONAL_OPERANDS = ("dense", "expanded", "channels", "cslt")
 
 
 def _read_operands_only(graph: fx.Graph, gm: fx.GraphModule) -> None:
@@ -78,11 +79,9 @@ def _read_operands_only(graph: fx.Graph, gm: fx.GraphModule) -> None:
             continue
         from .kernels.dispatch import PATH_OPERANDS
 
-        args = list(node.args)
-        for index, name in _OPTIONAL_OPERANDS.items():
-            if index < len(args) and name not in PATH_OPERANDS.get(path, ()):
-                args[index] = None
-        node.args = tuple(args)
+        for name in _OPTIONAL_OPERANDS:
+            if name not in PATH_OPERANDS.get(path, ()):
+                _set_argument(node, name, None)
     for node in list(graph.find_nodes(op="get_attr")):
         if not node.users:
             graph.erase_node(node)
@@ -91,13 +90,27 @@ def _read_operands_only(graph: fx.Graph, gm: fx.GraphModule) -> None:
 def _traced_path(linear: fx.Node, gm: fx.GraphModule) -> str | None:
     """The path vnm.linear `linear` takes as Inductor traces it (`traced_path`); None where the op leaves
     the choice to each call."""
-    example = linear.args[0].meta.get("val", linear.args[0].meta.get("example_value"))
-    if not isinstance(example, torch.Tensor) or linear.args[1].op != "get_attr":
+    x, values = _argument(linear, "x"), _argument(linear, "values")
+    example = x.meta.get("val", x.meta.get("example_value"))
+    if not isinstance(example, torch.Tensor) or values.op != "get_attr":
         return None
-    rows = gm.get_buffer(linear.args[1].target).shape[0]
-    v, m, in_features, dense, cslt = (linear.args[index] for index in (5, 6, 7, 8, 11))
-    return traced_path(example, rows, in_features, v, m, dense is not None, cslt is not None,
-                       linear.kwargs.get("plan_symbolic", False))
+    return traced_path(example, gm.get_buffer(values.target).shape[0], _argument(linear, "in_features"),
+                       _argument(linear, "v"), _argument(linear, "m"), _argument(linear, "dense") is not None,
+                       _argument(linear, "cslt") is not None, bool(_argument(linear, "plan_symbolic")))
+
+
+def _argument(linear: fx.Node, name: str) -> Any:
+    """vnm.linear's argument `name`, passed by position or keyword (None where left out)."""
+    position = _POSITIONS[name]
+    return linear.args[position] if position < len(linear.args) else linear.kwargs.get(name)
+
+
+def _set_argument(linear: fx.Node, name: str, value: Any) -> None:
+    position = _POSITIONS[name]
+    if position < len(linear.args):
+        linear.update_arg(position, value)
+    elif name in linear.kwargs:
+        linear.update_kwarg(name, value)
 
 
 class _ReadInputs:
