@@ -127,10 +127,12 @@ def _token_symbols(state: PassState) -> dict[int, Any]:
 
 
 def token_range(size: int, limit: int) -> tuple[int, int]:
-    """The bucket of a token count up to `limit`: the counts above the next lower power of two, up to the
-    next power of two or `limit` (2, 3-4, 5-8, 9-16, ...), which share their kernels' choice (the
-    dispatch table and the tuned configs are keyed by the count rounded up to a power of two)."""
-    top = 1 << (size - 1).bit_length()  # the next power of two, from 1
+    """The bucket of a token count up to `limit`: the counts of its token bucket (`token_bucket`, the
+    count rounded up to a power of two, by which the dispatch table and the tuned configs are keyed),
+    up to `limit`: 2, 3-4, 5-8, 9-16, ... They share their kernels' choice."""
+    from .kernels.common import token_bucket  # bucket graphs are made on CUDA: the CPU keeps Triton unloaded
+
+    top = token_bucket(size)
     return top // 2 + 1, min(top, limit)
 
 
