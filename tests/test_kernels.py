@@ -319,6 +319,29 @@ def test_shipped_tables_are_consistent(kernels):
             assert entry["sparse_us"] > 0 and entry["dense_us"] > 0
 
 
+def test_pruning_keeps_the_recorded_config_else_the_candidates_that_fit(kernels, monkeypatch):
+    """What Triton (or Inductor, tracing) times for a launch: a key in the table keeps its recorded
+    config alone; another keeps the candidates that fit its shape, in order; VNM_AUTOTUNE=0 the first."""
+    tuning = kernels["tuning"]
+    recorded = next(c for c in tuning.candidates("decode", 4096, 4096, 1, 512, 64)
+                    if c.kwargs["SELECT_X"] and c.kwargs["BLOCK_N"] == 8)
+    key = "decode " + tuning.table_key(4096, 4096, 1, 64, 8, torch.float16)
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "gpu_slug", lambda device: "some-gpu")
+    monkeypatch.setattr(tuning, "load_table", lambda slug: {"autotune": {key: tuning.config_record(recorded)}})
+    prune = tuning._prune("decode")
+    x = torch.empty(1, 4096, dtype=torch.float16)
+    named = lambda tokens: {"x_ptr": x, "R": 4096, "C": 4096, "T": tokens, "G": 512, "M": 8,
+                            "TOKEN_BUCKET": triton.next_power_of_2(tokens)}
+    configs = list(tuning.DECODE_CONFIGS)
+    assert prune(configs, named(1), V=64) == [recorded]
+    fitting = tuning.candidates("decode", 4096, 4096, 8, 512, 64)
+    assert 1 < len(fitting) < len(configs)
+    assert prune(configs, named(8), V=64) == fitting  # not recorded: every fitting candidate
+    monkeypatch.setenv("VNM_AUTOTUNE", "0")
+    assert prune(configs, named(8), V=64) == fitting[:1]
+
+
 def test_compiles_without_graph_breaks():
     """The op traces into the graph (CPU: the reference body) with fullgraph=True."""
     weight = vnm.VNMWeight.from_dense(torch.randn(48, 40), 16, 8)

@@ -154,8 +154,8 @@ def _prune(path: str):
         x = next(iter(named_args.values()))  # the activations: their dtype is the key's (as Triton's)
         key = f"{path} " + table_key(rows, cols, named_args["TOKEN_BUCKET"], kwargs["V"], m, x.dtype)
         known = load_table(gpu_slug(x.device))["autotune"].get(key)
-        fitting = [c for c in configs if any(_same(c, config_record(f))
-                                             for f in candidates(path, rows, cols, tokens, groups, kwargs["V"]))]
+        wanted = [config_record(c) for c in candidates(path, rows, cols, tokens, groups, kwargs["V"])]
+        fitting = [c for c in configs if any(_same(c, record) for record in wanted)]
         chosen = [c for c in fitting if known is not None and _same(c, known)]
         if chosen:  # a recorded config is used only if it fits (BLOCK_N must divide V)
             return chosen[:1]
