@@ -5,6 +5,7 @@
     python3 -m benchmarks.e2e --smoke --out /tmp/e2e   # CPU dry run on a tiny model
     python3 -m benchmarks.e2e --variants vnm-64:2:8 --append results/e2e-<gpu>.json   # add to an earlier run
     python3 -m benchmarks.e2e --shapes "" --batches 1 --profile   # generate() alone, and where its steps go
+    python3 -m benchmarks.e2e --shapes 1x1 --generate "" --profile   # one decode call, and where its CPU goes
 
 Model: transformers' LlamaForCausalLM with the Llama-2-7B config (random fp16 weights: speed does
 not need trained ones), lm_head dense everywhere. Variants, in one run: Inductor dense
@@ -18,8 +19,10 @@ random weights give it nothing to find, and the speed does not depend on it), an
    1 x 1 (torch specialises a size of 1), 12 x 1 (another decode batch: the graph 16 x 1 compiled
    serves it, for vnm its bucket's), and another prompt, 1 x 512 (the dynamic graph). Per shape:
    the wall time per call as called (do_bench: guards, Python, launches) and the GPU time of the same
-   call replayed in a CUDA graph; for vnm, the profiler's CPU time per sparse linear call where it
-   is dispatched per call (the dynamic graph).
+   call replayed in a CUDA graph; from torch.profiler, where a call's CPU time goes (the compiled
+   region, Dynamo's guards, the kernel launches) and for vnm the CPU time per sparse linear call where
+   it is dispatched per call (the dynamic graph). With --profile, each shape's profiler table and
+   Python's own profile (cProfile) of its calls.
 2. generate() as transformers compiles it for a static KV cache (`CompileConfig`: the decode step
    compiled in mode="reduce-overhead", the prompt run as it is), greedy, prompt 256 -> 128 new tokens at
    batch 1 and 16: tokens per second, from the median of three timed generate() calls. With
@@ -34,8 +37,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import functools
+import io
 import json
+import pstats
 import statistics
 import time
 from collections.abc import Callable
@@ -52,6 +58,8 @@ ROOT = Path(__file__).resolve().parent
 VARIANTS = ("inductor", "vnm-64:2:8", "vnm-64:2:16", "semi-2:4")
 FLOW = ((1, 2048), (16, 1), (1, 1), (12, 1), (1, 512))
 SMOKE_FLOW = ((1, 64), (4, 1), (1, 1), (3, 1), (1, 32))
+PROFILED_CALLS = 10
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 PROMPT, NEW_TOKENS = 256, 128
 GENERATE_REPEATS = 3
 COMPILE_PHASE_FLOOR = 0.5  # seconds: the compile phases a first call records
@@ -102,23 +110,44 @@ def compiled(variant: str, model: nn.Module, smoke: bool, mode: str, dynamic: bo
     return torch.compile(model, mode=mode, dynamic=dynamic)
 
 
-def sparse_linear_cpu_us(step: Callable) -> float | None:
-    """Profiler CPU time of one vnm.linear_dispatched call (the dynamic-shape graph's sparse linears)."""
+def call_profile(step: Callable, path: Path | None) -> dict:
+    """Where the CPU time of a call as called goes, per call of `step` (PROFILED_CALLS calls under
+    torch.profiler): the CPU ms inside the compiled region (Inductor's code with the backend's
+    wrappers), of Dynamo's guards, the kernel launches, and the CPU us of one per-call sparse linear
+    (vnm.linear_dispatched, the dynamic graph's; None where the graph has none). With `path`, the
+    profiler's table and Python's own profile of as many more calls (cProfile, by self time) go there."""
     from torch.profiler import ProfilerActivity, profile
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(5):
+        for _ in range(PROFILED_CALLS):
             step()
-    averages = prof.key_averages()
-    events = [e for e in averages if e.key == "vnm::linear_dispatched"]
-    if events:  # where the CPU time goes, for the log
-        log(averages.table(sort_by="self_cpu_time_total", row_limit=12))
-    return events[0].cpu_time_total / events[0].count if events else None
+        sync()
+    events = prof.key_averages()
+    per_call = lambda keys: sum(e.cpu_time_total for e in events if e.key.startswith(keys)) / PROFILED_CALLS / 1e3
+    dispatched = [e for e in events if e.key == "vnm::linear_dispatched"]
+    if path is not None:
+        python = cProfile.Profile()
+        python.enable()
+        for _ in range(PROFILED_CALLS):
+            step()
+        python.disable()
+        sync()
+        stats = io.StringIO()
+        pstats.Stats(python, stream=stats).sort_stats("tottime").print_stats(30)
+        path.write_text(events.table(sort_by="self_cpu_time_total", row_limit=30)
+                        + f"\n\nPython by self time, {PROFILED_CALLS} calls (cProfile)\n" + stats.getvalue())
+    return dict(region_cpu_ms=per_call("Torch-Compiled Region"), guards_cpu_ms=per_call("TorchDynamo Cache Lookup"),
+                launches=sum(e.count for e in events if e.key in LAUNCHES) / PROFILED_CALLS,
+                sparse_linear_cpu_us=dispatched[0].cpu_time_total / dispatched[0].count if dispatched else None)
 
 
-def flow(variant: str, model: nn.Module, shapes, smoke: bool, device: str, static_reference: bool) -> list[dict]:
-    """One compile, then the shapes in order: wall ms as called, CUDA-graph ms, first call s; with
-    `static_reference`, the CUDA-graph ms of each shape compiled on its own (dynamic=False)."""
+def flow(variant: str, model: nn.Module, shapes, smoke: bool, device: str, static_reference: bool,
+         profile_stem: Path | None = None) -> list[dict]:
+    """One compile, then the shapes in order: wall ms as called, CUDA-graph ms, first call s, where a
+    call's CPU time goes (`call_profile`: on CUDA, or wherever `profile_stem` names files for its
+    tables, <profile_stem>-<variant>-<shape>.txt); with `static_reference`, the CUDA-graph ms of each
+    shape compiled on its own (dynamic=False)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -131,7 +160,8 @@ def flow(variant: str, model: nn.Module, shapes, smoke: bool, device: str, stati
         step = lambda ids=ids: run(input_ids=ids, use_cache=False, logits_to_keep=1)
         row = dict(variant=variant, shape=f"{batch}x{tokens}")
         try:
-            measure_shape(row, step, variant, batch * tokens, device)
+            path = Path(f"{profile_stem}-{_slug(variant)}-{row['shape']}.txt") if profile_stem else None
+            measure_shape(row, step, device, path)
         except Exception as error:  # e.g. torch's 2:4 tensors in a dynamic-shape graph: reported, not fatal
             row["error"] = f"{type(error).__name__}: {error}"[:300]
         row["graphs"] = counters["stats"]["unique_graphs"]
@@ -150,8 +180,8 @@ def flow(variant: str, model: nn.Module, shapes, smoke: bool, device: str, stati
     return rows
 
 
-def measure_shape(row: dict, step: Callable, variant: str, tokens: int, device: str) -> None:
-    """First call seconds, wall ms as called, CUDA-graph ms (and CPU per sparse linear) of one shape."""
+def measure_shape(row: dict, step: Callable, device: str, profile_path: Path | None) -> None:
+    """First call seconds, wall ms as called, CUDA-graph ms, and where a call's CPU goes, of one shape."""
     from triton.testing import do_bench
 
     with torch.no_grad():
@@ -160,8 +190,8 @@ def measure_shape(row: dict, step: Callable, variant: str, tokens: int, device: 
         if device == "cuda":
             row["wall_ms"] = do_bench(step, warmup=25, rep=200, return_mode="median")
             row["graph_ms"] = graph_us([step], replays=15) / 1e3
-            if variant.startswith("vnm-") and tokens > 1:
-                row["sparse_linear_cpu_us"] = sparse_linear_cpu_us(step)
+        if device == "cuda" or profile_path is not None:
+            row.update(call_profile(step, profile_path))
 
 
 def first_call(run: Callable, device: str) -> tuple[float, float, dict[str, float]]:
@@ -224,7 +254,7 @@ def generate(variant: str, model: nn.Module, smoke: bool, device: str, batches: 
                          seconds_each=times, new_tokens=new, first_generate_s=first, passes_s=passes,
                          compile_phases_s=phases))
         if profile_stem is not None:
-            path = Path(f"{profile_stem}-{variant.replace(':', '_')}-b{batch}.txt")  # ':' does not travel well
+            path = Path(f"{profile_stem}-{_slug(variant)}-b{batch}.txt")
             rows[-1]["profile"] = decode_step_profile(functools.partial(model.generate, prompt, **settings), path)
         log(f"  {variant} generate b{batch}: {rows[-1]}")
     return rows
@@ -283,6 +313,15 @@ def markdown(result: dict) -> str:
                      f"{_x(r, 'graph_ms_x_semi-2:4')} | {_f(r.get('static_graph_ms'), '.3f')} | "
                      f"{_cpu_us(r)} | {r['graphs']} | "
                      f"{r['first_call_s']:.1f}{_passes(r)} |")
+    profiled = [r for r in result["flow"] if "region_cpu_ms" in r]
+    if profiled:
+        lines += ["", f"Where a call's CPU time goes (torch.profiler over {PROFILED_CALLS} calls as called; per call; "
+                  "`--profile` writes the tables):", "",
+                  "| variant | shape | wall ms | compiled region, CPU ms | guards, CPU ms | kernel launches |",
+                  "|" + "---|" * 6]
+        for r in profiled:
+            lines.append(f"| {r['variant']} | {r['shape']} | {_f(r.get('wall_ms'), '.3f')} | "
+                         f"{r['region_cpu_ms']:.3f} | {r['guards_cpu_ms']:.3f} | {r['launches']:.0f} |")
     if result["generate"]:
         lines += ["", f"## generate(): prompt {PROMPT} -> {NEW_TOKENS} new tokens, static cache, "
                   "mode=\"reduce-overhead\"", "",
@@ -308,13 +347,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _slug(variant: str) -> str:
+    return variant.replace(":", "_")  # ':' does not travel well in file names
+
+
 def _passes(row: dict) -> str:
     """' (x.x)': the seconds of vnm's passes in a first call, where it ran them."""
     return f" ({row['passes_s']:.1f})" if row.get("passes_s") else ""
 
 
 def _cpu_us(row: dict) -> str:
-    """The per-call op's CPU us, 'no per-call op' where the profile found none, blank where not profiled."""
+    """vnm's per-call op's CPU us, 'no per-call op' where the profile found none, blank where not profiled."""
+    if not row["variant"].startswith("vnm-"):
+        return ""
     if "sparse_linear_cpu_us" in row and row["sparse_linear_cpu_us"] is None:
         return "no per-call op"
     return _f(row.get("sparse_linear_cpu_us"), ".1f")
@@ -353,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the flow's shapes in order, BATCHxTOKENS comma-separated; empty: generate() alone "
                              "(default: the server's order, " + ",".join(f"{b}x{t}" for b, t in FLOW) + ")")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one generate() a batch: where a decode step's time goes")
+                        help="also write each flow call's profiles, and profile one generate() a batch: where "
+                             "a decode step's time goes")
     parser.add_argument("--static-reference", action="store_true",
                         help="also time each shape in a fresh static compile (CUDA-graph ms)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
@@ -385,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
     stem = args.out / f"e2e-{result['slug']}"
     for variant in variants:
         target = semi_structured(model) if variant == "semi-2:4" else model
-        result["flow"] += flow(variant, target, shapes, args.smoke, device, args.static_reference)
+        result["flow"] += flow(variant, target, shapes, args.smoke, device, args.static_reference,
+                               Path(f"{stem}-flow-profile") if args.profile else None)
         add_ratios(result["flow"], "wall_ms", "shape", higher_is_better=False)
         add_ratios(result["flow"], "graph_ms", "shape", higher_is_better=False)
         write_results(stem, result, markdown(result))  # kept if generate() outlasts the command's time limit

@@ -67,6 +67,23 @@ def test_shapes_pick_the_flow_and_empty_shapes_leave_generate_alone(tmp_path):
     assert [row["shape"] for row in result["flow"]] == ["2x1"] and result["generate"] == []
 
 
+def test_profile_records_where_a_calls_cpu_time_goes(tmp_path):
+    """--profile: each flow call's CPU split (compiled region, guards, launches) in the row and the
+    markdown, the profiler's table and Python's profile in a file per variant and shape."""
+    result = e2e.main(["--smoke", "--variants", "inductor,vnm-64:2:8", "--shapes", "1x8,2x1", "--generate", "",
+                       "--profile", "--out", str(tmp_path)])
+    assert [(row["variant"], row["shape"]) for row in result["flow"]] == [
+        ("inductor", "1x8"), ("inductor", "2x1"), ("vnm-64:2:8", "1x8"), ("vnm-64:2:8", "2x1")]
+    for row in result["flow"]:
+        assert row["guards_cpu_ms"] > 0 and row["region_cpu_ms"] > 0 and row["launches"] == 0  # no CUDA
+        text = (tmp_path / f"e2e-cpu-flow-profile-{row['variant'].replace(':', '_')}-{row['shape']}.txt").read_text()
+        assert "TorchDynamo Cache Lookup" in text and "(cProfile)" in text and "tottime" in text
+    # the dynamic graph of a CPU compile dispatches each sparse linear per call
+    assert result["flow"][3]["sparse_linear_cpu_us"] > 0
+    markdown = (tmp_path / "e2e-cpu.md").read_text().split("Where a call's CPU time goes")[1]
+    assert "| vnm-64:2:8 | 2x1 |" in markdown and "| inductor | 1x8 |" in markdown
+
+
 def test_profile_records_where_a_decode_step_goes(tmp_path):
     result = e2e.main(["--smoke", "--variants", "vnm-64:2:8", "--shapes", "", "--generate", "vnm-64:2:8",
                        "--batches", "1", "--profile", "--out", str(tmp_path)])
