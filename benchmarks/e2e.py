@@ -118,8 +118,10 @@ def call_profile(step: Callable, path: Path | None) -> dict:
     profiler's table and Python's own profile of as many more calls (cProfile, by self time) go there."""
     from torch.profiler import ProfilerActivity, profile
 
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    # the CUDA activity records the runtime's launch calls too
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(PROFILED_CALLS):
             step()
         sync()
