@@ -4,6 +4,10 @@ import tempfile
 # Inductor's on-disk caches key on graphs, not on the Python bodies of custom ops, so a cache left by
 # an older checkout can replay stale guards: every test run compiles into a cache of its own.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vnm-inductor-"))
+# Spread over processes (pytest-xdist), each worker would start a pool of Inductor compile processes as
+# wide as the machine: the processes are the parallelism, so each compiles in its own.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
