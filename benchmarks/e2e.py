@@ -59,6 +59,7 @@ VARIANTS = ("inductor", "vnm-64:2:8", "vnm-64:2:16", "semi-2:4")
 FLOW = ((1, 2048), (16, 1), (1, 1), (12, 1), (1, 512))
 SMOKE_FLOW = ((1, 64), (4, 1), (1, 1), (3, 1), (1, 32))
 PROFILED_CALLS = 10
+GUARDS_EVENT = "TorchDynamo Cache Lookup"
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 PROMPT, NEW_TOKENS = 256, 128
 GENERATE_REPEATS = 3
@@ -116,30 +117,23 @@ def call_profile(step: Callable, path: Path | None) -> dict:
     wrappers), of Dynamo's guards, the kernel launches, and the CPU us of one per-call sparse linear
     (vnm.linear_dispatched, the dynamic graph's; None where the graph has none). With `path`, the
     profiler's table and Python's own profile of as many more calls (cProfile, by self time) go there."""
-    from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else lambda: None
-    # the CUDA activity records the runtime's launch calls too
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    def calls() -> None:
         for _ in range(PROFILED_CALLS):
             step()
-        sync()
-    events = prof.key_averages()
+
+    events = _profiled(calls)
     per_call = lambda keys: sum(e.cpu_time_total for e in events if e.key.startswith(keys)) / PROFILED_CALLS / 1e3
     dispatched = [e for e in events if e.key == "vnm::linear_dispatched"]
     if path is not None:
         python = cProfile.Profile()
-        python.enable()
-        for _ in range(PROFILED_CALLS):
-            step()
-        python.disable()
-        sync()
+        python.runcall(calls)
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
         stats = io.StringIO()
         pstats.Stats(python, stream=stats).sort_stats("tottime").print_stats(30)
         path.write_text(events.table(sort_by="self_cpu_time_total", row_limit=30)
                         + f"\n\nPython by self time, {PROFILED_CALLS} calls (cProfile)\n" + stats.getvalue())
-    return dict(region_cpu_ms=per_call("Torch-Compiled Region"), guards_cpu_ms=per_call("TorchDynamo Cache Lookup"),
+    return dict(region_cpu_ms=per_call("Torch-Compiled Region"), guards_cpu_ms=per_call(GUARDS_EVENT),
                 launches=sum(e.count for e in events if e.key in LAUNCHES) / PROFILED_CALLS,
                 sparse_linear_cpu_us=dispatched[0].cpu_time_total / dispatched[0].count if dispatched else None)
 
@@ -266,13 +260,7 @@ def decode_step_profile(run: Callable, path: Path) -> dict:
     """One `run` (a generate()) under torch.profiler, per call of the compiled decode graph: its kernels'
     GPU ms, the V:N:M kernels' share, and the CPU ms of Dynamo's guards and of the CUDA graph's launch,
     which a generate() step waits on (it syncs at every token). The profiler's tables go to `path`."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch.no_grad(), profile(activities=activities) as prof:
-        run()
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-    events = prof.key_averages()
+    events = _profiled(run)
     graphs = [e for e in events if e.key.startswith("## Call CompiledFxGraph")]
     steps = max(1, sum(e.count for e in graphs))
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -287,7 +275,20 @@ def decode_step_profile(run: Callable, path: Path) -> dict:
                 graph_gpu_ms=sum(e.device_time_total for e in graphs) / steps / 1e3,
                 vnm_kernels_gpu_ms=sum(e.self_device_time_total for e in kernels if e.key.startswith("vnm_"))
                 / steps / 1e3,
-                guards_cpu_ms=cpu_ms("TorchDynamo Cache Lookup"), graph_launch_cpu_ms=cpu_ms("cudaGraphLaunch"))
+                guards_cpu_ms=cpu_ms(GUARDS_EVENT), graph_launch_cpu_ms=cpu_ms("cudaGraphLaunch"))
+
+
+def _profiled(run: Callable) -> Any:
+    """torch.profiler's averages per event over `run`: CPU, and where there is a GPU its kernels and the
+    runtime's launch calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        run()
+        torch.cuda.synchronize() if cuda else None
+    return prof.key_averages()
 
 
 def add_ratios(rows: list[dict], key: str, by: str, higher_is_better: bool) -> None:
