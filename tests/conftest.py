@@ -4,10 +4,14 @@ import tempfile
 # Inductor's on-disk caches key on graphs, not on the Python bodies of custom ops, so a cache left by
 # an older checkout can replay stale guards: every test run compiles into a cache of its own.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vnm-inductor-"))
-# Spread over processes (pytest-xdist), each worker would start a pool of Inductor compile processes as
-# wide as the machine: the processes are the parallelism, so each compiles in its own.
+# Spread over processes (pytest-xdist), each worker would start a pool of Inductor compile processes and
+# a team of OpenMP threads as wide as the machine. Oversubscribed OpenMP threads spin against each other
+# (four workers of two threads on two cores: a CPU mask selection 30x slower), so each worker compiles in
+# its own process and gets its share of the cores.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
