@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .access_analysis import memoize_access_analysis
 from .common import planned_count, token_bucket
 from .decode import decode_arguments, decode_grid, decode_input, decode_output, decode_result, launch_decode
 from .launcher import BinaryLaunch, jit_function, specialization
@@ -40,6 +41,8 @@ from .prefill import (
 )
 from .tuning import AUTOTUNED, gpu_slug, load_table, remember_tuned, table_key
 
+# Loaded where torch.compile traces the kernels into a graph, which asks torch to analyse every launch.
+memoize_access_analysis()
 PATHS = ("decode", "decode_split", "prefill", "dense", "cusparselt")
 # The optional operands (see Operands) each path reads; the others read none.
 PATH_OPERANDS = {"prefill": ("expanded", "channels"), "dense": ("dense",), "cusparselt": ("cslt",)}
