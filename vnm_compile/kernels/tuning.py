@@ -154,14 +154,21 @@ def _prune(path: str):
         x = next(iter(named_args.values()))  # the activations: their dtype is the key's (as Triton's)
         key = f"{path} " + table_key(rows, cols, named_args["TOKEN_BUCKET"], kwargs["V"], m, x.dtype)
         known = load_table(gpu_slug(x.device))["autotune"].get(key)
-        wanted = [config_record(c) for c in candidates(path, rows, cols, tokens, groups, kwargs["V"])]
-        fitting = [c for c in configs if any(_same(c, record) for record in wanted)]
+        # configs arrive as copies: matched by the fields a candidate records (the same for all), in one pass
+        records = [config_record(c) for c in candidates(path, rows, cols, tokens, groups, kwargs["V"])]
+        fields = tuple(records[0]) if records else ()
+        wanted = {_fields_of(record, fields) for record in records}
+        fitting = [c for c in configs if _fields_of(config_record(c), fields) in wanted]
         chosen = [c for c in fitting if known is not None and _same(c, known)]
         if chosen:  # a recorded config is used only if it fits (BLOCK_N must divide V)
             return chosen[:1]
         fitting = fitting or configs[:1]
         return fitting if os.environ.get("VNM_AUTOTUNE", "1") != "0" else fitting[:1]
     return prune
+
+
+def _fields_of(record: dict, fields: tuple[str, ...]) -> tuple:
+    return tuple(record.get(name) for name in fields)
 
 
 def _same(config: triton.Config, record: dict) -> bool:
