@@ -36,6 +36,7 @@ from benchmarks.timing import ceilings, graph_us, log
 from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import operands, prefill_layout, sparse_mma
 from vnm_compile.kernels.dispatch import kernel_linear
+from vnm_compile.kernels.operands import channel_major
 
 warnings.filterwarnings("ignore", message="column_select='optimal'")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -121,10 +122,11 @@ def check_configs(jobs: list[tuple], compile_errors: dict) -> dict:
         for tokens in CHECK_TOKENS:
             x = torch.randn(tokens, cols, device="cuda").to(dtype)
             ref = x.double() @ dense.T + bias.double()
-            for channel_major in (False, True):
+            for in_channel_major in (False, True):
                 try:
-                    xin = x.t().contiguous().t() if channel_major else x
-                    y = sparse_mma.sparse_mma_linear(xin, layout, bias, config=name, channel_major_out=channel_major)
+                    xin = channel_major(x) if in_channel_major else x
+                    y = sparse_mma.sparse_mma_linear(xin, layout, bias, config=name,
+                                                     channel_major_out=in_channel_major)
                     torch.cuda.synchronize()
                     worst = max(worst, relative_error(y, ref))
                 except Exception as error:
@@ -159,7 +161,7 @@ def time_case(rows, cols, tokens, v, m, good_configs, shared_limit, torch24: dic
     layout = sparse_mma.pack(weight)
     record["layout_bytes"], record["dense_bytes"] = layout.nbytes, dense.nbytes
     x = torch.randn(tokens, cols, device="cuda", dtype=dtype)
-    x_channel_major = x.t().contiguous().t()
+    x_channel_major = channel_major(x)
     layouts = [layout] + [sparse_mma.SparseMMALayout(layout.values.clone(), layout.metadata.clone(),
                                                      layout.columns.clone(), v, m, rows, cols)
                           for _ in range(copies(layout.nbytes, tokens) - 1)]
@@ -305,7 +307,7 @@ def ncu_mode() -> None:
     rows, cols, tokens, v, m = 4096, 4096, 8192, 64, 8
     weight = random_weight(rows, cols, v, m, torch.float16, seed=0)
     layout, dense = sparse_mma.pack(weight), weight.to_dense()
-    x = torch.randn(tokens, cols, device="cuda", dtype=torch.float16).t().contiguous().t()  # channel-major
+    x = channel_major(torch.randn(tokens, cols, device="cuda", dtype=torch.float16))
     config = sparse_mma.default_config(tokens, layout)
     sparse_mma.sparse_mma_linear(x, layout, config=config)
     F.linear(x, dense)
