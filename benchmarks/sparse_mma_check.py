@@ -42,7 +42,8 @@ warnings.filterwarnings("ignore", message="column_select='optimal'")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [1, 16, 2048, 8192]
 PATTERNS = [(64, 8), (64, 16), (64, 5), (128, 8)]
-FEW_TOKEN_CONFIGS = ("rows32_tokens8", "rows32_tokens16", "rows32_tokens32", "rows64_tokens64")
+FEW_TOKEN_CONFIGS = ("rows32_tokens8", "rows32_tokens16", "rows32_tokens32", "rows64_tokens64",
+                     "rows64_tokens16_split2", "rows128_tokens16_split2", "rows128_tokens16_split4")
 MANY_TOKEN_CONFIGS = ("rows256_tokens128", "rows256_tokens128_k8", "rows128_tokens128", "rows128_tokens256",
                       "rows256_tokens128_v128", "rows64_tokens64")
 CHECK_SHAPE = (1000, 520)  # 1000 = 15.6 x 64 rows, 520 = 104 x 5 = 65 x 8 = 32.5 x 16 columns

@@ -114,8 +114,11 @@ def run_kernel_model(x: torch.Tensor, layout, bias, config) -> torch.Tensor:
         for tile_t in range(-(-tokens // g["BLOCK_TOKENS"])):
             first_token = tile_t * g["BLOCK_TOKENS"]
             warps = g["WARPS_M"] * g["WARPS_N"] * g["WARPS_K"]
-            acc = torch.zeros(warps, g["WARP_M_TILES"], g["WARP_N_TILES"], 32, 4, dtype=torch.float64)
-            for step in range(k32_units // g["STEP_K32"]):
+            # split-K: split z accumulates its own run of steps, the caller adds the splits' sums
+            steps = k32_units // g["STEP_K32"]
+            steps_per_split = -(-steps // g["SPLITS"])
+            acc = torch.zeros(g["SPLITS"], warps, g["WARP_M_TILES"], g["WARP_N_TILES"], 32, 4, dtype=torch.float64)
+            for step in range(steps):
                 # ---- load_stage: shared memory regions, NaN / -1 where no copy wrote
                 x_smem = torch.full((g["A_OFFSET"] // 2,), float("nan"), dtype=torch.float64)
                 a_smem = torch.full(((g["E_OFFSET"] - g["A_OFFSET"]) // 2,), float("nan"), dtype=torch.float64)
@@ -165,9 +168,10 @@ def run_kernel_model(x: torch.Tensor, layout, bias, config) -> torch.Tensor:
                 e = e_smem[(tiles[..., None] * 64 + f.metadata_word(lane) * 4) // 4]  # [w, k, m16s, 32]
                 b = ptx_ldmatrix_x4_trans(x_smem,
                                           row_address[..., None, :] + 16 * torch.arange(g["WARP_N_TILES"])[:, None])
-                acc += ptx_mma_sp(a[:, :, :, None], b[:, :, None], e[:, :, :, None]).sum(1)
-            # ---- epilogue: partial sums of warps along K, then bias, at the accumulators' positions
-            acc = acc.view(g["WARPS_M"], g["WARPS_N"], g["WARPS_K"], *acc.shape[1:]).sum(2)
+                acc[step // steps_per_split] += ptx_mma_sp(a[:, :, :, None], b[:, :, None], e[:, :, :, None]).sum(1)
+            # ---- epilogue: partial sums of warps along K and of splits, then bias, at the accumulators'
+            # positions
+            acc = acc.sum(0).view(g["WARPS_M"], g["WARPS_N"], g["WARPS_K"], *acc.shape[2:]).sum(2)
             i = torch.arange(4)
             for warp_m in range(g["WARPS_M"]):
                 for warp_n in range(g["WARPS_N"]):

@@ -24,6 +24,11 @@
 // row block) x WARP_N_TILES n8 tiles and K32_PER_WARP of the stage's k32 units; warps along K add
 // their partial sums through shared memory at the end. Epilogue: fp32 + bias, rounded to the output
 // dtype, staged in shared memory and stored in 16-byte vectors where the output's strides allow.
+//
+// Split-K (SPLITS > 1): CTAs along blockIdx.z take consecutive runs of the stages, so that a weight of
+// few row tiles still fills the GPU with CTAs, each streaming a share of it. Split z stores its fp32
+// partial sums, without bias, in slice z of y read as float [SPLITS, tokens, rows]; the caller adds the
+// slices and the bias.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -107,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) vnm_sparse_mma(
     const u8* __restrict__ columns,        // [row blocks, k32_units, 32 lanes]
     int k32_units,
     const u16* __restrict__ bias, int has_bias,
-    u16* __restrict__ y, int rows, int y_stride_t, int y_stride_r) {
+    u16* __restrict__ y, int rows, int y_stride_t, int y_stride_r) {  // SPLITS > 1: float partial sums
   extern __shared__ __align__(16) u8 smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_k = warp % WARPS_K, warp_n = (warp / WARPS_K) % WARPS_N, warp_m = warp / (WARPS_K * WARPS_N);
@@ -115,7 +120,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) vnm_sparse_mma(
   const int first_row = blockIdx.x * BLOCK_ROWS;
   const int first_block = first_row / V_ROWS;
   const int first_token = blockIdx.y * BLOCK_TOKENS;
-  const int steps = k32_units / STEP_K32;
+  const int all_steps = k32_units / STEP_K32;
+  const int steps_per_split = (all_steps + SPLITS - 1) / SPLITS;
+  const int first_step = blockIdx.z * steps_per_split;  // this CTA's stages: first_step + [0, steps)
+  const int steps = first_step + steps_per_split < all_steps ? steps_per_split
+                    : (first_step < all_steps ? all_steps - first_step : 0);
   const u32 smem_base = shared_address(smem);
 
   // ---------------------------------------------------------------- one stage: global -> shared
@@ -207,14 +216,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) vnm_sparse_mma(
   // ---------------------------------------------------------------- main loop: STAGES - 1 stages ahead
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < steps) load_stage(s, s);
+    if (s < steps) load_stage(first_step + s, s);
     copy_async_commit();  // empty groups keep the count uniform
   }
   for (int step = 0; step < steps; ++step) {
     copy_async_wait<STAGES - 2>();  // this step's stage has landed ...
     __syncthreads();                // ... for every thread, and the previous slot is free
     const int next = step + STAGES - 1;
-    if (next < steps) load_stage(next, next % STAGES);
+    if (next < steps) load_stage(first_step + next, next % STAGES);
     copy_async_commit();
     compute_stage(step % STAGES);
   }
@@ -248,6 +257,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) vnm_sparse_mma(
               acc[mi][ni][c] += partial[(((k - 1) * WARPS_M * WARPS_N + warp_mn) * ACC + (mi * WARP_N_TILES + ni) * 4 + c) * 32 + lane];
     }
     __syncthreads();
+  }
+
+  if (SPLITS > 1) {  // this split's partial sums, straight from the accumulators
+    if (warp_k == 0) {
+      float* partial = reinterpret_cast<float*>(y) + (long long)blockIdx.z * tokens * rows;
+#pragma unroll
+      for (int mi = 0; mi < WARP_M_TILES; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < WARP_N_TILES; ++ni)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int row = first_row + (warp_first_m16 + mi) * 16 + accumulator_row(lane, c);
+            const int token = first_token + (warp_first_chunk + ni) * 8 + accumulator_token(lane, c);
+            if (row < rows && token < tokens) partial[(long long)token * rows + row] = acc[mi][ni][c];
+          }
+    }
+    return;
   }
 
   // The output tile in shared memory, laid out like y: [token][row] when y's rows are contiguous

@@ -161,7 +161,8 @@ def pack(weight: VNMWeight) -> SparseMMALayout:
 class TileConfig:
     """A CTA of warps_m x warps_n x warps_k warps; a warp computes warp_m_tiles m16 tiles (weight
     rows, inside one row block) x warp_n_tiles n8 tiles (tokens) over k32_per_warp k32 units of each
-    pipeline stage; `stages` stages in flight."""
+    pipeline stage; `stages` stages in flight; `splits` CTAs split each tile's stages between them
+    (their fp32 partial sums added by the caller)."""
 
     name: str
     warps_m: int
@@ -171,6 +172,7 @@ class TileConfig:
     warp_n_tiles: int
     k32_per_warp: int
     stages: int
+    splits: int = 1
 
     @property
     def threads(self) -> int:
@@ -202,7 +204,7 @@ class TileConfig:
         return {
             "M_GROUP": m, "V_ROWS": v, "WARPS_M": self.warps_m, "WARPS_N": self.warps_n, "WARPS_K": self.warps_k,
             "WARP_M_TILES": self.warp_m_tiles, "WARP_N_TILES": self.warp_n_tiles, "K32_PER_WARP": self.k32_per_warp,
-            "STAGES": self.stages, "THREADS": self.threads, "BLOCK_ROWS": self.block_rows,
+            "STAGES": self.stages, "SPLITS": self.splits, "THREADS": self.threads, "BLOCK_ROWS": self.block_rows,
             "BLOCK_TOKENS": self.block_tokens, "STEP_K32": self.step_k32, "M_TILES": m_tiles, "X_ROWS": x_rows,
             "X_ROW_PITCH": x_row_pitch, "CHUNKS_PER_ROW": chunks_per_row,
             "ROW_BLOCKS": max(1, self.block_rows // v), "A_OFFSET": x_bytes, "E_OFFSET": x_bytes + a_bytes,
@@ -244,6 +246,12 @@ CONFIGS = {c.name: c for c in (
     TileConfig("rows32_tokens32", 2, 1, 4, 1, 4, 1, 4),
     TileConfig("rows32_tokens16", 2, 1, 4, 1, 2, 1, 6),
     TileConfig("rows32_tokens8", 2, 1, 4, 1, 1, 1, 6),
+    # few tokens, fewer x tiles: each CTA reads all of x for its rows, so 32-row CTAs read x R/32 times
+    # (at 4096 x 4096 x 16, more bytes than the weight). 64- and 128-row CTAs read it 2-4x fewer
+    # times; split-K across CTAs keeps as many CTAs streaming the weight.
+    TileConfig("rows64_tokens16_split2", 1, 1, 4, 4, 2, 1, 6, splits=2),
+    TileConfig("rows128_tokens16_split4", 2, 1, 4, 4, 2, 1, 4, splits=4),
+    TileConfig("rows128_tokens16_split2", 2, 1, 4, 4, 2, 1, 4, splits=2),
 )}
 _PREFERENCE = {  # by tokens, the configs to try first; then any other that fits
     8: ("rows32_tokens8",), 16: ("rows32_tokens16",), 32: ("rows32_tokens32", "rows32_tokens16"),
@@ -396,9 +404,14 @@ def sparse_mma_linear(
     kernel = compiled_kernel(config, layout.m, layout.v, x.dtype, x.device)
     xt = channel_major_input(x)
     rows_pad = layout.values.shape[0] * 16
-    grid = (rows_pad // config.block_rows, -(-tokens // config.block_tokens), 1)
+    grid = (rows_pad // config.block_rows, -(-tokens // config.block_tokens), config.splits)
+    # split-K: every split stores its partial sums (each element written), added here with the bias
+    out = y if config.splits == 1 else torch.empty(config.splits, tokens, rows, dtype=torch.float32, device=x.device)
     kernel(grid=grid, block=(config.threads, 1, 1), shared_mem=config.shared_bytes(layout.m, layout.v),
            args=[xt, xt.stride(0), layout.in_features, tokens, layout.values, layout.metadata, layout.columns,
-                 layout.k32_units, bias if bias is not None else y, int(bias is not None), y, rows,
+                 layout.k32_units, bias if bias is not None else y, int(bias is not None), out, rows,
                  y.stride(0), y.stride(1)])
+    if config.splits > 1:
+        total = out.sum(0)
+        y.copy_(total if bias is None else total + bias)
     return y
