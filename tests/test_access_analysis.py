@@ -3,13 +3,16 @@ and arguments as the analysis sees them, every other kernel at every launch."""
 
 import inspect
 
+import pytest
 import sympy
 import torch
 import triton
 from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.runtime.jit import JITFunction
 
-from vnm_compile.kernels import access_analysis, decode
+import vnm_compile as vnm
+from vnm_compile.kernels import access_analysis, decode, tuning
+from vnm_compile.kernels.operands import Operands
 
 
 def python_function(kernel):
@@ -97,3 +100,59 @@ def test_loading_the_kernels_memoizes_the_analysis_torch_has():
     assert present and all(hasattr(analysis, "cached_answers") for analysis in present)
     access_analysis.memoize_access_analysis()  # a second call wraps nothing twice
     assert all(getattr(triton_kernel_wrap, analysis.__name__) is analysis for analysis in present)
+
+
+class _CudaTarget:
+    """The driver as torch's analysis uses it: the target it compiles the kernel's TTIR for."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def __getattr__(self, name):
+        raise AttributeError(name)
+
+
+@pytest.fixture
+def cuda_target():
+    driver = triton.runtime.driver
+    previous = driver._active
+    driver.set_active(_CudaTarget())
+    yield
+    driver._active = previous
+
+
+def decode_launch(tokens):
+    """The decode kernel and a launch's arguments as torch traces them (fake CUDA tensors, the first
+    candidate config, the heuristic's EVEN_K), for `tokens` tokens."""
+    weight = vnm.VNMWeight.from_dense(torch.randn(256, 512).half(), 64, 8)
+    with FakeTensorMode():
+        stored = [torch.empty(t.shape, dtype=t.dtype, device="cuda")
+                  for t in (weight.values, weight.columns, weight.metadata)]
+        x = torch.empty(4, 512, dtype=torch.float16, device="cuda")
+        positional, constexprs = decode.decode_arguments(x, Operands(*stored, 64, 8, 512, None), 1,
+                                                         decode.decode_output(x, 256, 1))
+    kernel = JITFunction(python_function(decode.vnm_decode_kernel))
+    config = tuning.config_record(tuning.candidates("decode", 256, 512, 4, 64, 64)[0])
+    config = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    return kernel, {**dict(zip(kernel.arg_names, positional)), **constexprs, **config, "T": tokens, "EVEN_K": True}
+
+
+def test_a_cached_answer_is_torchs_own_for_every_launch_it_stands_for(cuda_target):
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    if not isinstance(decode.vnm_decode_kernel.fn, JITFunction):  # its helpers too: torch cannot compile it
+        pytest.skip("the kernels were loaded for Triton's interpreter (TRITON_INTERPRET=1) in this process")
+
+    name = next(name for name in reversed(access_analysis._ANALYSES) if hasattr(triton_kernel_wrap, name))
+    torchs = getattr(triton_kernel_wrap, name)
+    torchs = getattr(torchs, "__wrapped__", torchs)  # the analysis itself, if the kernels were loaded
+    analyse = access_analysis._memoized(torchs)
+    kernel, symbolic = decode_launch(sympy.Symbol("s0"))
+    cached = analyse(kernel, symbolic, {})
+    other_kernel, literal = decode_launch(2)  # the value torch analyses a symbol as
+    assert analyse(kernel, literal, {}) == cached == torchs(other_kernel, literal, {})
+    assert len(analyse.cached_answers) == 1
+    writes = cached.read_writes.writes if hasattr(cached, "read_writes") else cached
+    assert [getattr(write, "name", write) for write in writes] == ["y_ptr"]
