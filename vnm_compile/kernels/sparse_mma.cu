@@ -27,8 +27,8 @@
 //
 // Split-K (SPLITS > 1): CTAs along blockIdx.z take consecutive runs of the stages, so that a weight of
 // few row tiles still fills the GPU with CTAs, each streaming a share of it. Split z stores its fp32
-// partial sums, without bias, in slice z of y read as float [SPLITS, tokens, rows]; the caller adds the
-// slices and the bias.
+// partial sums, without bias, in slice z of y read as float [SPLITS, tokens, rows]; vnm_split_sum (at the
+// end of this file) then adds the slices and the bias.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -319,5 +319,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) vnm_sparse_mma(
     } else {
       for (int j = 0; j < 8 && inner_first + j < inner_limit; ++j) destination[j] = source[j];
     }
+  }
+}
+
+// Split-K's sum: y = the SPLITS slices of partial [SPLITS, tokens, rows] added in order, plus the bias,
+// rounded once to the output dtype; y by its strides (row- or channel-major).
+extern "C" __global__ void __launch_bounds__(256) vnm_split_sum(
+    const float* __restrict__ partial, int tokens, int rows, const u16* __restrict__ bias, int has_bias,
+    u16* __restrict__ y, int y_stride_t, int y_stride_r) {
+  const long long count = (long long)tokens * rows;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int token = (int)(i / rows), row = (int)(i % rows);
+    float sum = 0.0f;
+#pragma unroll
+    for (int z = 0; z < SPLITS; ++z) sum += partial[z * count + i];
+    if (has_bias) sum += to_float(bias[row]);
+    y[(long long)token * y_stride_t + (long long)row * y_stride_r] = to_storage(sum);
   }
 }

@@ -344,16 +344,18 @@ def _transpose_kernel(device: torch.device):
     return _KERNELS[key]
 
 
-def compiled_kernel(config: TileConfig, m: int, v: int, dtype: torch.dtype, device: torch.device):
-    """The kernel of one (config, pattern, dtype) on `device`: compiled on first use, then kept.
-    NVRTC releases the GIL, so threads can compile several at once ahead of use."""
+def compiled_kernel(config: TileConfig, m: int, v: int, dtype: torch.dtype, device: torch.device,
+                    name: str = "vnm_sparse_mma"):
+    """Kernel `name` of one (config, pattern, dtype) on `device`: vnm_sparse_mma, or the split-K sum
+    vnm_split_sum. Compiled on first use, then kept. NVRTC releases the GIL, so threads can compile
+    several at once ahead of use."""
     if device.index is None:
         device = torch.device(device.type, torch.cuda.current_device())
-    key = (config, m, v, dtype, device.index)
+    key = (config, m, v, dtype, device.index, name)
     if key not in _KERNELS:
         ordered = torch.cuda.get_device_capability(device) >= (10, 0)
-        _KERNELS[key] = _compiled("vnm_sparse_mma", kernel_source(config, m, v, dtype, ordered), device,
-                                  config.shared_bytes(m, v))
+        _KERNELS[key] = _compiled(name, kernel_source(config, m, v, dtype, ordered), device,
+                                  config.shared_bytes(m, v) if name == "vnm_sparse_mma" else 0)
     return _KERNELS[key]
 
 
@@ -405,13 +407,16 @@ def sparse_mma_linear(
     xt = channel_major_input(x)
     rows_pad = layout.values.shape[0] * 16
     grid = (rows_pad // config.block_rows, -(-tokens // config.block_tokens), config.splits)
-    # split-K: every split stores its partial sums (each element written), added here with the bias
+    # split-K: every split stores its partial sums (each element written), then vnm_split_sum adds them
     out = y if config.splits == 1 else torch.empty(config.splits, tokens, rows, dtype=torch.float32, device=x.device)
     kernel(grid=grid, block=(config.threads, 1, 1), shared_mem=config.shared_bytes(layout.m, layout.v),
            args=[xt, xt.stride(0), layout.in_features, tokens, layout.values, layout.metadata, layout.columns,
                  layout.k32_units, bias if bias is not None else y, int(bias is not None), out, rows,
                  y.stride(0), y.stride(1)])
     if config.splits > 1:
-        total = out.sum(0)
-        y.copy_(total if bias is None else total + bias)
+        count = tokens * rows
+        split_sum = compiled_kernel(config, layout.m, layout.v, x.dtype, x.device, "vnm_split_sum")
+        split_sum(grid=(min(-(-count // 256), 4096), 1, 1), block=(256, 1, 1),
+                  args=[out, tokens, rows, bias if bias is not None else y, int(bias is not None), y,
+                        y.stride(0), y.stride(1)])
     return y
