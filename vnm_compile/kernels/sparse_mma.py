@@ -162,7 +162,7 @@ class TileConfig:
     """A CTA of warps_m x warps_n x warps_k warps; a warp computes warp_m_tiles m16 tiles (weight
     rows, inside one row block) x warp_n_tiles n8 tiles (tokens) over k32_per_warp k32 units of each
     pipeline stage; `stages` stages in flight; `splits` CTAs split each tile's stages between them
-    (their fp32 partial sums added by the caller)."""
+    (their fp32 partial sums then added by vnm_split_sum)."""
 
     name: str
     warps_m: int
