@@ -173,8 +173,7 @@ def _fields_of(record: dict, fields: tuple[str, ...]) -> tuple:
 
 def _same(config: triton.Config, record: dict) -> bool:
     """Whether `config` is the recorded one (ignoring keys that heuristics add, like EVEN_K)."""
-    mine = config_record(config)
-    return all(mine.get(k) == v for k, v in record.items())
+    return _fields_of(config_record(config), tuple(record)) == tuple(record.values())
 
 
 def _autotuned(path: str, kernel, configs: list[triton.Config]):
