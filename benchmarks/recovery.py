@@ -100,7 +100,8 @@ def _sampled_windows(model: nn.Module, windows: torch.Tensor, count: int, genera
     for start in range(0, count, generate_batch):
         prompts = windows[rows[start : start + generate_batch], :GENERATED_PROMPT].to(device)
         new = length - GENERATED_PROMPT
-        with torch.no_grad():
+        # bfloat16 on CUDA: sampling in float32 took most of a 470 s run's time
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             sampled.append(model.generate(prompts, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                           max_new_tokens=new, min_new_tokens=new,
                                           pad_token_id=model.config.eos_token_id).cpu())
