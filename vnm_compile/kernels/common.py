@@ -33,8 +33,10 @@ def planned_count(tokens) -> int:
 
 
 def token_bucket(tokens) -> int:
-    """Tokens rounded up to a power of two, at most 8192: the autotuning key's token dimension."""
-    return min(8192, triton.next_power_of_2(max(1, planned_count(tokens))))
+    """Tokens rounded up to a power of two, at most 8192: the autotuning key's token dimension, and the
+    dispatcher's plans'. Plain int arithmetic: it runs on every planned call."""
+    count = max(1, planned_count(tokens))
+    return 1 << min(13, (count - 1).bit_length())
 
 
 def dot_precision(dtype: torch.dtype) -> str:

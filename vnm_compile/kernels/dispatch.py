@@ -167,9 +167,8 @@ def planned_linear(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor,
     """vnm.linear on CUDA for any token count, by the plan made for this weight and token bucket."""
     x2 = x.reshape(-1, in_features)
     tokens = x2.shape[0]
-    bucket = 1 << max(0, min(13, (tokens - 1).bit_length()))
     # x's layout by its channel stride, not its strides: a channel-major x's strides change with the count
-    key = (bucket, x2.dtype, x2.stride(1) == 1, dense is not None, expanded is not None, cslt is not None,
+    key = (token_bucket(tokens), x2.dtype, x2.stride(1) == 1, dense is not None, expanded is not None, cslt is not None,
            bias is not None, channel_major_out)
     plans = _PLANS.get(id(values))
     if plans is None:
