@@ -19,7 +19,8 @@ copies), so Python's launch cost stays out of kernel times. (The tables in the p
 with do_bench from 2048 tokens, which counts launch cost on kernels of a few microseconds; see
 benchmarks/NOTES.md.) `--tune` writes
 vnm_compile/kernels/tables/<gpu>.json: per key the fastest sparse path and config (fp16 tunes;
-bf16 reuses the fp16 config), the dense time and, where measured, the cuSPARSELt time, which the
+bf16 reuses the fp16 config), the dense time and, where measured, the cuSPARSELt time and the sparse
+tensor-core kernel's best time and config (`kernels/sparse_mma.py`, each dtype tuned), which the
 dispatcher reads. Without --tune the sweep times the shipped choices through the kernels' entry
 (`dispatch.kernel_linear`), with and without the dense weight, and writes
 benchmarks/results/kernels-<gpu>.json and .md.
@@ -55,6 +56,7 @@ from vnm_compile.kernels import (
     operands,
     prefill,
     prefill_layout,
+    sparse_mma,
     tuning,
 )
 from vnm_compile.kernels.common import token_bucket
@@ -73,6 +75,7 @@ SPLIT_CONFIGS = [tuning.decode_config(64, 16, 32, True, 4, 3), tuning.decode_con
                  tuning.decode_config(64, 16, 32, True, 4, 3, prefetch=True),
                  tuning.decode_config(32, 16, 16, True, 4, 3, prefetch=True)]
 ROOT = Path(__file__).resolve().parent
+MMA_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # against float64, as the GPU tests check
 CUDA_ONLY_NOTE = "torch 2:4 and cuSPARSELt run on CUDA only: skipped in this CPU run (n/a)."
 
 
@@ -99,8 +102,11 @@ class Problem:
         self.layouts = [self.layout] + [PrefillLayout(self.layout.expanded.clone(), self.layout.channels)
                                         for _ in range(self.rotated(self.layout.expanded.nbytes) - 1)]
         self.denses = [self.dense] + [self.dense.clone() for _ in range(self.rotated(self.dense.nbytes) - 1)]
-        # what the library entry reads: each weight copy with a prefill layout, or with a dense copy
-        self.sparse_operands = [operands(w, layout=self.layouts[i % len(self.layouts)])
+        self.mmas = self.sparse_mma_layouts()
+        # what the library entry reads: each weight copy with a prefill layout (and the sparse tensor-core
+        # kernel's, where it runs), or with a dense copy
+        self.sparse_operands = [operands(w, layout=self.layouts[i % len(self.layouts)],
+                                         mma=self.mmas[i % len(self.mmas)] if self.mmas else None)
                                 for i, w in enumerate(self.weights)]
         self.dense_operands = [operands(self.weight, dense_weight=d) for d in self.denses]
         self.errors: dict[str, str] = {}  # why a baseline is missing: shapes or dtypes cuSPARSELt refuses
@@ -134,6 +140,15 @@ class Problem:
             return []
         cslts = [first] + [first.clone() for _ in range(self.rotated(first.nbytes) - 1)]
         return [operands(self.weight, cslt=cslt) for cslt in cslts]
+
+    def sparse_mma_layouts(self) -> list[sparse_mma.SparseMMALayout]:
+        """Copies of the sparse tensor-core kernel's layout, where the kernel runs and takes the weight."""
+        if DEVICE != "cuda" or not sparse_mma.available() or sparse_mma.refusal(self.weight) is not None:
+            return []
+        first = sparse_mma.pack(self.weight)
+        return [first] + [sparse_mma.SparseMMALayout(first.values.clone(), first.metadata.clone(), first.columns,
+                                                     self.v, self.m, self.rows, self.cols)
+                          for _ in range(self.rotated(first.nbytes) - 1)]
 
     def x(self, tokens):
         return torch.randn(tokens, self.cols, device=DEVICE, dtype=self.dtype)
@@ -237,6 +252,29 @@ def measure_baselines(problem: Problem, tokens: int, x: torch.Tensor) -> dict:
     return out
 
 
+def tune_sparse_mma(problem: Problem, tokens: int, x: torch.Tensor) -> tuple[float, str] | None:
+    """The sparse tensor-core kernel's fastest config for this key and its time, as the dispatcher
+    runs it (x as it comes: a row-major x is transposed by each call); None where it does not run."""
+    if not problem.mmas:
+        return None
+    shared_limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    timed = {}
+    for config in sparse_mma.candidates(tokens, problem.v, problem.m, shared_limit):
+        try:
+            timed[config.name] = bench_us([lambda mma=mma, config=config: sparse_mma.sparse_mma_linear(
+                x, mma, config=config) for mma in problem.mmas], tokens)
+        except Exception as error:
+            log("  failed sparse_mma", config.name, repr(error)[:200])
+    if not timed:
+        return None
+    name = min(timed, key=timed.get)
+    error = check(problem, x, sparse_mma.sparse_mma_linear(x, problem.mmas[0], config=name))
+    if error > MMA_TOLERANCE[problem.dtype]:
+        log(f"  sparse_mma {name}: relative error {error:.1e}, not entered in the table")
+        return None
+    return timed[name], name
+
+
 def tune_key(problem: Problem, tokens: int, x: torch.Tensor, only=None) -> dict:
     """Times the candidates (or only the given (path, config)s); best per path."""
     timed = {}
@@ -323,6 +361,10 @@ def measure(problem: Problem, tokens: int, args, table: dict) -> dict:
                                   "dense_us": round(case["dense_us"], 2)}
         if case["cslt_us"] is not None:  # the dispatcher weighs it where the caller keeps a cuSPARSELt copy
             table["dispatch"][key]["cslt_us"] = round(case["cslt_us"], 2)
+        mma = tune_sparse_mma(problem, tokens, x)
+        if mma is not None:  # likewise where the caller keeps the sparse tensor-core layout
+            case["mma_us"], case["mma_config"] = mma
+            table["dispatch"][key].update(mma_us=round(mma[0], 2), mma_config=mma[1])
         case.update(path=path, sparse_us=sparse_us, config=tuning.config_record(config),
                     paths_us={p: t for p, (t, _) in timed.items()})
         y = problem.kernel_calls(path, config, x)[0]()
@@ -334,7 +376,7 @@ def measure(problem: Problem, tokens: int, args, table: dict) -> dict:
             case["dispatch_us"] = bench_us([lambda ops=ops: dispatch.kernel_linear(x, ops)
                                             for ops in problem.dense_operands], tokens)
         path = dispatch.choose_path(problem.rows, problem.cols, tokens, problem.v, problem.m, problem.dtype,
-                                    x.device, has_dense=False)
+                                    x.device, has_dense=False, has_mma=bool(problem.mmas))
         case["path"] = path
         case["sparse_us"] = bench_us([lambda ops=ops: dispatch.kernel_linear(x, ops)
                                       for ops in problem.sparse_operands], tokens)

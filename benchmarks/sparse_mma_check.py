@@ -42,10 +42,6 @@ warnings.filterwarnings("ignore", message="column_select='optimal'")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [1, 16, 2048, 8192]
 PATTERNS = [(64, 8), (64, 16), (64, 5), (128, 8)]
-FEW_TOKEN_CONFIGS = ("rows32_tokens8", "rows32_tokens16", "rows32_tokens32", "rows64_tokens64",
-                     "rows64_tokens16_split2", "rows128_tokens16_split2", "rows128_tokens16_split4")
-MANY_TOKEN_CONFIGS = ("rows256_tokens128", "rows256_tokens128_k8", "rows128_tokens128", "rows128_tokens256",
-                      "rows256_tokens128_v128", "rows64_tokens64")
 CHECK_SHAPE = (1000, 520)  # 1000 = 15.6 x 64 rows, 520 = 104 x 5 = 65 x 8 = 32.5 x 16 columns
 CHECK_TOKENS = (1, 17, 129, 2048)
 ROTATE_BYTES = 160 << 20  # weight copies a timing rotates over: > 3x the H100's 50 MB L2
@@ -74,11 +70,6 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(y).all():
         return float("inf")
     return float((y.double() - ref).norm() / ref.norm())
-
-
-def applicable(name: str, v: int, m: int, shared_limit: int) -> bool:
-    config = sparse_mma.CONFIGS[name]
-    return v % (16 * config.warp_m_tiles) == 0 and config.shared_bytes(m, v) <= shared_limit
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -166,12 +157,10 @@ def time_case(rows, cols, tokens, v, m, good_configs, shared_limit, torch24: dic
     layouts = [layout] + [sparse_mma.SparseMMALayout(layout.values.clone(), layout.metadata.clone(),
                                                      layout.columns.clone(), v, m, rows, cols)
                           for _ in range(copies(layout.nbytes, tokens) - 1)]
-    names = ([n for n in FEW_TOKEN_CONFIGS if sparse_mma.CONFIGS[n].block_tokens <= max(8, 4 * tokens)]
-             if tokens <= 64 else MANY_TOKEN_CONFIGS)
     record["sparse_mma_us"] = {}
     ref = x[:64].double() @ dense.double().T
-    for name in names:
-        if not applicable(name, v, m, shared_limit) or not good_configs.get((name, m, v, dtype), False):
+    for name in (config.name for config in sparse_mma.candidates(tokens, v, m, shared_limit)):
+        if not good_configs.get((name, m, v, dtype), False):
             continue
         try:  # the same check on the timed shape, 64 tokens of it
             y = sparse_mma.sparse_mma_linear(x_channel_major, layout, config=name)
@@ -256,9 +245,9 @@ def run(args) -> dict:
     shapes, tokens_list, patterns = SHAPES, TOKENS, PATTERNS
     if args.quick:
         shapes, tokens_list, patterns = SHAPES[:1], [16, 8192], [(64, 8), (64, 16)]
-    names = sorted(set(FEW_TOKEN_CONFIGS + MANY_TOKEN_CONFIGS))
+    names = sorted(set(sparse_mma.FEW_TOKEN_CONFIGS + sparse_mma.MANY_TOKEN_CONFIGS))
     jobs = [(name, m, v, dtype) for dtype in (torch.float16, torch.bfloat16) for v, m in patterns for name in names
-            if applicable(name, v, m, shared_limit)]
+            if sparse_mma.fits(sparse_mma.CONFIGS[name], v, m, shared_limit)]
     compile_errors = precompile(jobs, device)
     results["compile_errors"] = {str(k): e for k, e in compile_errors.items()}
     log("correctness against float64, shapes", CHECK_SHAPE, "tokens", CHECK_TOKENS, "(row- and channel-major x and y):")
@@ -309,7 +298,7 @@ def ncu_mode() -> None:
     weight = random_weight(rows, cols, v, m, torch.float16, seed=0)
     layout, dense = sparse_mma.pack(weight), weight.to_dense()
     x = channel_major(torch.randn(tokens, cols, device="cuda", dtype=torch.float16))
-    config = sparse_mma.default_config(tokens, layout)
+    config = sparse_mma.default_config(tokens, layout.v, layout.m, layout.device)
     sparse_mma.sparse_mma_linear(x, layout, config=config)
     F.linear(x, dense)
     torch.cuda.synchronize()

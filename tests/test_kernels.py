@@ -241,6 +241,27 @@ def test_dispatch_keeps_dense_unless_sparse_measured_clearly_faster(kernels, mon
     assert cslt == "cusparselt" and choose(has_dense=False) == "decode_split"
 
 
+def test_dispatch_takes_the_sparse_tensor_core_kernel_where_its_layout_is_kept_and_measured_faster(kernels,
+                                                                                                     monkeypatch):
+    dispatch, tuning = kernels["dispatch"], kernels["tuning"]
+    key = tuning.table_key(4096, 4096, 16, 64, 8, torch.float16)
+    entries = {"dispatch": {key: {"path": "decode_split", "sparse_us": 13.0, "dense_us": 17.0}}, "rules": {}}
+    monkeypatch.setattr(dispatch, "load_table", lambda slug: entries)
+    cpu = torch.device("cpu")
+    choose = lambda has_dense=False, has_mma=True: dispatch.choose_path(4096, 4096, 16, 64, 8, torch.float16, cpu,
+                                                                        has_dense, has_mma=has_mma)
+    pays = lambda: dispatch.sparse_mma_pays(4096, 4096, 64, 8, torch.float16, cpu, False, False)
+    assert choose() == "decode_split" and not pays()  # not measured: never taken, its layout not worth keeping
+    entries["dispatch"][key].update(mma_us=7.0, mma_config="rows128_tokens16_split4")
+    assert choose() == "sparse_mma" and choose(has_mma=False) == "decode_split" and pays()
+    assert dispatch.mma_config(4096, 4096, 9, 64, 8, torch.float16, cpu) == "rows128_tokens16_split4"  # its bucket
+    assert dispatch.choose_path(4096, 4096, 1, 64, 8, torch.float16, cpu, False, has_mma=True) == "decode"
+    entries["dispatch"][key]["dense_us"] = 7.0  # a kept dense weight still wins where cuBLAS is as fast
+    assert choose(has_dense=True) == "dense"
+    entries["dispatch"][key]["mma_us"] = 12.9  # within the margin of the Triton path: that stays
+    assert choose() == "decode_split" and not pays()
+
+
 def test_plans_live_as_long_as_their_weight(kernels):
     """The dynamic graph's entry keeps one plan table per weight, reused by later calls and dropped
     with the weight (the dense path runs on the CPU: no kernel launch)."""
@@ -252,7 +273,7 @@ def test_plans_live_as_long_as_their_weight(kernels):
     for tokens in (1, 3, 17, 3):
         x = torch.randn(tokens, 30)
         y = dispatch.planned_linear(x, weight.values, weight.columns, weight.metadata, None, weight.v, weight.m,
-                                    weight.in_features, dense, None, None, None, False)
+                                    weight.in_features, dense, None, None, None, None, None, None, False)
         torch.testing.assert_close(y, torch.nn.functional.linear(x, dense))
     assert len(dispatch._PLANS[id(weight.values)]) == 3  # buckets 1, 4 and 32
     key = id(weight.values)

@@ -268,7 +268,7 @@ def test_default_config_fits_shared_memory():
     weight, *_ = make_case(128, 256, 64, 16, 1, seed=6)
     layout = pack(weight)
     for tokens in (1, 8, 9, 16, 17, 33, 64, 65, 8192):
-        config = sparse_mma.default_config(tokens, layout, shared_limit=227 * 1024)
+        config = sparse_mma.default_config(tokens, layout.v, layout.m, shared_limit=227 * 1024)
         assert config.shared_bytes(layout.m, layout.v) <= 227 * 1024
 
 
@@ -316,3 +316,59 @@ def test_every_config_on_gpu(name, channel_major):
                                      channel_major_out=channel_major)
     assert y.is_contiguous() != channel_major
     assert relative_error(y.cpu(), ref) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 17, 129])
+@pytest.mark.parametrize("channel_major_out", [False, True])
+def test_dispatcher_path_matches_float64(tokens, dtype, channel_major_out):
+    """The dispatcher's sparse_mma path (the operator vnm.linear's traced body calls), on dims that V and
+    M do not divide."""
+    if not sparse_mma.available("cuda"):
+        pytest.skip("no sparse-MMA support (sm_80+ and NVRTC)")
+    from vnm_compile.kernels import dispatch
+
+    weight, x, bias, ref = make_case(1000, 520, 64, 8, tokens, seed=tokens, dtype=dtype)
+    weight = weight.to("cuda")
+    operands = vnm.kernels.operands(weight, bias.cuda(), mma=pack(weight))
+    y = dispatch.kernel_linear(x.cuda(), operands, path="sparse_mma", channel_major_out=channel_major_out)
+    assert y.shape == (tokens, 1000) and (y.t().is_contiguous() if channel_major_out else y.is_contiguous())
+    assert relative_error(y.cpu(), ref) < TOLERANCE[dtype]
+
+
+class _MeasuredFastest(dict):
+    """A dispatch table in which the sparse tensor-core kernel measured fastest for every key."""
+
+    def get(self, key, default=None):
+        return {"path": "decode", "sparse_us": 10.0, "dense_us": 20.0, "mma_us": 5.0}
+
+
+@pytest.mark.gpu
+def test_compiled_graph_calls_the_operator_and_plans_it_per_call(monkeypatch):
+    """Where the dispatcher takes the kernel, a static graph calls vnm.sparse_mma (an extern kernel for
+    Inductor, no graph break) and a dynamic one plans it per token bucket; both match float64."""
+    if not sparse_mma.available("cuda"):
+        pytest.skip("no sparse-MMA support (sm_80+ and NVRTC)")
+    from torch._inductor.utils import run_and_get_code
+
+    from vnm_compile.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "load_table", lambda slug: {"dispatch": _MeasuredFastest(), "rules": {}})
+    launches = []
+    compiled_kernel = sparse_mma.compiled_kernel
+    monkeypatch.setattr(sparse_mma, "compiled_kernel",
+                        lambda *args, **kwargs: launches.append(args[0]) or compiled_kernel(*args, **kwargs))
+    weight, x, bias, ref = make_case(1000, 520, 64, 8, 17, seed=9)
+    weight, x, bias = weight.to("cuda"), x.cuda(), bias.cuda()
+    mma = pack(weight)
+    torch._dynamo.reset()
+    static = torch.compile(lambda x: vnm.kernels.vnm_linear(x, weight, bias, mma=mma), fullgraph=True, dynamic=False)
+    y, code = run_and_get_code(static, x)
+    assert "vnm.sparse_mma" in "".join(code) and launches
+    assert relative_error(y.cpu(), ref) < TOLERANCE[torch.float16]
+    dynamic = torch.compile(lambda x: vnm.kernels.vnm_linear(x, weight, bias, mma=mma), fullgraph=True, dynamic=True)
+    for tokens in (3, 9, 17):
+        launches.clear()
+        y = dynamic(x[:tokens])
+        assert launches and relative_error(y.cpu(), ref[:tokens]) < TOLERANCE[torch.float16]

@@ -445,3 +445,37 @@ def test_gpu_generate_through_transformers_compile_config():
         got = model.generate(prompt, **GENERATE, compile_config=config)
     assert got.shape == (2, 28) and torch.equal(got[:, :13], dense)
     assert vnm.reports()[-1] is not before and vnm.reports()[-1].sparse_layers
+
+
+@pytest.mark.gpu
+def test_gpu_backend_keeps_the_sparse_tensor_core_layout_where_it_is_measured_faster(monkeypatch):
+    """With a dispatch table in which the sparse tensor-core kernel measured fastest, the backend keeps
+    its layout by default and the graphs run it; the logits match those of the Triton kernels."""
+    from vnm_compile.kernels import dispatch, sparse_mma
+
+    if not sparse_mma.available("cuda"):
+        pytest.skip("no sparse-MMA support (sm_80+ and NVRTC)")
+    launches = []
+    compiled_kernel = sparse_mma.compiled_kernel
+    monkeypatch.setattr(sparse_mma, "compiled_kernel",
+                        lambda *args, **kwargs: launches.append(args[0]) or compiled_kernel(*args, **kwargs))
+
+    class MeasuredFastest(dict):
+        def get(self, key, default=None):
+            return {"path": "prefill", "sparse_us": 10.0, "dense_us": 20.0, "mma_us": 5.0}
+
+    model = _tiny_llama_cuda()
+    logits = {}
+    for layout in (False, None):
+        if layout is None:
+            monkeypatch.setattr(dispatch, "load_table", lambda slug: {"dispatch": MeasuredFastest(), "rules": {}})
+        torch._dynamo.reset()
+        launches.clear()
+        compiled = torch.compile(model, backend="vnm", options={**GPU_OPTIONS, "sparse_mma_layout": layout})
+        with torch.no_grad():
+            logits[layout] = [compiled(input_ids=torch.randint(0, 256, shape, device="cuda",
+                                                               generator=torch.Generator("cuda").manual_seed(1)),
+                                       use_cache=False).logits for shape in ((1, 40), (4, 1), (2, 24))]
+        assert bool(launches) == (layout is None)
+    for triton_logits, mma_logits in zip(logits[False], logits[None]):
+        torch.testing.assert_close(mma_logits, triton_logits, rtol=2e-2, atol=2e-2)

@@ -94,7 +94,10 @@ class VNMConfig:
       dispatcher may run cuBLAS where it measured faster (the dense bytes); keep_cusparselt: keep a
       cuSPARSELt copy where cuSPARSELt takes the weight (`kernels.cusparselt_refusal`: M a multiple of
       4, both dims of 16; about 0.56 of the dense bytes), which the dispatcher runs on many tokens
-      where it wins; small_tokens: a dynamic-shape graph (Dynamo's, after a second input
+      where it wins; sparse_mma_layout: keep each weight's layout for the sparse tensor-core kernel
+      (`kernels.sparse_mma`; about the compressed bytes again; v a multiple of 16, fp16/bf16, compute
+      capability 8.0+) (None: where this GPU's dispatch table measured that kernel faster for the
+      weight's shape at some token count); small_tokens: a dynamic-shape graph (Dynamo's, after a second input
       shape) runs the token counts up to this many in graphs of their own, one per power-of-two
       bucket (2, 3-4, 5-8, ...), compiled when a count of the bucket is first seen, where Inductor
       launches the kernels chosen for the bucket directly; larger counts run the dynamic graph, which
@@ -129,6 +132,7 @@ class VNMConfig:
     prefill_layout: bool | None = None
     keep_dense: bool = False
     keep_cusparselt: bool = False
+    sparse_mma_layout: bool | None = None
     small_tokens: int = 16
     allow_small_v: bool = False
 
@@ -197,6 +201,9 @@ class VNMConfig:
                              f"got {self.mode!r}")
         if self.prefill_layout is not None and not isinstance(self.prefill_layout, bool):
             raise ValueError(f"prefill_layout must be None (on CUDA), True or False, got {self.prefill_layout!r}")
+        if self.sparse_mma_layout is not None and not isinstance(self.sparse_mma_layout, bool):
+            raise ValueError(f"sparse_mma_layout must be None (where measured faster), True or False, "
+                             f"got {self.sparse_mma_layout!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> VNMConfig:

@@ -66,7 +66,7 @@ def _reading_inputs_only(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]
 
 # vnm.linear's arguments by name (kernels/op.py), and those that only some of its kernels read.
 _POSITIONS = {argument.name: index for index, argument in enumerate(torch.ops.vnm.linear.default._schema.arguments)}
-_OPTIONAL_OPERANDS = ("dense", "expanded", "channels", "cslt")
+_OPTIONAL_OPERANDS = ("dense", "expanded", "channels", "cslt", "mma_values", "mma_metadata", "mma_columns")
 
 
 def _read_operands_only(graph: fx.Graph, gm: fx.GraphModule) -> None:
@@ -96,7 +96,8 @@ def _traced_path(linear: fx.Node, gm: fx.GraphModule) -> str | None:
         return None
     return traced_path(example, gm.get_buffer(values.target).shape[0], _argument(linear, "in_features"),
                        _argument(linear, "v"), _argument(linear, "m"), _argument(linear, "dense") is not None,
-                       _argument(linear, "cslt") is not None, bool(_argument(linear, "plan_symbolic")))
+                       _argument(linear, "cslt") is not None, _argument(linear, "mma_values") is not None,
+                       bool(_argument(linear, "plan_symbolic")))
 
 
 def _argument(linear: fx.Node, name: str) -> Any:

@@ -1,12 +1,14 @@
 """Which implementation runs a V:N:M linear on CUDA, and running it: the decode kernel, the prefill
-kernel, cuSPARSELt over the full width, or dense cuBLAS.
+kernel, the sparse tensor-core kernel, cuSPARSELt over the full width, or dense cuBLAS.
 
 The choice (`choose_path`) is per (shape, pattern, dtype, token bucket) and comes from measurements on
 the GPU, stored with the package in tables/<gpu>.json ("dispatch", written by benchmarks/kernels.py).
 Dense cuBLAS on the decompressed weight is only an option when the caller keeps that weight (it
-costs the dense memory), and cuSPARSELt only when the caller keeps its compressed copy (M a multiple
-of 4, about 0.56 of the dense memory); without them the V:N:M kernels run. Shapes the table lacks
-follow its "rules" (measured crossovers), or DEFAULT_RULES on GPUs without a table.
+costs the dense memory), cuSPARSELt only when the caller keeps its compressed copy (M a multiple
+of 4, about 0.56 of the dense memory), the sparse tensor-core kernel only when the caller keeps its
+layout (`sparse_mma.pack`) and the table holds its time; without them the Triton kernels run.
+Shapes the table lacks follow its "rules" (measured crossovers), or DEFAULT_RULES on GPUs without a
+table.
 
 Two ways to run a call:
   - `kernel_linear`: choose, then launch through Triton (the eager call, and the traced body of
@@ -39,13 +41,15 @@ from .prefill import (
     prefill_output,
     transpose_kernel,
 )
+from .sparse_mma import sparse_mma_linear
 from .tuning import AUTOTUNED, gpu_slug, load_table, remember_tuned, table_key
 
 # Loaded where torch.compile traces the kernels into a graph, which asks torch to analyse every launch.
 memoize_access_analysis()
-PATHS = ("decode", "decode_split", "prefill", "dense", "cusparselt")
+PATHS = ("decode", "decode_split", "prefill", "sparse_mma", "dense", "cusparselt")
 # The optional operands (see Operands) each path reads; the others read none.
-PATH_OPERANDS = {"prefill": ("expanded", "channels"), "dense": ("dense",), "cusparselt": ("cslt",)}
+PATH_OPERANDS = {"prefill": ("expanded", "channels"), "dense": ("dense",), "cusparselt": ("cslt",),
+                 "sparse_mma": ("mma_values", "mma_metadata", "mma_columns")}
 DECODE_SPLIT_K = 4
 # cuSPARSELt measured 1.30-1.58x cuBLAS on the Llama-2-7B shapes at 2048-8192 tokens (H100), where the
 # V:N:M prefill kernel at M = 8 is 0.8-1.1x; at M = 16 the prefill kernel is faster.
@@ -59,17 +63,18 @@ CUSPARSELT_TOKEN_MULTIPLE = 8  # its fp16/bf16 alignment of the dense operand
 
 
 def choose_path(rows: int, cols: int, tokens: int, v: int, m: int, dtype: torch.dtype, device: torch.device,
-                has_dense: bool, has_cslt: bool = False) -> str:
-    """One of PATHS for this problem; 'dense' only when has_dense, 'cusparselt' only when has_cslt. A
-    symbolic token count is planned as `planned_count` says."""
+                has_dense: bool, has_cslt: bool = False, has_mma: bool = False) -> str:
+    """One of PATHS for this problem; 'dense' only when has_dense, 'cusparselt' only when has_cslt,
+    'sparse_mma' only when has_mma and measured. A symbolic token count is planned as `planned_count` says."""
     tokens = planned_count(tokens)
     table = load_table(gpu_slug(device))
     rules = {**DEFAULT_RULES, **table["rules"]}
     measured = table["dispatch"].get(table_key(rows, cols, token_bucket(tokens), v, m, dtype))
     if measured is not None:
         best, best_us = measured["path"], measured["sparse_us"]
-        if has_cslt and measured.get("cslt_us") is not None and measured["cslt_us"] * SPARSE_MARGIN < best_us:
-            best, best_us = "cusparselt", measured["cslt_us"]
+        for path, kept, key in (("sparse_mma", has_mma, "mma_us"), ("cusparselt", has_cslt, "cslt_us")):
+            if kept and measured.get(key) is not None and measured[key] * SPARSE_MARGIN < best_us:
+                best, best_us = path, measured[key]
         if has_dense and measured["dense_us"] < SPARSE_MARGIN * best_us:
             return "dense"
         return best
@@ -78,6 +83,14 @@ def choose_path(rows: int, cols: int, tokens: int, v: int, m: int, dtype: torch.
     if tokens <= rules["decode_max_tokens"]:
         return "decode"
     return "cusparselt" if has_cslt and m <= rules["cusparselt_when_m_at_most"] else "prefill"
+
+
+def sparse_mma_pays(rows: int, cols: int, v: int, m: int, dtype: torch.dtype, device: torch.device,
+                    has_dense: bool, has_cslt: bool) -> bool:
+    """Whether the dispatcher would run the sparse tensor-core kernel on this weight at some token count,
+    were its layout kept."""
+    return any(choose_path(rows, cols, 1 << bucket, v, m, dtype, device, has_dense, has_cslt, has_mma=True)
+               == "sparse_mma" for bucket in range(14))
 
 
 def kernel_linear(
@@ -93,7 +106,8 @@ def kernel_linear(
     records the kernel launches. The prefill layout is built on the fly where the operands lack it."""
     tokens = x.shape[0]
     path = path or choose_path(operands.rows, operands.in_features, tokens, operands.v, operands.m, x.dtype,
-                               x.device, operands.dense is not None, operands.cslt is not None)
+                               x.device, operands.dense is not None, operands.cslt is not None,
+                               operands.mma_values is not None)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     wrap = wrap or (lambda kernel: kernel)
@@ -105,6 +119,13 @@ def kernel_linear(
         if operands.cslt is None:
             raise ValueError("path='cusparselt' needs the cuSPARSELt copy (Operands.cslt, cusparselt_weight)")
         y = cusparselt_linear(x, operands.cslt, operands.bias)
+    elif path == "sparse_mma":
+        if operands.mma_values is None:
+            raise ValueError("path='sparse_mma' needs the sparse tensor-core layout (Operands.mma_*, sparse_mma.pack)")
+        config = mma_config(operands.rows, operands.in_features, tokens, operands.v, operands.m, x.dtype, x.device)
+        y = torch.ops.vnm.sparse_mma(x, operands.mma_values, operands.mma_metadata, operands.mma_columns,
+                                     operands.bias, operands.v, operands.m, operands.rows, operands.in_features,
+                                     config, channel_major_out)
     elif isinstance(tokens, int) and tokens == 0:  # a symbolic count is at least 2 (torch specialises 0 and 1)
         y = x.new_empty(0, operands.rows)
     elif path == "prefill":
@@ -120,6 +141,17 @@ def kernel_linear(
     if channel_major_out and y.stride(1) == 1:  # not written channel-major (or one token: the same)
         y = channel_major(y)
     return y
+
+
+def mma_config(rows: int, cols: int, tokens: int, v: int, m: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The sparse tensor-core kernel's tile config for this problem: the one measured fastest (the
+    table's), else the kernel's default for the token count."""
+    measured = load_table(gpu_slug(device))["dispatch"].get(table_key(rows, cols, token_bucket(tokens), v, m, dtype))
+    if measured is not None and measured.get("mma_config") is not None:
+        return measured["mma_config"]
+    from .sparse_mma import default_config
+
+    return default_config(planned_count(tokens), v, m, device).name
 
 
 def cusparselt_linear(x: torch.Tensor, cslt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -163,22 +195,26 @@ _PLANS: dict[int, dict[tuple, _Plan]] = {}
 def planned_linear(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, metadata: torch.Tensor,
                    bias: torch.Tensor | None, v: int, m: int, in_features: int, dense: torch.Tensor | None,
                    expanded: torch.Tensor | None, channels: torch.Tensor | None, cslt: torch.Tensor | None,
-                   channel_major_out: bool) -> torch.Tensor:
+                   mma_values: torch.Tensor | None, mma_metadata: torch.Tensor | None,
+                   mma_columns: torch.Tensor | None, channel_major_out: bool) -> torch.Tensor:
     """vnm.linear on CUDA for any token count, by the plan made for this weight and token bucket."""
     x2 = x.reshape(-1, in_features)
     tokens = x2.shape[0]
     # x's layout by its channel stride, not its strides: a channel-major x's strides change with the count
     key = (token_bucket(tokens), x2.dtype, x2.stride(1) == 1, dense is not None, expanded is not None, cslt is not None,
-           bias is not None, channel_major_out)
+           mma_values is not None, bias is not None, channel_major_out)
     plans = _PLANS.get(id(values))
     if plans is None:
         plans = _PLANS[id(values)] = {}
         weakref.finalize(values, _PLANS.pop, id(values), None)
     plan = plans.get(key)
-    flat = (values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt)
+    flat = (values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt, mma_values,
+            mma_metadata, mma_columns)
     if plan is None:
         plan = plans[key] = _Plan(choose_path(values.shape[0], in_features, tokens, v, m, x2.dtype, x2.device,
-                                              dense is not None, cslt is not None))
+                                              dense is not None, cslt is not None, mma_values is not None))
+        if plan.path == "sparse_mma":
+            plan.mma_config = mma_config(values.shape[0], in_features, tokens, v, m, x2.dtype, x2.device)
     y = plan(x2, flat, channel_major_out) if tokens else x2.new_empty(0, values.shape[0])
     if channel_major_out and y.stride(1) == 1 and tokens > 1:
         y = channel_major(y)
@@ -191,6 +227,7 @@ class _Plan:
 
     def __init__(self, path: str):
         self.path = path
+        self.mma_config: str | None = None  # the sparse tensor-core kernel's tile config, on that path
         self.binaries: dict[tuple, BinaryLaunch] = {}
 
     def __call__(self, x: torch.Tensor, flat: tuple, channel_major_out: bool) -> torch.Tensor:
@@ -201,6 +238,8 @@ class _Plan:
             return F.linear(x, dense, bias)
         if self.path == "cusparselt":
             return cusparselt_linear(x, cslt, bias)
+        if self.path == "sparse_mma":
+            return sparse_mma_linear(x, Operands(*flat).mma_layout(), bias, self.mma_config, channel_major_out)
         if self.path == "prefill":
             return self._prefill(x, flat, channel_major_out)
         return self._decode(decode_input(x), flat)

@@ -24,6 +24,7 @@ from ..format import VNMWeight
 from .backward import backward, save_for_backward
 from .operands import Operands, channel_major
 from .reference import reference_linear
+from .sparse_mma import SparseMMALayout
 
 
 def static_count(sizes: tuple[int | torch.SymInt, ...]) -> int | None:
@@ -54,11 +55,14 @@ def linear(
     expanded: torch.Tensor | None = None,
     channels: torch.Tensor | None = None,
     cslt: torch.Tensor | None = None,
+    mma_values: torch.Tensor | None = None,
+    mma_metadata: torch.Tensor | None = None,
+    mma_columns: torch.Tensor | None = None,
     channel_major_out: bool = False,
     plan_symbolic: bool = False,
 ) -> torch.Tensor:
     """y = x @ W.T + bias for the V:N:M weight (values, columns, metadata) of pattern v:2:m over
-    in_features inputs; dense, expanded, channels, cslt: optional layouts kept by the caller (see
+    in_features inputs; dense, expanded, channels, cslt, mma_*: optional layouts kept by the caller (see
     `Operands`). channel_major_out: y laid out channel-major (see `channel_major`), for a consumer
     that reads it so (passes/layout.py); the values are the same. plan_symbolic: a symbolic token count
     takes the kernels chosen for the largest count its range allows (`planned_count`: a bucket's largest,
@@ -66,19 +70,20 @@ def linear(
     the backend sets it where its small counts run in graphs of their own. Any count gives the same
     values."""
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
-    path = traced_path(x, values.shape[0], in_features, v, m, dense is not None, cslt is not None, plan_symbolic)
+    operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt,
+                        mma_values, mma_metadata, mma_columns)
+    path = traced_path(x, values.shape[0], in_features, v, m, dense is not None, cslt is not None,
+                       mma_values is not None, plan_symbolic)
     if path is None:
-        return torch.ops.vnm.linear_dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded,
-                                               channels, cslt, channel_major_out)
+        return torch.ops.vnm.linear_dispatched(x, *operands.op_arguments(), channel_major_out)
     from .dispatch import kernel_linear
 
-    operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt)
     y = kernel_linear(x.reshape(-1, in_features), operands, path, wrap=wrap_triton, channel_major_out=channel_major_out)
     return y.reshape(*x.shape[:-1], values.shape[0])  # a view of either layout: the token dims stay contiguous
 
 
 def traced_path(x: torch.Tensor, rows: int, in_features: int, v: int, m: int, has_dense: bool, has_cslt: bool,
-                plan_symbolic: bool) -> str | None:
+                has_mma: bool, plan_symbolic: bool) -> str | None:
     """The path (kernels/dispatch.py) vnm.linear's body launches for x where tracing enters it: on CUDA,
     where x's token count is static, or symbolic and planned for (plan_symbolic: the largest count its
     range allows); None where the op defers the choice to each call (vnm.linear_dispatched, which runs
@@ -91,28 +96,30 @@ def traced_path(x: torch.Tensor, rows: int, in_features: int, v: int, m: int, ha
     from .dispatch import choose_path  # imported on first CUDA use: keeps the Triton kernels unloaded on CPU
 
     return choose_path(rows, in_features, math.prod(x.shape[:-1]) if tokens is None else tokens, v, m, x.dtype,
-                       x.device, has_dense, has_cslt)
+                       x.device, has_dense, has_cslt, has_mma)
 
 
 @linear.register_kernel("cpu")
 def _(x, values, columns, metadata, bias, v, m, in_features, dense=None, expanded=None, channels=None, cslt=None,
-      channel_major_out=False, plan_symbolic=False):
-    return _reference(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt,
-                      channel_major_out)
+      mma_values=None, mma_metadata=None, mma_columns=None, channel_major_out=False, plan_symbolic=False):
+    return _reference(x, values, columns, metadata, bias, v, m, in_features, channel_major_out=channel_major_out)
 
 
-def _reference(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt,
-               channel_major_out):
+def _reference(x, values, columns, metadata, bias, v, m, in_features, *optional_layouts, channel_major_out):
     y = reference_linear(x, Operands(values, columns, metadata, v, m, in_features, bias))
     return channel_major(y) if channel_major_out else y
 
 
-def _planned(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt,
-             channel_major_out):
+def _dispatched_reference(x, *arguments):
+    return _reference(x, *arguments[:-1], channel_major_out=arguments[-1])
+
+
+def _planned(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt, mma_values,
+             mma_metadata, mma_columns, channel_major_out):
     from .dispatch import planned_linear
 
     return planned_linear(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt,
-                          channel_major_out)
+                          mma_values, mma_metadata, mma_columns, channel_major_out)
 
 
 # A plain operator, not a custom_op: its call costs a few microseconds less, which a decode step of a
@@ -120,15 +127,39 @@ def _planned(x, values, columns, metadata, bias, v, m, in_features, dense, expan
 _LIBRARY = torch.library.Library("vnm", "FRAGMENT")
 _LIBRARY.define(
     "linear_dispatched(Tensor x, Tensor values, Tensor columns, Tensor metadata, Tensor? bias, int v, int m, "
-    "int in_features, Tensor? dense, Tensor? expanded, Tensor? channels, Tensor? cslt, "
-    "bool channel_major_out) -> Tensor")
-_LIBRARY.impl("linear_dispatched", _reference, "CPU")
+    "int in_features, Tensor? dense, Tensor? expanded, Tensor? channels, Tensor? cslt, Tensor? mma_values, "
+    "Tensor? mma_metadata, Tensor? mma_columns, bool channel_major_out) -> Tensor")
+_LIBRARY.impl("linear_dispatched", _dispatched_reference, "CPU")
 _LIBRARY.impl("linear_dispatched", _planned, "CUDA")
 
 
 @torch.library.register_fake("vnm::linear_dispatched", lib=_LIBRARY)
-def _(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt, channel_major_out):
+def _(x, values, *arguments):
     y = x.new_empty(*x.shape[:-1], values.shape[0])
+    return channel_major(y) if arguments[-1] else y
+
+
+# The sparse tensor-core kernel is CUDA C++ launched through NVRTC, which tracing cannot enter: where
+# vnm.linear's traced body takes that path, this operator is what the graph calls (Inductor: an
+# extern kernel).
+_LIBRARY.define(
+    "sparse_mma(Tensor x, Tensor values, Tensor metadata, Tensor columns, Tensor? bias, int v, int m, "
+    "int out_features, int in_features, str config, bool channel_major_out) -> Tensor")
+
+
+def _sparse_mma(x, values, metadata, columns, bias, v, m, out_features, in_features, config, channel_major_out):
+    from .sparse_mma import sparse_mma_linear
+
+    layout = SparseMMALayout(values, metadata, columns, v, m, out_features, in_features)
+    return sparse_mma_linear(x, layout, bias, config, channel_major_out)
+
+
+_LIBRARY.impl("sparse_mma", _sparse_mma, "CUDA")
+
+
+@torch.library.register_fake("vnm::sparse_mma", lib=_LIBRARY)
+def _(x, values, metadata, columns, bias, v, m, out_features, in_features, config, channel_major_out):
+    y = x.new_empty(x.shape[0], out_features)
     return channel_major(y) if channel_major_out else y
 
 
@@ -137,7 +168,8 @@ linear.register_autograd(backward, setup_context=save_for_backward)
 
 
 def check_inputs(x: torch.Tensor, weight: VNMWeight, bias: torch.Tensor | None,
-                 dense_weight: torch.Tensor | None, layout: PrefillLayout | None = None) -> None:
+                 dense_weight: torch.Tensor | None, layout: PrefillLayout | None = None,
+                 mma: SparseMMALayout | None = None) -> None:
     """Raise early, naming the parameter, unless the arguments fit `weight`."""
     if not isinstance(weight, VNMWeight):
         raise TypeError(f"weight must be a VNMWeight, got {type(weight).__name__}")
@@ -161,6 +193,12 @@ def check_inputs(x: torch.Tensor, weight: VNMWeight, bias: torch.Tensor | None,
                                or layout.expanded.dtype != x.dtype or layout.expanded.device != x.device):
         raise ValueError(f"layout must be prefill_layout(weight) of this weight, got an expanded weight of "
                          f"{tuple(layout.expanded.shape)} {layout.expanded.dtype} on {layout.expanded.device}")
+    if mma is not None and not isinstance(mma, SparseMMALayout):
+        raise TypeError(f"mma must be a SparseMMALayout (sparse_mma.pack(weight)), got {type(mma).__name__}")
+    if mma is not None and ((mma.v, mma.m, mma.out_features, mma.in_features) != (weight.v, weight.m, *weight.shape)
+                            or mma.dtype != x.dtype or mma.device != x.device):
+        raise ValueError(f"mma must be sparse_mma.pack(weight) of this weight, got a layout of {mma.v}:2:{mma.m}, "
+                         f"{mma.out_features} x {mma.in_features}, {mma.dtype} on {mma.device}")
 
 
 @dataclass(frozen=True)
@@ -209,11 +247,13 @@ def cusparselt_weight(weight: VNMWeight) -> torch.Tensor:
 
 
 def operands(weight: VNMWeight, bias: torch.Tensor | None = None, dense_weight: torch.Tensor | None = None,
-             layout: PrefillLayout | None = None, cslt: torch.Tensor | None = None) -> Operands:
+             layout: PrefillLayout | None = None, cslt: torch.Tensor | None = None,
+             mma: SparseMMALayout | None = None) -> Operands:
     """The operands of a linear on `weight` with what the caller keeps beside it."""
     expanded, channels = (layout.expanded, layout.channels) if layout is not None else (None, None)
+    mma_values, mma_metadata, mma_columns = (mma.values, mma.metadata, mma.columns) if mma is not None else (None,) * 3
     return Operands(weight.values, weight.columns, weight.metadata, weight.v, weight.m, weight.in_features, bias,
-                    dense_weight, expanded, channels, cslt)
+                    dense_weight, expanded, channels, cslt, mma_values, mma_metadata, mma_columns)
 
 
 def vnm_linear(
@@ -223,6 +263,7 @@ def vnm_linear(
     dense_weight: torch.Tensor | None = None,
     layout: PrefillLayout | None = None,
     cslt: torch.Tensor | None = None,
+    mma: SparseMMALayout | None = None,
 ) -> torch.Tensor:
     """y = x @ weight.T + bias for a V:N:M weight; x is [..., in_features], y is [..., out_features].
 
@@ -235,7 +276,10 @@ def vnm_linear(
       layout = prefill_layout(weight) (4/M of the dense memory): otherwise the prefill kernel
         (many tokens) builds it on every call;
       cslt = cusparselt_weight(weight) (about 0.56 of the dense memory; M a multiple of 4): the
-        dispatcher may run cuSPARSELt on many tokens.
+        dispatcher may run cuSPARSELt on many tokens;
+      mma = sparse_mma.pack(weight) (about the compressed weight's bytes; v a multiple of 16, fp16/bf16,
+        compute capability 8.0+): the dispatcher may run the sparse tensor-core kernel where it measured
+        faster.
     """
-    check_inputs(x, weight, bias, dense_weight, layout)
-    return linear(x, *operands(weight, bias, dense_weight, layout, cslt).op_arguments())
+    check_inputs(x, weight, bias, dense_weight, layout, mma)
+    return linear(x, *operands(weight, bias, dense_weight, layout, cslt, mma).op_arguments())

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sparse_mma import SparseMMALayout
+
 
 @dataclass(frozen=True)
 class Operands:
@@ -15,7 +17,9 @@ class Operands:
       expanded  [R, 4G] each row's weight on its block's kept channels, and
       channels  [ceil(R/V), 4G] int32 those channels' indices: the prefill layout (`prefill_layout`);
       cslt      the masked weight compressed for cuSPARSELt (`cusparselt_weight`; M a multiple of 4, where a
-                V:N:M weight is a valid 2:4 weight over its full width), for torch._cslt_sparse_mm.
+                V:N:M weight is a valid 2:4 weight over its full width), for torch._cslt_sparse_mm;
+      mma_values, mma_metadata, mma_columns  the sparse tensor-core kernel's layout (`sparse_mma_layout`,
+                sparse_mma.SparseMMALayout's tensors).
     """
 
     values: torch.Tensor
@@ -29,6 +33,9 @@ class Operands:
     expanded: torch.Tensor | None = None
     channels: torch.Tensor | None = None
     cslt: torch.Tensor | None = None
+    mma_values: torch.Tensor | None = None
+    mma_metadata: torch.Tensor | None = None
+    mma_columns: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -38,10 +45,17 @@ class Operands:
     def groups(self) -> int:
         return self.values.shape[1] // 2
 
+    def mma_layout(self) -> SparseMMALayout | None:
+        """The sparse tensor-core kernel's layout, where the caller keeps it."""
+        if self.mma_values is None:
+            return None
+        return SparseMMALayout(self.mma_values, self.mma_metadata, self.mma_columns, self.v, self.m, self.rows,
+                               self.in_features)
+
     def op_arguments(self) -> tuple:
         """The operands in `torch.ops.vnm.linear`'s order (after x)."""
         return (self.values, self.columns, self.metadata, self.bias, self.v, self.m, self.in_features, self.dense,
-                self.expanded, self.channels, self.cslt)
+                self.expanded, self.channels, self.cslt, self.mma_values, self.mma_metadata, self.mma_columns)
 
 
 def channel_major(x: torch.Tensor) -> torch.Tensor:

@@ -122,15 +122,22 @@ class SparseMMALayout:
         return sum(t.numel() * t.element_size() for t in (self.values, self.metadata, self.columns))
 
 
+def refusal(weight: VNMWeight) -> str | None:
+    """Why the kernel cannot take `weight`, or None where it can (on a device where it is `available`)."""
+    if weight.v % 16:
+        return f"it needs v to be a multiple of 16 (an m16 tile inside one row block), got v={weight.v}"
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return f"it takes float16 or bfloat16 weights, got {weight.dtype}"
+    return None
+
+
 def pack(weight: VNMWeight) -> SparseMMALayout:
     """The kernel's layout of `weight` (pure torch, on the weight's device)."""
     if not isinstance(weight, VNMWeight):
         raise TypeError(f"weight must be a VNMWeight, got {type(weight).__name__}")
-    if weight.v % 16:
-        raise ValueError(f"the sparse-MMA kernel needs v to be a multiple of 16 (an m16 tile inside one "
-                         f"row block), got v={weight.v}")
-    if weight.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the sparse-MMA kernel takes float16 or bfloat16 weights, got {weight.dtype}")
+    reason = refusal(weight)
+    if reason is not None:
+        raise ValueError(f"the sparse-MMA kernel cannot take {weight!r}: {reason}")
     rows, groups, device = weight.out_features, weight.groups, weight.device
     rows_pad, groups_pad = -(-rows // ROW_ALIGN) * ROW_ALIGN, -(-groups // GROUP_ALIGN) * GROUP_ALIGN
     m16, k32 = rows_pad // 16, groups_pad // 8
@@ -253,6 +260,12 @@ CONFIGS = {c.name: c for c in (
     TileConfig("rows128_tokens16_split4", 2, 1, 4, 4, 2, 1, 4, splits=4),
     TileConfig("rows128_tokens16_split2", 2, 1, 4, 4, 2, 1, 4, splits=2),
 )}
+# The configs worth timing (benchmarks/kernels.py tunes among them), up to FEW_TOKENS tokens and above.
+FEW_TOKENS = 64
+FEW_TOKEN_CONFIGS = ("rows32_tokens8", "rows32_tokens16", "rows32_tokens32", "rows64_tokens64",
+                     "rows64_tokens16_split2", "rows128_tokens16_split2", "rows128_tokens16_split4")
+MANY_TOKEN_CONFIGS = ("rows256_tokens128", "rows256_tokens128_k8", "rows128_tokens128", "rows128_tokens256",
+                      "rows256_tokens128_v128", "rows64_tokens64")
 _PREFERENCE = {  # by tokens, the configs to try first; then any other that fits
     8: ("rows32_tokens8",), 16: ("rows32_tokens16",), 32: ("rows32_tokens32", "rows32_tokens16"),
     64: ("rows64_tokens64", "rows32_tokens32"),
@@ -261,17 +274,31 @@ _PREFERENCE = {  # by tokens, the configs to try first; then any other that fits
 }
 
 
-def default_config(tokens: int, layout: SparseMMALayout, shared_limit: int | None = None) -> TileConfig:
-    """The config for `tokens` tokens on this layout's pattern that fits `shared_limit` bytes of shared
-    memory a block (default: the layout's device's opt-in limit)."""
+def default_config(tokens: int, v: int, m: int, device: torch.device | None = None,
+                   shared_limit: int | None = None) -> TileConfig:
+    """The config for `tokens` tokens of pattern v:2:m that fits `shared_limit` bytes of shared memory a
+    block (default: `device`'s opt-in limit)."""
     if shared_limit is None:
-        shared_limit = torch.cuda.get_device_properties(layout.device).shared_memory_per_block_optin
+        shared_limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
     bucket = next((b for b in (8, 16, 32, 64) if tokens <= b), None)
     for name in (*_PREFERENCE[bucket], *CONFIGS):
-        config = CONFIGS[name]
-        if layout.v % (16 * config.warp_m_tiles) == 0 and config.shared_bytes(layout.m, layout.v) <= shared_limit:
-            return config
-    raise ValueError(f"no sparse-MMA config fits v={layout.v}, m={layout.m} in {shared_limit} bytes of shared memory")
+        if fits(CONFIGS[name], v, m, shared_limit):
+            return CONFIGS[name]
+    raise ValueError(f"no sparse-MMA config fits v={v}, m={m} in {shared_limit} bytes of shared memory")
+
+
+def fits(config: TileConfig, v: int, m: int, shared_limit: int) -> bool:
+    """Whether `config` runs pattern v:2:m within `shared_limit` bytes of shared memory a block."""
+    return v % (16 * config.warp_m_tiles) == 0 and config.shared_bytes(m, v) <= shared_limit
+
+
+def candidates(tokens: int, v: int, m: int, shared_limit: int) -> list[TileConfig]:
+    """The configs to time for `tokens` tokens of pattern v:2:m (few tokens: tiles of at most four times
+    as many tokens)."""
+    if tokens > FEW_TOKENS:
+        return [CONFIGS[name] for name in MANY_TOKEN_CONFIGS if fits(CONFIGS[name], v, m, shared_limit)]
+    return [CONFIGS[name] for name in FEW_TOKEN_CONFIGS if fits(CONFIGS[name], v, m, shared_limit)
+            and CONFIGS[name].block_tokens <= max(8, 4 * tokens)]
 
 
 # ------------------------------------------------------------------------------------------ compiling
@@ -397,7 +424,7 @@ def sparse_mma_linear(
     if tokens == 0:
         return y
     if config is None:
-        config = default_config(tokens, layout)
+        config = default_config(tokens, layout.v, layout.m, layout.device)
     elif isinstance(config, str):
         if config not in CONFIGS:
             raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {config!r}")

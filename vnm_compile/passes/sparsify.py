@@ -26,6 +26,7 @@ from torch import fx
 from ..compression import compress, estimated_error
 from ..config import VNMConfig
 from ..format import VNMWeight, concat_rows
+from ..kernels import sparse_mma
 from ..kernels.op import cusparselt_refusal, cusparselt_weight, prefill_layout
 from .common import Reuse, attribute_name, copied_graph, reused
 from .discover import LinearSite
@@ -215,7 +216,8 @@ def _emit(gm: fx.GraphModule, before: fx.Node, x: fx.Node, weights: list[VNMWeig
         return gm.graph.call_function(
             torch.ops.vnm.linear.default,
             (x, reads["values"], reads["columns"], reads["metadata"], bias, weight.v, weight.m, weight.in_features,
-             reads.get("dense"), reads.get("expanded"), reads.get("channels"), reads.get("cslt")),
+             reads.get("dense"), reads.get("expanded"), reads.get("channels"), reads.get("cslt"),
+             reads.get("mma_values"), reads.get("mma_metadata"), reads.get("mma_columns")),
             {"plan_symbolic": True} if config.small_token_graphs(weight.device) else {})
 
 
@@ -235,7 +237,30 @@ def _buffers(weights: list[VNMWeight], config: VNMConfig) -> dict[str, torch.Ten
     if keep_layout:
         layout = prefill_layout(weight)
         tensors["expanded"], tensors["channels"] = layout.expanded, layout.channels
+    if _keeps_sparse_mma_layout(weight, config, has_cslt="cslt" in tensors):
+        mma = sparse_mma.pack(weight)
+        tensors["mma_values"], tensors["mma_metadata"], tensors["mma_columns"] = mma.values, mma.metadata, mma.columns
     return tensors
+
+
+def _keeps_sparse_mma_layout(weight: VNMWeight, config: VNMConfig, has_cslt: bool) -> bool:
+    """Whether a vnm.linear on `weight` keeps the sparse tensor-core kernel's layout: where asked and the
+    kernel takes the weight, or by default where the dispatcher would run that kernel at some token count."""
+    if config.sparse_mma_layout is False:
+        return False
+    refusal = sparse_mma.refusal(weight)
+    if refusal is None and not sparse_mma.available(weight.device):
+        refusal = f"the kernel does not run on {weight.device} (compute capability 8.0+ and torch's NVRTC)"
+    if refusal is not None:
+        if config.sparse_mma_layout:
+            log.info("sparsify: no sparse tensor-core layout of %s: %s", weight, refusal)
+        return False
+    if config.sparse_mma_layout:
+        return True
+    from ..kernels.dispatch import sparse_mma_pays  # CUDA only: keeps the Triton kernels unloaded on CPU
+
+    return sparse_mma_pays(*weight.shape, weight.v, weight.m, weight.dtype, weight.device, config.keep_dense,
+                           has_cslt)
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
