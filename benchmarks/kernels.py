@@ -45,6 +45,7 @@ import triton
 from torch.sparse import to_sparse_semi_structured
 from triton.testing import do_bench
 
+from benchmarks.sparse_mma_check import precompile as compile_sparse_mma
 from benchmarks.timing import DEVICE, ceilings, fake_weight, graph_us, log, precompile
 from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import (
@@ -317,7 +318,12 @@ def run(args) -> None:
     if args.tokens:
         tokens_list = [int(t) for t in args.tokens.split(",")]
     table = {"device": device, "autotune": {}, "dispatch": {}}
-    if not args.no_precompile and not args.smoke:
+    if args.sparse_mma_only:
+        shared_limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+        configs = {c for t in tokens_list for v, m in patterns for c in sparse_mma.candidates(t, v, m, shared_limit)}
+        compile_sparse_mma([(c.name, m, v, dtype) for c in configs for v, m in patterns for dtype in DTYPES
+                            if sparse_mma.fits(c, v, m, shared_limit)], torch.device("cuda", 0))
+    elif not args.no_precompile and not args.smoke:
         precompile(compile_job, compile_jobs(args, shapes, tokens_list, patterns, slug))
     for rows, cols in shapes:
         for v, m in patterns:
@@ -342,6 +348,15 @@ def measure(problem: Problem, tokens: int, args, table: dict) -> dict:
     case = {"rows": problem.rows, "cols": problem.cols, "tokens": tokens, "v": problem.v, "m": problem.m,
             "dtype": dtype_name, "compressed_bytes": problem.weight.nbytes,
             "expanded_bytes": problem.layout.expanded.nbytes, "dense_bytes": problem.dense.nbytes}
+    if args.sparse_mma_only:
+        entry = tuning.load_table(tuning.gpu_slug(problem.weight.device))["dispatch"].get(key)
+        mma = tune_sparse_mma(problem, tokens, x) if entry is not None else None
+        if mma is not None:
+            case["mma_us"], case["mma_config"] = mma
+            table["dispatch"][key] = {**entry, "mma_us": round(mma[0], 2), "mma_config": mma[1]}
+            log(f"  {key:34s} sparse_mma {mma[0]:8.1f}us ({mma[1]}) {entry['path']} {entry['sparse_us']:.1f}us "
+                f"dense {entry['dense_us']:.1f}us")
+        return case
     case.update(measure_baselines(problem, tokens, x))
     if args.tune:
         fp16_key = key.replace(dtype_name, "float16")
@@ -518,7 +533,12 @@ def main():
     parser.add_argument("--shapes", help="weights RxC, e.g. 12288x4096,22016x4096 (default: the sweep's)")
     parser.add_argument("--merge", action="store_true",
                         help="update only the swept keys of the shipped table (--tune) or of the results")
+    parser.add_argument("--sparse-mma-only", action="store_true",
+                        help="with --tune --merge: time only the sparse tensor-core kernel's configs and add them "
+                             "to the shipped table's entries, whose Triton choices stay")
     args = parser.parse_args()
+    if args.sparse_mma_only and not (args.tune and args.merge):
+        parser.error("--sparse-mma-only updates the shipped table: it needs --tune --merge")
     args.out_dir = args.out_dir or str(tuning.TABLES if args.tune else ROOT / "results")
     args.fp16_choice = {}
     if not torch.cuda.is_available() and not args.smoke:
