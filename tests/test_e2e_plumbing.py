@@ -125,9 +125,23 @@ def test_concat_rows_is_the_rows_side_by_side():
         concat_rows([parts[0], vnm.VNMWeight.from_dense(torch.randn(16, 37), 16, 8)])
 
 
+def test_sparse_tensor_core_layout_asked_where_the_kernel_cannot_run_is_left_out_with_a_reason(caplog):
+    """The kernel takes fp16/bf16 weights on GPUs: asked for, its layout is logged as left out for a float32
+    model, and for a float16 one on the CPU, and not kept."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (2, 17))
+    for dtype, reason in ((torch.float32, "takes float16 or bfloat16"), (torch.float16, "does not run on cpu")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vnm_compile"):
+            _, report = _compiled_logits(_llama().to(dtype), ids, m=8, sparse_mma_layout=True)
+        assert any("no sparse tensor-core layout" in r.message and reason in r.message for r in caplog.records)
+        assert "_mma_values" not in _sparse_code(report)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"mode": "fast"}, "mode must be one of"),
     ({"prefill_layout": "yes"}, "prefill_layout must be None"),
+    ({"sparse_mma_layout": 1}, "sparse_mma_layout must be None"),
     ({"fuse": 1}, "fuse must be True or False"),
     ({"keep_dense": None}, "keep_dense must be True or False"),
 ])

@@ -24,7 +24,7 @@ from ..format import VNMWeight
 from .backward import backward, save_for_backward
 from .operands import Operands, channel_major
 from .reference import reference_linear
-from .sparse_mma import SparseMMALayout
+from .sparse_mma import SparseMMALayout, sparse_mma_linear
 
 
 def static_count(sizes: tuple[int | torch.SymInt, ...]) -> int | None:
@@ -148,8 +148,6 @@ _LIBRARY.define(
 
 
 def _sparse_mma(x, values, metadata, columns, bias, v, m, out_features, in_features, config, channel_major_out):
-    from .sparse_mma import sparse_mma_linear
-
     layout = SparseMMALayout(values, metadata, columns, v, m, out_features, in_features)
     return sparse_mma_linear(x, layout, bias, config, channel_major_out)
 

@@ -18,8 +18,8 @@ class Operands:
       channels  [ceil(R/V), 4G] int32 those channels' indices: the prefill layout (`prefill_layout`);
       cslt      the masked weight compressed for cuSPARSELt (`cusparselt_weight`; M a multiple of 4, where a
                 V:N:M weight is a valid 2:4 weight over its full width), for torch._cslt_sparse_mm;
-      mma_values, mma_metadata, mma_columns  the sparse tensor-core kernel's layout (`sparse_mma_layout`,
-                sparse_mma.SparseMMALayout's tensors).
+      mma_values, mma_metadata, mma_columns  the sparse tensor-core kernel's layout (`sparse_mma.pack`:
+                SparseMMALayout's tensors).
     """
 
     values: torch.Tensor
