@@ -70,13 +70,16 @@ def linear(
     the backend sets it where its small counts run in graphs of their own. Any count gives the same
     values."""
     torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, expected {in_features}")
-    operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt,
-                        mma_values, mma_metadata, mma_columns)
     path = traced_path(x, values.shape[0], in_features, v, m, dense is not None, cslt is not None,
                        mma_values is not None, plan_symbolic)
     if path is None:
-        return torch.ops.vnm.linear_dispatched(x, *operands.op_arguments(), channel_major_out)
+        return torch.ops.vnm.linear_dispatched(x, values, columns, metadata, bias, v, m, in_features, dense, expanded,
+                                               channels, cslt, mma_values, mma_metadata, mma_columns,
+                                               channel_major_out)
     from .dispatch import kernel_linear
+
+    operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt,
+                        mma_values, mma_metadata, mma_columns)
 
     y = kernel_linear(x.reshape(-1, in_features), operands, path, wrap=wrap_triton, channel_major_out=channel_major_out)
     return y.reshape(*x.shape[:-1], values.shape[0])  # a view of either layout: the token dims stay contiguous
