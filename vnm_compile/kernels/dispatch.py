@@ -41,7 +41,7 @@ from .prefill import (
     prefill_output,
     transpose_kernel,
 )
-from .sparse_mma import sparse_mma_linear
+from .sparse_mma import SparseMMALayout, sparse_mma_linear
 from .tuning import AUTOTUNED, gpu_slug, load_table, remember_tuned, table_key
 
 # Loaded where torch.compile traces the kernels into a graph, which asks torch to analyse every launch.
@@ -239,7 +239,9 @@ class _Plan:
         if self.path == "cusparselt":
             return cusparselt_linear(x, cslt, bias)
         if self.path == "sparse_mma":
-            return sparse_mma_linear(x, Operands(*flat).mma_layout(), bias, self.mma_config, channel_major_out)
+            values, v, m, in_features = flat[0], *flat[3:6]
+            layout = SparseMMALayout(*flat[11:], v, m, values.shape[0], in_features)  # values, metadata, columns
+            return sparse_mma_linear(x, layout, bias, self.mma_config, channel_major_out)
         if self.path == "prefill":
             return self._prefill(x, flat, channel_major_out)
         return self._decode(decode_input(x), flat)

@@ -80,7 +80,6 @@ def linear(
 
     operands = Operands(values, columns, metadata, v, m, in_features, bias, dense, expanded, channels, cslt,
                         mma_values, mma_metadata, mma_columns)
-
     y = kernel_linear(x.reshape(-1, in_features), operands, path, wrap=wrap_triton, channel_major_out=channel_major_out)
     return y.reshape(*x.shape[:-1], values.shape[0])  # a view of either layout: the token dims stay contiguous
 
@@ -105,16 +104,16 @@ def traced_path(x: torch.Tensor, rows: int, in_features: int, v: int, m: int, ha
 @linear.register_kernel("cpu")
 def _(x, values, columns, metadata, bias, v, m, in_features, dense=None, expanded=None, channels=None, cslt=None,
       mma_values=None, mma_metadata=None, mma_columns=None, channel_major_out=False, plan_symbolic=False):
-    return _reference(x, values, columns, metadata, bias, v, m, in_features, channel_major_out=channel_major_out)
+    return _reference(x, values, columns, metadata, bias, v, m, in_features, channel_major_out)
 
 
-def _reference(x, values, columns, metadata, bias, v, m, in_features, *optional_layouts, channel_major_out):
+def _reference(x, values, columns, metadata, bias, v, m, in_features, channel_major_out):
     y = reference_linear(x, Operands(values, columns, metadata, v, m, in_features, bias))
     return channel_major(y) if channel_major_out else y
 
 
-def _dispatched_reference(x, *arguments):
-    return _reference(x, *arguments[:-1], channel_major_out=arguments[-1])
+def _dispatched_reference(x, values, columns, metadata, bias, v, m, in_features, *layouts_then_channel_major_out):
+    return _reference(x, values, columns, metadata, bias, v, m, in_features, layouts_then_channel_major_out[-1])
 
 
 def _planned(x, values, columns, metadata, bias, v, m, in_features, dense, expanded, channels, cslt, mma_values,

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .sparse_mma import SparseMMALayout
-
 
 @dataclass(frozen=True)
 class Operands:
@@ -44,13 +42,6 @@ class Operands:
     @property
     def groups(self) -> int:
         return self.values.shape[1] // 2
-
-    def mma_layout(self) -> SparseMMALayout | None:
-        """The sparse tensor-core kernel's layout, where the caller keeps it."""
-        if self.mma_values is None:
-            return None
-        return SparseMMALayout(self.mma_values, self.mma_metadata, self.mma_columns, self.v, self.m, self.rows,
-                               self.in_features)
 
     def op_arguments(self) -> tuple:
         """The operands in `torch.ops.vnm.linear`'s order (after x)."""
