@@ -3,7 +3,7 @@
     python3 -m benchmarks.sparse_mma_check             # < 5 minutes on an H100
     python3 -m benchmarks.sparse_mma_check --quick     # the target shape only
     ncu --profile-from-start off --clock-control none --set full -o sparse_mma \\
-        python3 -m benchmarks.sparse_mma_check --ncu       # 4096^2 x 8192 at 64:2:8, 3 calls
+        python3 -m benchmarks.sparse_mma_check --ncu [TOKENS] [--config NAME]   # 4096^2 x TOKENS, 64:2:8
 
 1. Compiles every (config, pattern, dtype) it will run, in threads (NVRTC releases the GIL).
 2. Checks each against float64 on awkward shapes (rows not divisible by V, columns not divisible by
@@ -292,13 +292,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def ncu_mode() -> None:
-    """The target case, 3 calls of its default config and of cuBLAS, inside a profiler range."""
-    rows, cols, tokens, v, m = 4096, 4096, 8192, 64, 8
+def ncu_mode(tokens: int, config_name: str | None) -> None:
+    """4096^2 x `tokens` at 64:2:8: 3 calls of the config (default: the kernel's default for the
+    token count) and of cuBLAS, inside a profiler range."""
+    rows, cols, v, m = 4096, 4096, 64, 8
     weight = random_weight(rows, cols, v, m, torch.float16, seed=0)
     layout, dense = sparse_mma.pack(weight), weight.to_dense()
     x = channel_major(torch.randn(tokens, cols, device="cuda", dtype=torch.float16))
-    config = sparse_mma.default_config(tokens, layout.v, layout.m, layout.device)
+    config = (sparse_mma.CONFIGS[config_name] if config_name
+              else sparse_mma.default_config(tokens, layout.v, layout.m, layout.device))
     sparse_mma.sparse_mma_linear(x, layout, config=config)
     F.linear(x, dense)
     torch.cuda.synchronize()
@@ -316,10 +318,14 @@ def ncu_mode() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4096x4096, 16 and 8192 tokens, 64:2:8 and 64:2:16")
-    parser.add_argument("--ncu", action="store_true", help="only the target case, for Nsight Compute")
+    parser.add_argument("--ncu", type=int, nargs="?", const=8192, metavar="TOKENS",
+                        help="only 4096^2 x TOKENS (default 8192) at 64:2:8, for Nsight Compute")
+    parser.add_argument("--config", choices=sorted(sparse_mma.CONFIGS), help="with --ncu: the config to profile")
     args = parser.parse_args()
-    if args.ncu:
-        return ncu_mode()
+    if args.config and args.ncu is None:
+        parser.error("--config goes with --ncu")
+    if args.ncu is not None:
+        return ncu_mode(args.ncu, args.config)
     results = run(args)
     out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
