@@ -100,6 +100,8 @@ def run_kernel_model(x: torch.Tensor, layout, bias, config) -> torch.Tensor:
     ld = -(-tokens // 8) * 8
     xt = torch.zeros(channels, ld, dtype=torch.float64)  # channel_major_input: x.T, zero padded
     xt[:, :tokens] = x.double().t()
+    x_padded = torch.zeros(tokens, -(-channels // 8) * 8, dtype=torch.float64)  # row_major_input
+    x_padded[:, :channels] = x.double()
     values = layout.values.double().reshape(-1)
     words = layout.metadata.long().reshape(-1) & 0xFFFFFFFF
     columns = layout.columns.long().reshape(-1)
@@ -124,16 +126,26 @@ def run_kernel_model(x: torch.Tensor, layout, bias, config) -> torch.Tensor:
                 a_smem = torch.full(((g["E_OFFSET"] - g["A_OFFSET"]) // 2,), float("nan"), dtype=torch.float64)
                 e_smem = torch.full(((g["COLUMNS_OFFSET"] - g["E_OFFSET"]) // 4,), -1, dtype=torch.long)
                 c_smem = torch.full((g["STAGE_BYTES"] - g["COLUMNS_OFFSET"],), -1, dtype=torch.long)
-                x_chunk, x_row = tid % g["CHUNKS_PER_ROW"], tid // g["CHUNKS_PER_ROW"]  # [threads]
-                copy = torch.arange(g["X_COPIES"])[:, None]  # [copies, 1]
-                row = x_row + copy * g["X_ROW_STEP"]
-                channel, token = step * g["X_ROWS"] + row, (first_token + 8 * x_chunk).expand_as(row)
-                destination = (f.x_tile_offset(x_row, x_chunk, g["X_ROW_PITCH"])
-                               + copy * g["X_ROW_STEP"] * g["X_ROW_PITCH"]) // 2
-                valid = (channel < channels) & (token < ld)
-                chunk = xt[channel.clamp(max=channels - 1)[..., None],
-                           token.clamp(max=ld - 8)[..., None] + torch.arange(8)]
-                written = row < g["X_ROWS"]  # the copy's guard
+                if config.x_row_major:
+                    q = tid + torch.arange(g["X_TOKEN_COPIES"])[:, None] * g["THREADS"]  # [copies, threads]
+                    token, channel = q // (g["X_ROWS"] // 8), 8 * (q % (g["X_ROWS"] // 8))
+                    destination = f.x_token_offset(token, channel, g["X_TOKEN_PITCH"]) // 2
+                    valid = (first_token + token < tokens) & (step * g["X_ROWS"] + channel < x_padded.shape[1])
+                    chunk = x_padded[(first_token + token).clamp(max=tokens - 1)[..., None],
+                                     (step * g["X_ROWS"] + channel).clamp(max=x_padded.shape[1] - 8)[..., None]
+                                     + torch.arange(8)]
+                    written = q < g["X_TOKEN_CHUNKS"]
+                else:
+                    x_chunk, x_row = tid % g["CHUNKS_PER_ROW"], tid // g["CHUNKS_PER_ROW"]  # [threads]
+                    copy = torch.arange(g["X_COPIES"])[:, None]  # [copies, 1]
+                    row = x_row + copy * g["X_ROW_STEP"]
+                    channel, token = step * g["X_ROWS"] + row, (first_token + 8 * x_chunk).expand_as(row)
+                    destination = (f.x_tile_offset(x_row, x_chunk, g["X_ROW_PITCH"])
+                                   + copy * g["X_ROW_STEP"] * g["X_ROW_PITCH"]) // 2
+                    valid = (channel < channels) & (token < ld)
+                    chunk = xt[channel.clamp(max=channels - 1)[..., None],
+                               token.clamp(max=ld - 8)[..., None] + torch.arange(8)]
+                    written = row < g["X_ROWS"]  # the copy's guard
                 x_smem[destination[written][:, None] + torch.arange(8)] = (chunk * valid[..., None])[written]
                 a_rest, a_m16 = tid % (g["STEP_K32"] * 32), tid // (g["STEP_K32"] * 32)
                 m16 = a_m16 + torch.arange(g["A_COPIES"])[:, None] * g["A_M16_STEP"]
@@ -159,15 +171,25 @@ def run_kernel_model(x: torch.Tensor, layout, bias, config) -> torch.Tensor:
                 warp_block = warp_first_m16 * 16 // g["V_ROWS"]
                 warp_first_chunk = warp_n * g["WARP_N_TILES"]
                 k32 = warp_k * g["K32_PER_WARP"] + sub  # [warps, k32s]
-                column = c_smem[((warp_block * g["STEP_K32"] + k32) * 32)[..., None] + lane]
-                assert bool((column >= 0).all())
-                row = f.x_chunk_row(k32[..., None], lane, column, g["M_GROUP"])
-                row_address = f.x_tile_offset(row, warp_first_chunk[..., None], g["X_ROW_PITCH"])  # [w, k, 32]
+                unit_columns = ((warp_block * g["STEP_K32"] + k32) * 32)[..., None]  # [w, k, 1]
                 tiles = (warp_first_m16[..., None] + torch.arange(g["WARP_M_TILES"])) * g["STEP_K32"] + k32[..., None]
                 a = a_smem[((tiles[..., None, None] * 512 + lane[:, None] * 16) // 2) + torch.arange(8)]
                 e = e_smem[(tiles[..., None] * 64 + f.metadata_word(lane) * 4) // 4]  # [w, k, m16s, 32]
-                b = ptx_ldmatrix_x4_trans(x_smem,
-                                          row_address[..., None, :] + 16 * torch.arange(g["WARP_N_TILES"])[:, None])
+                n_tiles = torch.arange(g["WARP_N_TILES"])
+                if config.x_row_major:  # value h of lane's B: kept channel b_fragment_kept of one token
+                    kept = f.b_fragment_kept(lane[:, None], torch.arange(8))  # [32, 8]
+                    column = c_smem[unit_columns[..., None] + kept]  # [w, k, 32, 8]
+                    first_tokens = ((warp_first_chunk[..., None] + n_tiles) * 8)[..., None, None]  # [w, 1, n8s, 1, 1]
+                    token = first_tokens + f.b_fragment_token(lane)[:, None]
+                    channel = f.x_chunk_row(k32[..., None, None], kept, column, g["M_GROUP"])  # [w, k, 32, 8]
+                    offset = f.x_token_offset(token, channel[:, :, None], g["X_TOKEN_PITCH"])  # [w, k, n8s, 32, 8]
+                    b = x_smem[offset // 2]
+                else:  # lane's kept channel is a row of the x tile, gathered by ldmatrix
+                    column = c_smem[unit_columns + lane]
+                    row = f.x_chunk_row(k32[..., None], lane, column, g["M_GROUP"])
+                    row_address = f.x_tile_offset(row, warp_first_chunk[..., None], g["X_ROW_PITCH"])  # [w, k, 32]
+                    b = ptx_ldmatrix_x4_trans(x_smem, row_address[..., None, :] + 16 * n_tiles[:, None])
+                assert bool((column >= 0).all())
                 acc[step // steps_per_split] += ptx_mma_sp(a[:, :, :, None], b[:, :, None], e[:, :, :, None]).sum(1)
             # ---- epilogue: partial sums of warps along K and of splits, then bias, at the accumulators'
             # positions
@@ -227,6 +249,25 @@ def test_every_config_under_the_kernel_model(name):
 def test_small_blocks_and_plain_two_four():
     check_model(40, 72, 16, 4, 9, CONFIGS["rows32_tokens16"], seed=2)  # 16:2:4, m16 tiles = row blocks
     check_model(70, 40, 32, 6, 5, CONFIGS["rows64_tokens64"], seed=3, with_bias=False)
+
+
+def test_row_major_x_with_channels_not_a_multiple_of_eight():
+    """An x_row_major config on 43 channels: row_major_input adds 5 zero channels, the tile's last chunk."""
+    check_model(70, 43, 32, 6, 5, CONFIGS["rows32_tokens16_row_major_x"], seed=5)
+    x = torch.randn(5, 43, dtype=torch.float16)
+    padded = sparse_mma.row_major_input(x)
+    assert padded.shape == (5, 48) and bool((padded[:, 43:] == 0).all()) and torch.equal(padded[:, :43], x)
+    aligned = torch.randn(5, 48, dtype=torch.float16)
+    assert sparse_mma.row_major_input(aligned) is aligned
+    transposed = aligned.t().contiguous().t()  # channel-major: copied into rows
+    assert sparse_mma.row_major_input(transposed).stride() == (48, 1)
+
+
+def test_b_fragment_formulas_follow_the_ptx_layout():
+    for lane in range(32):
+        for half in range(8):
+            assert (sparse_mma.b_fragment_kept(lane, half), sparse_mma.b_fragment_token(lane)) == \
+                ptx_b_position(lane, half)
 
 
 def test_packed_layout_sizes_and_padding():
@@ -316,6 +357,17 @@ def test_every_config_on_gpu(name, channel_major):
                                      channel_major_out=channel_major)
     assert y.is_contiguous() != channel_major
     assert relative_error(y.cpu(), ref) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(name for name, config in CONFIGS.items() if config.x_row_major))
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_row_major_x_configs_on_channels_not_a_multiple_of_eight(name, tokens):
+    if not sparse_mma.available("cuda"):
+        pytest.skip("no sparse-MMA support (sm_80+ and NVRTC)")
+    weight, x, bias, ref = make_case(300, 523, 64, 5, tokens, seed=tokens, dtype=torch.bfloat16)
+    y = sparse_mma.sparse_mma_linear(x.cuda(), pack(weight.to("cuda")), bias.cuda(), config=name)
+    assert relative_error(y.cpu(), ref) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.gpu

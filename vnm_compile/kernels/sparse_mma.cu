@@ -12,11 +12,15 @@
 // (lane l -> kept channel l of the k32 unit) gathers them straight into B's register layout. The row
 // addresses depend on the row block (its kept columns), not on the rows inside it, so one x tile in
 // shared memory serves every row block of the CTA: this is where x is reused across row blocks.
+// X_ROW_MAJOR configs (few tokens) instead copy x as a row-major x lies, BLOCK_TOKENS token rows of
+// X_ROWS channels, and each lane gathers its 8 B values with 2-byte loads (b_fragment_kept /
+// b_fragment_token): 16 loads where ldmatrix takes one, but no transposing copy of x before the kernel.
 //
 // Pipeline. Per stage of STEP_K32 k32 units (8 * STEP_K32 groups, X_ROWS = 8 * STEP_K32 * M dense
 // channels) the CTA copies with 16-byte cp.async, STAGES - 1 stages ahead:
 //   x     X_ROWS channel rows x BLOCK_TOKENS tokens, rows X_ROW_PITCH bytes apart: an odd number of
-//         16-byte chunks, so any 8 rows whose indices differ mod 8 fall in 8 different bank groups,
+//         16-byte chunks, so any 8 rows whose indices differ mod 8 fall in 8 different bank groups
+//         (X_ROW_MAJOR: BLOCK_TOKENS token rows x X_ROWS channels, rows X_TOKEN_PITCH bytes apart),
 //   A     the values of its rows, already in mma fragment order (16 bytes a lane per m16 x k32 tile),
 //   E     the metadata words (16 a tile, lane -> metadata_word(lane)),
 //   cols  the kept columns of its row blocks (32 bytes a row block and k32 unit, lane-indexed).
@@ -105,7 +109,8 @@ __device__ __forceinline__ u16 to_storage(float f) {  // round to nearest even, 
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) vnm_sparse_mma(
-    const u16* __restrict__ xt,            // x.T [channels, ld_x], ld_x % 8 == 0, 16-byte aligned
+    const u16* __restrict__ x,             // by rows of ld_x elements, 16-byte aligned: x.T [channels, ld_x]
+                                           // (ld_x % 8 == 0), or with X_ROW_MAJOR x [tokens, ld_x] (channels % 8 == 0)
     int ld_x, int channels, int tokens,
     const u8* __restrict__ a_packed,       // [R_pad / 16, k32_units, 32 lanes, 8 values]
     const u8* __restrict__ e_packed,       // [R_pad / 16, k32_units, 16 words]
@@ -137,7 +142,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) vnm_sparse_mma(
   const int x_token = first_token + 8 * x_chunk;
   const u32 x_offset = x_tile_offset(x_row, x_chunk, X_ROW_PITCH);
   const long long x_row_stride = (long long)X_ROW_STEP * ld_x;  // elements between a thread's rows
-  const u16* x_source = xt + (long long)x_row * ld_x + (x_token < ld_x ? x_token : 0);
+  const u16* x_source = x + (long long)x_row * ld_x + (x_token < ld_x ? x_token : 0);
   const int x_rows_valid = x_token < ld_x ? channels - x_row : 0;  // rows past it are zeros
   // A: the thread's lane-chunk `a_rest` of m16 tiles a_m16, a_m16 + A_M16_STEP, ...
   const int a_rest = tid % (STEP_K32 * 32), a_m16 = tid / (STEP_K32 * 32);
@@ -147,12 +152,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) vnm_sparse_mma(
   auto load_stage = [&](int step, int slot) {
     const u32 stage = smem_base + slot * STAGE_BYTES;
     const int first_channel = step * X_ROWS;
-    const u16* x_step = x_source + (long long)first_channel * ld_x;
+    if (X_ROW_MAJOR) {  // chunk q: 8 channels of token q / (X_ROWS / 8), zeros past the tokens and channels
 #pragma unroll
-    for (int i = 0; i < X_COPIES; ++i) {
-      if (X_ROWS % X_ROW_STEP == 0 || x_row + i * X_ROW_STEP < X_ROWS) {
-        const bool valid = first_channel + i * X_ROW_STEP < x_rows_valid;  // else zeros (0 * padding weights)
-        copy_async(stage + x_offset + i * X_ROW_STEP * X_ROW_PITCH, valid ? x_step + i * x_row_stride : xt, valid);
+      for (int i = 0; i < X_TOKEN_COPIES; ++i) {
+        const int q = tid + i * THREADS;
+        if (X_TOKEN_CHUNKS % THREADS == 0 || q < X_TOKEN_CHUNKS) {
+          const int token = q / (X_ROWS / 8), channel = 8 * (q % (X_ROWS / 8));  // inside the tile
+          const bool valid = first_token + token < tokens && first_channel + channel < channels;
+          copy_async(stage + x_token_offset(token, channel, X_TOKEN_PITCH),
+                     valid ? x + (long long)(first_token + token) * ld_x + first_channel + channel : x, valid);
+        }
+      }
+    } else {
+      const u16* x_step = x_source + (long long)first_channel * ld_x;
+#pragma unroll
+      for (int i = 0; i < X_COPIES; ++i) {
+        if (X_ROWS % X_ROW_STEP == 0 || x_row + i * X_ROW_STEP < X_ROWS) {
+          const bool valid = first_channel + i * X_ROW_STEP < x_rows_valid;  // else zeros (0 * padding weights)
+          copy_async(stage + x_offset + i * X_ROW_STEP * X_ROW_PITCH, valid ? x_step + i * x_row_stride : x, valid);
+        }
       }
     }
     const u8* a_step = a_source + step * (STEP_K32 * 512);
@@ -193,9 +211,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) vnm_sparse_mma(
 #pragma unroll
     for (int s = 0; s < K32_PER_WARP; ++s) {
       const int k32 = warp_k * K32_PER_WARP + s;  // inside the stage
-      const int column = stage_columns[(warp_block * STEP_K32 + k32) * 32 + lane];
-      const int row = x_chunk_row(k32, lane, column, M_GROUP);  // this lane's kept channel in the x tile
-      const u32 row_address = x_stage + x_tile_offset(row, warp_first_chunk, X_ROW_PITCH);
+      const u8* unit_columns = stage_columns + (warp_block * STEP_K32 + k32) * 32;  // kept column l % 4 of group l / 4
       u32 a[WARP_M_TILES][4], e[WARP_M_TILES];
 #pragma unroll
       for (int mi = 0; mi < WARP_M_TILES; ++mi) {
@@ -203,12 +219,35 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) vnm_sparse_mma(
         load_shared_16(a[mi], x_stage + A_OFFSET + tile * 512 + lane * 16);
         e[mi] = load_shared_4(x_stage + E_OFFSET + tile * 64 + metadata_word(lane) * 4);
       }
+      if (X_ROW_MAJOR) {  // B value h of this lane: one kept channel of one token, a 2-byte load
+        const u16* x_tile = reinterpret_cast<const u16*>(smem + slot * STAGE_BYTES);
+        int b_offset[8];
 #pragma unroll
-      for (int ni = 0; ni < WARP_N_TILES; ++ni) {
-        u32 b[4];
-        ldmatrix_x4_trans(b, row_address + ni * 16);
+        for (int h = 0; h < 8; ++h) {
+          const int kept = b_fragment_kept(lane, h);
+          b_offset[h] = x_token_offset(warp_first_chunk * 8 + b_fragment_token(lane),
+                                       x_chunk_row(k32, kept, unit_columns[kept], M_GROUP), X_TOKEN_PITCH) / 2;
+        }
 #pragma unroll
-        for (int mi = 0; mi < WARP_M_TILES; ++mi) mma_sp(acc[mi][ni], a[mi], b, e[mi]);
+        for (int ni = 0; ni < WARP_N_TILES; ++ni) {
+          u32 b[4];
+#pragma unroll
+          for (int r = 0; r < 4; ++r)
+            b[r] = (u32)x_tile[ni * 4 * X_TOKEN_PITCH + b_offset[2 * r]]
+                   | ((u32)x_tile[ni * 4 * X_TOKEN_PITCH + b_offset[2 * r + 1]] << 16);
+#pragma unroll
+          for (int mi = 0; mi < WARP_M_TILES; ++mi) mma_sp(acc[mi][ni], a[mi], b, e[mi]);
+        }
+      } else {  // this lane's kept channel is a row of the x tile: ldmatrix gathers the 8 tokens of each
+        const int row = x_chunk_row(k32, lane, unit_columns[lane], M_GROUP);
+        const u32 row_address = x_stage + x_tile_offset(row, warp_first_chunk, X_ROW_PITCH);
+#pragma unroll
+        for (int ni = 0; ni < WARP_N_TILES; ++ni) {
+          u32 b[4];
+          ldmatrix_x4_trans(b, row_address + ni * 16);
+#pragma unroll
+          for (int mi = 0; mi < WARP_M_TILES; ++mi) mma_sp(acc[mi][ni], a[mi], b, e[mi]);
+        }
       }
     }
   };

@@ -21,7 +21,7 @@ same name in the CUDA source.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +52,12 @@ INDEX_FORMULAS = {
     # Byte offset of 16-byte chunk `chunk` (8 tokens) of x tile row `row`; `pitch` / 16 is odd, so
     # 8 rows whose indices differ mod 8 lie in 8 different bank groups.
     "x_tile_offset": ("row, chunk, pitch", "row * pitch + 16 * chunk"),
+    # A row-major x tile (configs with x_row_major): its rows are tokens, `pitch` bytes apart; lane
+    # gathers value `half` (0..7) of its B fragment, kept channel b_fragment_kept of the k32 unit at
+    # token b_fragment_token of the n8 tile, with a 2-byte load (the PTX ISA's B layout).
+    "x_token_offset": ("token, channel, pitch", "token * pitch + 2 * channel"),
+    "b_fragment_kept": ("lane, half", "2 * (lane & 3) + (half & 1) + 8 * (half >> 1)"),
+    "b_fragment_token": ("lane", "lane >> 2"),
     # Accumulator c_i (i = 0..3) of lane in the m16 x n8 output tile.
     "accumulator_row": ("lane, i", "(lane >> 2) + 8 * (i >> 1)"),
     "accumulator_token": ("lane, i", "2 * (lane & 3) + (i & 1)"),
@@ -74,6 +80,9 @@ metadata_group = _formula("metadata_group")
 metadata_word = _formula("metadata_word")
 x_chunk_row = _formula("x_chunk_row")
 x_tile_offset = _formula("x_tile_offset")
+x_token_offset = _formula("x_token_offset")
+b_fragment_kept = _formula("b_fragment_kept")
+b_fragment_token = _formula("b_fragment_token")
 accumulator_row = _formula("accumulator_row")
 accumulator_token = _formula("accumulator_token")
 
@@ -169,7 +178,10 @@ class TileConfig:
     """A CTA of warps_m x warps_n x warps_k warps; a warp computes warp_m_tiles m16 tiles (weight
     rows, inside one row block) x warp_n_tiles n8 tiles (tokens) over k32_per_warp k32 units of each
     pipeline stage; `stages` stages in flight; `splits` CTAs split each tile's stages between them
-    (their fp32 partial sums then added by vnm_split_sum)."""
+    (their fp32 partial sums then added by vnm_split_sum). x_row_major: the CTA copies x's tiles as
+    they lie in a row-major x [T, C] and gathers B with 2-byte shared loads, where the others copy a
+    channel-major x [C, T] (made by a transposing copy unless x comes so) and gather with ldmatrix:
+    no extra launch, more shared loads, for few tokens."""
 
     name: str
     warps_m: int
@@ -180,6 +192,7 @@ class TileConfig:
     k32_per_warp: int
     stages: int
     splits: int = 1
+    x_row_major: bool = False
 
     @property
     def threads(self) -> int:
@@ -203,7 +216,10 @@ class TileConfig:
         x_rows = 8 * self.step_k32 * m
         m_tiles = self.block_rows // 16
         x_row_pitch = 16 * (chunks_per_row | 1)
-        x_bytes = x_rows * x_row_pitch
+        # row-major tile: 16 bytes past the channels, so 8 tokens' values of one channel sit in 8 banks
+        x_token_pitch = 2 * x_rows + 16
+        x_token_chunks = self.block_tokens * x_rows // 8
+        x_bytes = self.block_tokens * x_token_pitch if self.x_row_major else x_rows * x_row_pitch
         a_bytes, e_bytes = m_tiles * self.step_k32 * 512, m_tiles * self.step_k32 * 64
         column_bytes = max(1, self.block_rows // v) * self.step_k32 * 32
         x_row_step = self.threads // chunks_per_row  # a thread's x rows in a stage are this far apart
@@ -216,7 +232,9 @@ class TileConfig:
             "X_ROW_PITCH": x_row_pitch, "CHUNKS_PER_ROW": chunks_per_row,
             "ROW_BLOCKS": max(1, self.block_rows // v), "A_OFFSET": x_bytes, "E_OFFSET": x_bytes + a_bytes,
             "COLUMNS_OFFSET": x_bytes + a_bytes + e_bytes, "STAGE_BYTES": x_bytes + a_bytes + e_bytes + column_bytes,
-            "X_ROW_STEP": x_row_step, "X_COPIES": -(-x_rows // x_row_step),
+            "X_ROW_STEP": x_row_step, "X_COPIES": -(-x_rows // x_row_step), "X_ROW_MAJOR": int(self.x_row_major),
+            "X_TOKEN_PITCH": x_token_pitch, "X_TOKEN_CHUNKS": x_token_chunks,
+            "X_TOKEN_COPIES": -(-x_token_chunks // self.threads),
             "A_M16_STEP": a_m16_step, "A_COPIES": -(-m_tiles // a_m16_step),
             "E_CHUNKS": e_bytes // 16, "COLUMN_CHUNKS": column_bytes // 16,
             "TILE_PITCH_ROWS": self.block_rows + 8, "TILE_PITCH_TOKENS": self.block_tokens + 8,
@@ -262,10 +280,15 @@ CONFIGS = {c.name: c for c in (
     TileConfig("rows128_tokens16_split4", 2, 1, 4, 4, 2, 1, 4, splits=4),
     TileConfig("rows128_tokens16_split2", 2, 1, 4, 4, 2, 1, 4, splits=2),
 )}
+# few tokens again, reading a row-major x in place (x_row_major): the same tiles, no transposing copy
+CONFIGS.update({f"{name}_row_major_x": replace(CONFIGS[name], name=f"{name}_row_major_x", x_row_major=True)
+                for name in ("rows32_tokens8", "rows32_tokens16", "rows128_tokens16_split2")})
 # The configs worth timing (benchmarks/kernels.py tunes among them), up to FEW_TOKENS tokens and above.
 FEW_TOKENS = 64
 FEW_TOKEN_CONFIGS = ("rows32_tokens8", "rows32_tokens16", "rows32_tokens16_deep", "rows32_tokens32", "rows64_tokens64",
-                     "rows64_tokens16_split2", "rows128_tokens16_split2", "rows128_tokens16_split4")
+                     "rows64_tokens16_split2", "rows128_tokens16_split2", "rows128_tokens16_split4",
+                     "rows32_tokens8_row_major_x", "rows32_tokens16_row_major_x",
+                     "rows128_tokens16_split2_row_major_x")
 MANY_TOKEN_CONFIGS = ("rows256_tokens128", "rows256_tokens128_k8", "rows128_tokens128", "rows128_tokens256",
                       "rows256_tokens128_v128", "rows64_tokens64")
 _PREFERENCE = {  # by tokens, the configs to try first; then any other that fits
@@ -401,6 +424,18 @@ def channel_major_input(x: torch.Tensor) -> torch.Tensor:
     return xt
 
 
+def row_major_input(x: torch.Tensor) -> torch.Tensor:
+    """x [T, C] as an x_row_major config reads it: rows of a multiple of 8 channels, 16-byte aligned,
+    channels contiguous. x itself where it is laid out so, else one copy (zero channels added)."""
+    tokens, channels = x.shape
+    if channels % 8 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0:
+        return x
+    padded = x.new_empty(tokens, -(-channels // 8) * 8)
+    padded[:, channels:].zero_()
+    padded[:, :channels].copy_(x)
+    return padded
+
+
 def sparse_mma_linear(
     x: torch.Tensor,
     layout: SparseMMALayout,
@@ -433,13 +468,18 @@ def sparse_mma_linear(
         config = CONFIGS[config]
     config.check(layout.v)
     kernel = compiled_kernel(config, layout.m, layout.v, x.dtype, x.device)
-    xt = channel_major_input(x)
+    if config.x_row_major:  # x [T, C] read by its rows: pointer, row stride, channels (zeros past C)
+        x_read = row_major_input(x)
+        x_arguments = [x_read, x_read.stride(0), x_read.shape[1]]
+    else:  # x.T [C, T] read by its rows
+        x_read = channel_major_input(x)
+        x_arguments = [x_read, x_read.stride(0), layout.in_features]
     rows_pad = layout.values.shape[0] * 16
     grid = (rows_pad // config.block_rows, -(-tokens // config.block_tokens), config.splits)
     # split-K: every split stores its partial sums (each element written), then vnm_split_sum adds them
     out = y if config.splits == 1 else torch.empty(config.splits, tokens, rows, dtype=torch.float32, device=x.device)
     kernel(grid=grid, block=(config.threads, 1, 1), shared_mem=config.shared_bytes(layout.m, layout.v),
-           args=[xt, xt.stride(0), layout.in_features, tokens, layout.values, layout.metadata, layout.columns,
+           args=[*x_arguments, tokens, layout.values, layout.metadata, layout.columns,
                  layout.k32_units, bias if bias is not None else y, int(bias is not None), out, rows,
                  y.stride(0), y.stride(1)])
     if config.splits > 1:
