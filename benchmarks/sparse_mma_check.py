@@ -9,8 +9,9 @@
 2. Checks each against float64 on awkward shapes (rows not divisible by V, columns not divisible by
    M, tokens 1, 17, 129 and 2048) and prints PASS / FAIL; a failing config is not timed.
 3. Times, with CUDA graphs (median of replays of one graph over weight copies, so weights stream
-   from device memory): each sparse-MMA config (x channel-major, as the layout pass hands it; the
-   best config also with row-major x, its transpose counted), cuBLAS on the dense weight, torch 2:4
+   from device memory): each sparse-MMA config (x channel-major, as the layout pass hands it, or
+   row-major for the configs that read it so; the best config also with row-major x, any transpose
+   counted), cuBLAS on the dense weight, torch 2:4
    (to_sparse_semi_structured on a magnitude-2:4 weight: cuSPARSELt), cuSPARSELt on the V:N:M
    weight itself over the full K (M % 4 == 0), and the Triton path (prefill layout kept; up to 64
    tokens also with x channel-major, which the decode kernels read in place).
@@ -159,11 +160,12 @@ def time_case(rows, cols, tokens, v, m, good_configs, shared_limit, torch24: dic
                           for _ in range(copies(layout.nbytes, tokens) - 1)]
     record["sparse_mma_us"] = {}
     ref = x[:64].double() @ dense.double().T
-    for name in (config.name for config in sparse_mma.candidates(tokens, v, m, shared_limit)):
+    for config in sparse_mma.candidates(tokens, v, m, shared_limit):
+        name, x_read = config.name, x if config.x_row_major else x_channel_major  # x as the config reads it
         if not good_configs.get((name, m, v, dtype), False):
             continue
         try:  # the same check on the timed shape, 64 tokens of it
-            y = sparse_mma.sparse_mma_linear(x_channel_major, layout, config=name)
+            y = sparse_mma.sparse_mma_linear(x_read, layout, config=name)
             error = relative_error(y[:64], ref)
             if error > TOLERANCE[dtype]:
                 log(f"    {label}: {name} FAIL on this shape (rel err {error:.2e}): not timed")
@@ -171,7 +173,7 @@ def time_case(rows, cols, tokens, v, m, good_configs, shared_limit, torch24: dic
         except Exception as error:
             log(f"    {label}: {name} failed: {error!r}"[:400])
             continue
-        timed(label, [lambda lt=lt, name=name: sparse_mma.sparse_mma_linear(x_channel_major, lt, config=name)
+        timed(label, [lambda lt=lt, name=name, x_read=x_read: sparse_mma.sparse_mma_linear(x_read, lt, config=name)
                       for lt in layouts], record["sparse_mma_us"], name)
     measured = {k: t for k, t in record["sparse_mma_us"].items() if t}
     if measured:
