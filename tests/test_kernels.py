@@ -326,7 +326,10 @@ def test_relaunches_pass_each_calls_operands(kernels, monkeypatch, path, with_bi
 
 
 def test_shipped_tables_are_consistent(kernels):
-    """Every shipped table entry names a known path and a config among the candidates."""
+    """Every shipped table entry names a known path and a config among the candidates (the sparse
+    tensor-core kernel's too)."""
+    from vnm_compile.kernels.sparse_mma import CONFIGS
+
     tuning = kernels["tuning"]
     configs = {"prefill": tuning.PREFILL_CONFIGS, "decode": tuning.DECODE_CONFIGS,
                "decode_split": tuning.DECODE_CONFIGS}
@@ -339,6 +342,8 @@ def test_shipped_tables_are_consistent(kernels):
         for key, entry in table.get("dispatch", {}).items():
             assert entry["path"] in kernels["dispatch"].PATHS and entry["path"] != "dense", (path.name, key)
             assert entry["sparse_us"] > 0 and entry["dense_us"] > 0
+            if "mma_us" in entry:  # the sparse tensor-core kernel's time, with a config it still has
+                assert entry["mma_us"] > 0 and entry["mma_config"] in CONFIGS, (path.name, key)
 
 
 def test_pruning_keeps_the_recorded_config_else_the_candidates_that_fit(kernels, monkeypatch):

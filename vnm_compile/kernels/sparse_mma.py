@@ -270,8 +270,6 @@ CONFIGS = {c.name: c for c in (
     TileConfig("rows64_tokens64", 2, 2, 2, 2, 4, 2, 3),
     TileConfig("rows32_tokens32", 2, 1, 4, 1, 4, 1, 4),
     TileConfig("rows32_tokens16", 2, 1, 4, 1, 2, 1, 6),
-    # twice the stages: ~55 KB of weights in flight, for when each CTA's few steps wait on latency
-    TileConfig("rows32_tokens16_deep", 2, 1, 4, 1, 2, 1, 12),
     TileConfig("rows32_tokens8", 2, 1, 4, 1, 1, 1, 6),
     # few tokens, fewer x tiles: each CTA reads all of x for its rows, so 32-row CTAs read x R/32 times
     # (at 4096 x 4096 x 16, more bytes than the weight). 64- and 128-row CTAs read it 2-4x fewer
@@ -285,7 +283,7 @@ CONFIGS.update({f"{name}_row_major_x": replace(CONFIGS[name], name=f"{name}_row_
                 for name in ("rows32_tokens8", "rows32_tokens16", "rows128_tokens16_split2")})
 # The configs worth timing (benchmarks/kernels.py tunes among them), up to FEW_TOKENS tokens and above.
 FEW_TOKENS = 64
-FEW_TOKEN_CONFIGS = ("rows32_tokens8", "rows32_tokens16", "rows32_tokens16_deep", "rows32_tokens32", "rows64_tokens64",
+FEW_TOKEN_CONFIGS = ("rows32_tokens8", "rows32_tokens16", "rows32_tokens32", "rows64_tokens64",
                      "rows64_tokens16_split2", "rows128_tokens16_split2", "rows128_tokens16_split4",
                      "rows32_tokens8_row_major_x", "rows32_tokens16_row_major_x",
                      "rows128_tokens16_split2_row_major_x")
