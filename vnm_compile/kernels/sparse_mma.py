@@ -441,7 +441,8 @@ def sparse_mma_linear(
     config: TileConfig | str | None = None,
     channel_major_out: bool = False,
 ) -> torch.Tensor:
-    """y = x @ W.T + bias, x [T, C] (any layout; a channel-major x is read in place), y [T, R]
+    """y = x @ W.T + bias, x [T, C] (any layout; read in place where it lies as the config reads it:
+    channel-major, or row-major for x_row_major configs), y [T, R]
     row-major, or channel-major (a view of a contiguous [R, T]) with channel_major_out. config: a
     TileConfig, a name in CONFIGS, or None for `default_config`."""
     if not isinstance(layout, SparseMMALayout):
