@@ -41,7 +41,7 @@ from .prefill import (
     prefill_output,
     transpose_kernel,
 )
-from .sparse_mma import SparseMMALayout, sparse_mma_linear
+from .sparse_mma import SparseMMALayout, default_config, sparse_mma_linear
 from .tuning import AUTOTUNED, gpu_slug, load_table, remember_tuned, table_key
 
 # Loaded where torch.compile traces the kernels into a graph, which asks torch to analyse every launch.
@@ -149,8 +149,6 @@ def mma_config(rows: int, cols: int, tokens: int, v: int, m: int, dtype: torch.d
     measured = load_table(gpu_slug(device))["dispatch"].get(table_key(rows, cols, token_bucket(tokens), v, m, dtype))
     if measured is not None and measured.get("mma_config") is not None:
         return measured["mma_config"]
-    from .sparse_mma import default_config
-
     return default_config(planned_count(tokens), v, m, device).name
 
 
