@@ -280,7 +280,8 @@ CONFIGS = {c.name: c for c in (
 )}
 # few tokens again, reading a row-major x in place (x_row_major): the same tiles, no transposing copy
 CONFIGS.update({f"{name}_row_major_x": replace(CONFIGS[name], name=f"{name}_row_major_x", x_row_major=True)
-                for name in ("rows32_tokens8", "rows32_tokens16", "rows128_tokens16_split2", "rows128_tokens16_split4")})
+                for name in ("rows32_tokens8", "rows32_tokens16", "rows128_tokens16_split2",
+                             "rows128_tokens16_split4")})
 # The configs worth timing (benchmarks/kernels.py tunes among them), up to FEW_TOKENS tokens and above.
 FEW_TOKENS = 64
 FEW_TOKEN_CONFIGS = ("rows32_tokens8", "rows32_tokens16", "rows32_tokens32", "rows64_tokens64",
