@@ -14,7 +14,10 @@
    counted), cuBLAS on the dense weight, torch 2:4
    (to_sparse_semi_structured on a magnitude-2:4 weight: cuSPARSELt), cuSPARSELt on the V:N:M
    weight itself over the full K (M % 4 == 0), and the Triton path (prefill layout kept; up to 64
-   tokens also with x channel-major, which the decode kernels read in place).
+   tokens also with x channel-major, which the decode kernels read in place). Beside the best
+   config's time: the L2 bandwidth it would need if it moved what `modeled_l2_bytes` counts, against
+   the ceilings (`benchmarks.tensor_core_peaks`: the L2's copy bandwidth, each tensor-core
+   instruction's rate).
 Errors never stop the run: a kernel that fails to compile or run is reported and skipped. Writes
 JSON to $OUT (else benchmarks/results) and prints a table last.
 """
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.tensor_core_peaks import instruction_peaks, l2_copy_GBps
 from benchmarks.timing import ceilings, graph_us, log
 from vnm_compile.format import VNMWeight
 from vnm_compile.kernels import operands, prefill_layout, sparse_mma
@@ -135,6 +139,16 @@ def copies(nbytes: int, tokens: int) -> int:
     return 2 if tokens > 256 else min(32, max(2, -(-ROTATE_BYTES // nbytes)))
 
 
+def modeled_l2_bytes(config: sparse_mma.TileConfig, layout: sparse_mma.SparseMMALayout, tokens: int) -> int:
+    """Bytes a launch moves between L2 and the SMs: every row tile reads all of x (its tokens), every
+    token tile all of the layout, y is written once, and split-K's fp32 partial sums go out and back."""
+    row_tiles = layout.values.shape[0] * 16 // config.block_rows
+    token_tiles = -(-tokens // config.block_tokens)
+    partials = 2 * config.splits * tokens * layout.out_features * 4 if config.splits > 1 else 0
+    return (row_tiles * tokens * layout.in_features * 2 + token_tiles * layout.nbytes
+            + tokens * layout.out_features * 2 + partials)
+
+
 def timed(label: str, calls: list, record: dict, key: str) -> None:
     """record[key] = microseconds a call (CUDA graph median), or the error."""
     try:
@@ -179,6 +193,8 @@ def time_case(rows, cols, tokens, v, m, good_configs, shared_limit, torch24: dic
     if measured:
         best = min(measured, key=measured.get)
         record["best_config"], record["best_us"] = best, measured[best]
+        record["best_l2_GBps"] = round(modeled_l2_bytes(sparse_mma.CONFIGS[best], layout, tokens)
+                                       / measured[best] / 1e3, 1)
         timed(label, [lambda lt=lt: sparse_mma.sparse_mma_linear(x, lt, config=best) for lt in layouts],
               record, "best_with_transpose_us")
     denses = [dense] + [dense.clone() for _ in range(copies(dense.nbytes, tokens) - 1)]
@@ -257,7 +273,7 @@ def run(args) -> dict:
     results["checks"] = [{"config": n, "v": v, "m": m, "dtype": str(d)[6:], "passed": ok}
                          for (n, m, v, d), ok in passed.items()]
     log(f"[{time.time() - start:.0f}s] {sum(passed.values())} of {len(passed)} configs passed")
-    results["ceilings"] = ceilings()
+    results["ceilings"] = {**ceilings(), "l2_copy_GBps": l2_copy_GBps(), "instruction_TFLOPs": instruction_peaks()}
     log("ceilings", results["ceilings"])
     torch24 = {}
     for rows, cols in shapes:
@@ -281,13 +297,14 @@ def run(args) -> dict:
 
 
 def table(results: dict) -> str:
-    head = ("| weight x tokens | pattern | best config | us | +T us | cuBLAS us | x cuBLAS | torch 2:4 us | "
-            "x torch 2:4 | cslt V:N:M us | triton us | triton, x channel-major us | target |")
+    head = ("| weight x tokens | pattern | best config | us | its L2 GB/s (model) | +T us | cuBLAS us | x cuBLAS | "
+            "torch 2:4 us | x torch 2:4 | cslt V:N:M us | triton us | triton, x channel-major us | target |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in results.get("cases", []):
         target = TARGETS.get((c["rows"], c["cols"], c["tokens"], c["v"], c["m"]))
         lines.append(f"| {c['rows']}x{c['cols']} x {c['tokens']} | {c['v']}:2:{c['m']} | {c.get('best_config')} | "
-                     f"{c.get('best_us')} | {c.get('best_with_transpose_us')} | {c.get('cublas_us')} | "
+                     f"{c.get('best_us')} | {c.get('best_l2_GBps')} | {c.get('best_with_transpose_us')} | "
+                     f"{c.get('cublas_us')} | "
                      f"{c.get('x_cublas')} | {c.get('torch24_us')} | {c.get('x_torch24')} | {c.get('cslt_vnm_us')} | "
                      f"{c.get('triton_us')} | {c.get('triton_channel_major_us', '')} | "
                      f"{'' if target is None else f'>= {target}x'} |")

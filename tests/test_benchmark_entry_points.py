@@ -8,7 +8,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-MODULES = ["accuracy", "checkpoint", "corpus", "e2e", "kernels", "recovery", "sparse_mma_check", "tp", "transposable"]
+MODULES = ["accuracy", "checkpoint", "corpus", "e2e", "kernels", "recovery", "sparse_mma_check", "tensor_core_peaks",
+           "tp", "transposable"]
 
 
 @pytest.mark.parametrize("name", MODULES)
