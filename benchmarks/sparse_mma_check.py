@@ -142,8 +142,7 @@ def copies(nbytes: int, tokens: int) -> int:
 def modeled_l2_bytes(config: sparse_mma.TileConfig, layout: sparse_mma.SparseMMALayout, tokens: int) -> int:
     """Bytes a launch moves between L2 and the SMs: every row tile reads all of x (its tokens), every
     token tile all of the layout, y is written once, and split-K's fp32 partial sums go out and back."""
-    row_tiles = layout.values.shape[0] * 16 // config.block_rows
-    token_tiles = -(-tokens // config.block_tokens)
+    row_tiles, token_tiles = sparse_mma.launch_grid(config, layout, tokens)[:2]
     partials = 2 * config.splits * tokens * layout.out_features * 4 if config.splits > 1 else 0
     return (row_tiles * tokens * layout.in_features * 2 + token_tiles * layout.nbytes
             + tokens * layout.out_features * 2 + partials)
@@ -304,8 +303,8 @@ def table(results: dict) -> str:
         target = TARGETS.get((c["rows"], c["cols"], c["tokens"], c["v"], c["m"]))
         lines.append(f"| {c['rows']}x{c['cols']} x {c['tokens']} | {c['v']}:2:{c['m']} | {c.get('best_config')} | "
                      f"{c.get('best_us')} | {c.get('best_l2_GBps')} | {c.get('best_with_transpose_us')} | "
-                     f"{c.get('cublas_us')} | "
-                     f"{c.get('x_cublas')} | {c.get('torch24_us')} | {c.get('x_torch24')} | {c.get('cslt_vnm_us')} | "
+                     f"{c.get('cublas_us')} | {c.get('x_cublas')} | {c.get('torch24_us')} | {c.get('x_torch24')} | "
+                     f"{c.get('cslt_vnm_us')} | "
                      f"{c.get('triton_us')} | {c.get('triton_channel_major_us', '')} | "
                      f"{'' if target is None else f'>= {target}x'} |")
     return "\n".join(lines)

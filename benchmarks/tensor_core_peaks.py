@@ -20,6 +20,7 @@ L2 traffic against it.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -127,23 +128,6 @@ def _flops_per_launch(name: str, iterations: int, blocks: int) -> float:
     return 2 * 64 * 256 * k * WGMMAS_PER_GROUP * iterations * blocks * 2  # 2 warpgroups a block
 
 
-def _time_ms(kernel, blocks: int, iterations: int, sink: torch.Tensor) -> float:
-    """Median milliseconds of a launch of `kernel` on `blocks` blocks of 256 threads."""
-    def launch():
-        kernel(grid=(blocks, 1, 1), block=(256, 1, 1), args=[iterations, sink])
-
-    launch()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        launch()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def instruction_peaks(device: torch.device | None = None) -> dict[str, float | str]:
     """TFLOP/s of each instruction over the whole GPU (wgmma only on compute capability 9.0); an
     instruction that fails to compile or run gives its error text instead."""
@@ -160,8 +144,9 @@ def instruction_peaks(device: torch.device | None = None) -> dict[str, float | s
         try:
             with torch.cuda.device(device):
                 kernel = torch.cuda._compile_kernel(source, f"peak_{name}", compute_capability=architecture)
-            ms = _time_ms(kernel, blocks, iterations, sink)
-            peaks[name] = round(_flops_per_launch(name, iterations, blocks) / ms / 1e9, 1)
+            launch = functools.partial(kernel, grid=(blocks, 1, 1), block=(256, 1, 1), args=[iterations, sink])
+            us = graph_us([launch], replays=5)
+            peaks[name] = round(_flops_per_launch(name, iterations, blocks) / us / 1e6, 1)
         except Exception as error:
             peaks[name] = f"failed: {error!r}"[:300]
     return peaks

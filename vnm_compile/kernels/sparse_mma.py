@@ -435,6 +435,11 @@ def row_major_input(x: torch.Tensor) -> torch.Tensor:
     return padded
 
 
+def launch_grid(config: TileConfig, layout: SparseMMALayout, tokens: int) -> tuple[int, int, int]:
+    """CTAs along the packed rows, the tokens and the splits."""
+    return layout.values.shape[0] * 16 // config.block_rows, -(-tokens // config.block_tokens), config.splits
+
+
 def sparse_mma_linear(
     x: torch.Tensor,
     layout: SparseMMALayout,
@@ -474,8 +479,7 @@ def sparse_mma_linear(
     else:  # x.T [C, T] read by its rows
         x_read = channel_major_input(x)
         x_arguments = [x_read, x_read.stride(0), layout.in_features]
-    rows_pad = layout.values.shape[0] * 16
-    grid = (rows_pad // config.block_rows, -(-tokens // config.block_tokens), config.splits)
+    grid = launch_grid(config, layout, tokens)
     # split-K: every split stores its partial sums (each element written), then vnm_split_sum adds them
     out = y if config.splits == 1 else torch.empty(config.splits, tokens, rows, dtype=torch.float32, device=x.device)
     kernel(grid=grid, block=(config.threads, 1, 1), shared_mem=config.shared_bytes(layout.m, layout.v),
